@@ -1,0 +1,19 @@
+# Every external dependency is found here, with pkg-config, so the whole tree
+# agrees on one set of imported targets (PkgConfig::<name>).
+find_package(PkgConfig REQUIRED)
+
+pkg_check_modules(xenstore REQUIRED IMPORTED_TARGET xenstore)
+pkg_check_modules(xenevtchn REQUIRED IMPORTED_TARGET xenevtchn)
+pkg_check_modules(xengnttab REQUIRED IMPORTED_TARGET xengnttab)
+pkg_check_modules(xenforeignmemory REQUIRED IMPORTED_TARGET xenforeignmemory)
+pkg_check_modules(xencontrol REQUIRED IMPORTED_TARGET xencontrol)
+pkg_check_modules(xenlight REQUIRED IMPORTED_TARGET xenlight)
+pkg_check_modules(xlutil REQUIRED IMPORTED_TARGET xlutil)
+pkg_check_modules(libibverbs REQUIRED IMPORTED_TARGET libibverbs)
+pkg_check_modules(yajl REQUIRED IMPORTED_TARGET yajl)
+pkg_check_modules(libsystemd IMPORTED_TARGET libsystemd)
+
+find_package(Threads REQUIRED)
+if(BUILD_TESTING)
+  find_package(GTest REQUIRED)
+endif()

@@ -1,0 +1,23 @@
+# Build options shared by every component.
+
+option(VIB_WERROR "Treat compiler warnings as errors" ON)
+option(VIB_SANITIZE "Build with AddressSanitizer and UndefinedBehaviorSanitizer" OFF)
+option(VIB_FUZZ "Build libFuzzer targets (requires clang)" OFF)
+
+# vib_component_options(<target>): warnings and sanitizers for our own code.
+function(vib_component_options target)
+  target_compile_options(${target} PRIVATE
+    -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion
+    -Wnon-virtual-dtor -Wold-style-cast -Woverloaded-virtual
+    -Wformat=2 -Wimplicit-fallthrough)
+  get_target_property(_type ${target} TYPE)
+  if(VIB_WERROR)
+    target_compile_options(${target} PRIVATE -Werror)
+  endif()
+endfunction()
+
+if(VIB_SANITIZE)
+  add_compile_options(-fsanitize=address,undefined -fno-omit-frame-pointer
+                      -fno-sanitize-recover=undefined)
+  add_link_options(-fsanitize=address,undefined)
+endif()

@@ -1,0 +1,42 @@
+// Inter-domain event channels as vib uses them (libxenevtchn).
+//
+// Two implementations: the real libxenevtchn, and the host-local Xen's,
+// brokered by the local hypervisor.
+#pragma once
+
+#include <memory>
+#include <optional>
+
+#include "vib/platform/types.hpp"
+
+namespace vib::platform {
+
+// One handle, like a xenevtchn_handle: every port bound through it is unbound
+// when it is destroyed (or when the process dies).
+class EventChannels {
+ public:
+  virtual ~EventChannels() = default;
+
+  // Allocates a port that `remote` may bind to (the side that publishes the
+  // port number in xenstore).
+  virtual EventPort bind_unbound(DomId remote) = 0;
+  // Binds to a port `remote` allocated for us.
+  virtual EventPort bind_interdomain(DomId remote, EventPort remote_port) = 0;
+  virtual void unbind(EventPort port) = 0;
+  virtual void notify(EventPort port) = 0;
+
+  // Pollable (POLLIN) while a port is pending.
+  virtual int fd() = 0;
+  // Non-blocking: the next pending port, masked until unmask(); nullopt if none.
+  virtual std::optional<EventPort> pending() = 0;
+  virtual void unmask(EventPort port) = 0;
+
+  // True when the other end of an interdomain port has gone (unbound, its
+  // process died, its domain died). nullopt where this handle cannot tell
+  // (the real implementation needs the privilege of dom0 / a driver domain).
+  virtual std::optional<bool> peer_closed(EventPort port) = 0;
+};
+
+std::unique_ptr<EventChannels> open_event_channels(const XenTarget& target);
+
+}  // namespace vib::platform

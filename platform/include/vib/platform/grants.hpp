@@ -1,0 +1,65 @@
+// Grant tables as vib uses them: map pages another domain granted to us
+// (libxengnttab), and allocate pages and grant them to another domain
+// (libxengntshr / gntalloc).
+//
+// Two implementations: the real libxengnttab/libxengntshr, and the host-local
+// Xen's, where the local hypervisor hands out a page only to the domain it
+// was granted to.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <span>
+
+#include "vib/platform/types.hpp"
+
+namespace vib::platform {
+
+// What to do when a mapping or a share goes away, including when the process
+// holding it dies: clear one byte of the page and/or notify an event channel.
+// This is how the other side learns of a crash (libxenvchan does the same).
+struct UnmapNotify {
+  std::optional<std::size_t> clear_byte_offset;  // within the first page
+  std::optional<EventPort> port;                 // a port bound by this process
+};
+
+// Pages of another domain mapped into this process. Unmapped on destruction.
+class GrantMapping {
+ public:
+  virtual ~GrantMapping() = default;
+  virtual std::span<std::byte> bytes() = 0;
+};
+
+class GrantMapper {
+ public:
+  virtual ~GrantMapper() = default;
+  // Maps `refs` granted by `granter`, contiguously, in order. Throws
+  // std::system_error when any ref is not granted to this domain (or is
+  // read-only and `writable` was asked), and maps nothing in that case.
+  virtual std::unique_ptr<GrantMapping> map(DomId granter, std::span<const GrantRef> refs,
+                                            bool writable,
+                                            const UnmapNotify& notify = {}) = 0;
+};
+
+// Pages this process allocated and granted to one other domain. Access is
+// ended and the pages freed on destruction.
+class SharedPages {
+ public:
+  virtual ~SharedPages() = default;
+  virtual std::span<std::byte> bytes() = 0;
+  virtual std::span<const GrantRef> refs() const = 0;
+};
+
+class GrantSharer {
+ public:
+  virtual ~GrantSharer() = default;
+  // Allocates `pages` zeroed pages and grants them to `grantee`.
+  virtual std::unique_ptr<SharedPages> share(DomId grantee, std::size_t pages, bool writable,
+                                             const UnmapNotify& notify = {}) = 0;
+};
+
+std::unique_ptr<GrantMapper> open_grant_mapper(const XenTarget& target);
+std::unique_ptr<GrantSharer> open_grant_sharer(const XenTarget& target);
+
+}  // namespace vib::platform
