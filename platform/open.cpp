@@ -8,14 +8,6 @@
 
 namespace vib::platform {
 
-std::string local_xenstore_socket(const std::string& dir, DomId domid) {
-  return dir + "/domain/" + std::to_string(domid) + "/xenstore";
-}
-
-std::string local_hypervisor_socket(const std::string& dir, DomId domid) {
-  return dir + "/domain/" + std::to_string(domid) + "/hypervisor";
-}
-
 std::unique_ptr<XenStore> open_xenstore(const XenTarget& target) {
   if (target.kind == XenTarget::Kind::local)
     return real::open_libxenstore(local_xenstore_socket(target.local_dir, target.local_domid));
