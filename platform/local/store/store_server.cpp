@@ -466,6 +466,8 @@ class StoreServerImpl final : public StoreServer {
       if (other.domid == id) other.closing = true;
     reply_ok(c, req);
     if (hooks_.released) hooks_.released(id);
+    std::error_code ignored;
+    std::filesystem::remove(std::filesystem::path(local_xenstore_socket(dir_, id)).parent_path(), ignored);
     fire_special("@releaseDomain");
   }
 

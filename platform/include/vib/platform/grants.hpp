@@ -19,6 +19,8 @@ namespace vib::platform {
 // What to do when a mapping or a share goes away, including when the process
 // holding it dies: clear one byte of the page and/or notify an event channel.
 // This is how the other side learns of a crash (libxenvchan does the same).
+// Xen offers it only for single-page shares and mappings; both implementations
+// refuse it (EINVAL) on more than one page.
 struct UnmapNotify {
   std::optional<std::size_t> clear_byte_offset;  // within the first page
   std::optional<EventPort> port;                 // a port bound by this process

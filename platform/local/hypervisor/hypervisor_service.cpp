@@ -1,0 +1,535 @@
+// The host-local Xen's grant tables and event channels. The service is the
+// only party that sees every domain, so it is where isolation is enforced:
+// a page file is handed only to the domain it was granted to.
+#include "hypervisor_service.hpp"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <algorithm>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include "seqpacket.hpp"
+#include "vib/platform/unique_fd.hpp"
+#include "wire.hpp"
+
+namespace vib::platform::local {
+
+namespace {
+
+using wire::Op;
+
+struct PageFile {
+  UniqueFd fd;
+  std::size_t pages;
+};
+
+struct Grant {
+  DomId grantee;
+  bool writable;
+  std::shared_ptr<PageFile> file;
+  std::size_t page;
+  std::uint32_t owner_conn;
+};
+
+// What to do when a share or a mapping ends (see UnmapNotify).
+struct Notify {
+  std::shared_ptr<PageFile> file;  // the page holding the byte
+  std::size_t page = 0;
+  std::optional<std::uint32_t> byte;
+  std::optional<EventPort> port;  // in `domain`'s port space
+  DomId domain = 0;
+};
+
+struct Share {
+  std::vector<GrantRef> refs;
+  Notify notify;
+};
+
+struct Mapping {
+  std::uint32_t conn;
+  Notify notify;
+};
+
+struct Port {
+  std::uint32_t owner_conn;
+  enum class State { unbound, connected, peer_gone } state = State::unbound;
+  DomId remote_dom;
+  EventPort remote_port = 0;
+  bool masked = false;
+  bool pending = false;
+  bool owner_gone = false;  // kept only so a pending unmap-notify can still fire
+};
+
+struct Connection {
+  DomId domid;
+  UniqueFd fd;
+  std::vector<std::uint32_t> shares;  // ids into shares_
+};
+
+struct Domain {
+  UniqueFd listener;
+  std::string socket_path;
+  GrantRef next_ref = 8;  // Xen reserves the first few entries for the toolstack
+  std::map<GrantRef, Grant> grants;
+  EventPort next_port = 1;
+  std::map<EventPort, Port> ports;
+};
+
+class Service final : public HypervisorService {
+ public:
+  explicit Service(std::string dir) : dir_(std::move(dir)), wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (!wake_) throw std::system_error(errno, std::generic_category(), "eventfd");
+    domain_created(kDom0);
+    thread_ = std::thread([this] { run(); });
+  }
+
+  ~Service() override {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    wake();
+    thread_.join();
+    for (auto& [id, d] : domains_) ::unlink(d.socket_path.c_str());
+  }
+
+  void domain_created(DomId domid) override {
+    std::lock_guard lock(mutex_);
+    if (domains_.count(domid)) return;
+    Domain d;
+    d.socket_path = local_hypervisor_socket(dir_, domid);
+    std::filesystem::create_directories(std::filesystem::path(d.socket_path).parent_path());
+    ::unlink(d.socket_path.c_str());
+    d.listener = UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, d.socket_path.c_str(), sizeof(addr.sun_path) - 1);
+    if (!d.listener || ::bind(d.listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        ::listen(d.listener.get(), 64) != 0)
+      throw std::system_error(errno, std::generic_category(), "hypervisor socket " + d.socket_path);
+    domains_.emplace(domid, std::move(d));
+    wake();
+  }
+
+  void domain_destroyed(DomId domid) override {
+    std::lock_guard lock(mutex_);
+    auto d = domains_.find(domid);
+    if (d == domains_.end() || domid == kDom0) return;
+    ::unlink(d->second.socket_path.c_str());
+    std::vector<std::uint32_t> dying;
+    for (auto& [id, c] : connections_)
+      if (c.domid == domid) dying.push_back(id);
+    for (auto id : dying) close_connection(id);
+    // Whatever the domain granted is revoked; its ports are gone for good.
+    for (auto& [port, p] : d->second.ports) peer_gone(p);
+    domains_.erase(d);
+    wake();
+  }
+
+ private:
+  void wake() {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(wake_.get(), &one, sizeof(one));
+  }
+
+  void run() {
+    std::vector<pollfd> fds;
+    std::vector<std::pair<bool, std::uint32_t>> who;  // (is listener, domid or conn id)
+    for (;;) {
+      {
+        std::lock_guard lock(mutex_);
+        if (stopping_) return;
+        fds.assign(1, {wake_.get(), POLLIN, 0});
+        who.assign(1, {false, 0});
+        for (auto& [id, d] : domains_) {
+          fds.push_back({d.listener.get(), POLLIN, 0});
+          who.push_back({true, id});
+        }
+        for (auto& [id, c] : connections_) {
+          fds.push_back({c.fd.get(), POLLIN, 0});
+          who.push_back({false, id});
+        }
+      }
+      if (::poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR) return;
+      std::lock_guard lock(mutex_);
+      if (fds[0].revents) {
+        std::uint64_t v;
+        [[maybe_unused]] auto n = ::read(wake_.get(), &v, sizeof(v));
+      }
+      for (std::size_t i = 1; i < fds.size(); ++i) {
+        if (!fds[i].revents) continue;
+        if (who[i].first) {
+          accept_on(static_cast<DomId>(who[i].second));
+        } else if (connections_.count(who[i].second)) {
+          serve(who[i].second);
+        }
+      }
+    }
+  }
+
+  void accept_on(DomId domid) {
+    auto d = domains_.find(domid);
+    if (d == domains_.end()) return;
+    UniqueFd fd(::accept4(d->second.listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!fd) return;
+    connections_.emplace(next_conn_++, Connection{domid, std::move(fd), {}});
+  }
+
+  void serve(std::uint32_t conn_id) {
+    Connection& c = connections_.at(conn_id);
+    std::vector<std::byte> bytes;
+    std::vector<UniqueFd> fds;
+    if (!receive_message(c.fd.get(), bytes, fds, wire::kMaxMessage, 1, /*nonblocking=*/true)) {
+      if (errno == EAGAIN) return;
+      return close_connection(conn_id);
+    }
+    wire::Request req;
+    if (bytes.size() < sizeof(req)) return close_connection(conn_id);
+    std::memcpy(&req, bytes.data(), sizeof(req));  // copied once, then checked
+    const std::size_t entries = (bytes.size() - sizeof(req)) / sizeof(std::uint32_t);
+    if (req.count > wire::kMaxEntries || req.count > entries) return close_connection(conn_id);
+    std::vector<std::uint32_t> args(req.count);
+    std::memcpy(args.data(), bytes.data() + sizeof(req), req.count * sizeof(std::uint32_t));
+
+    wire::Reply reply{req.op, 0, 0, 0};
+    std::vector<std::uint32_t> out;
+    std::vector<int> out_fds;
+    switch (req.op) {
+      case Op::grant: reply.status = grant(conn_id, req, fds, out, reply.value); break;
+      case Op::end_grant: reply.status = end_grants(conn_id, req.id); break;
+      case Op::map: reply.status = map(conn_id, req, args, out, out_fds, reply.value); break;
+      case Op::unmap: reply.status = unmap(conn_id, req.id); break;
+      case Op::alloc_unbound: reply.status = alloc_unbound(conn_id, req, reply.value); break;
+      case Op::bind_interdomain: reply.status = bind_interdomain(conn_id, req, reply.value); break;
+      case Op::unbind: reply.status = unbind(conn_id, req.port); break;
+      case Op::notify: reply.status = notify(c.domid, req.port); break;
+      case Op::unmask: reply.status = unmask(conn_id, req.port); break;
+      case Op::peer_status: reply.status = peer_status(c.domid, req.port, reply.value); break;
+      default: return close_connection(conn_id);
+    }
+    reply.count = static_cast<std::uint32_t>(out.size());
+    std::vector<std::byte> msg(sizeof(reply) + out.size() * sizeof(std::uint32_t));
+    std::memcpy(msg.data(), &reply, sizeof(reply));
+    if (!out.empty()) std::memcpy(msg.data() + sizeof(reply), out.data(), out.size() * sizeof(std::uint32_t));
+    if (!send_message(connections_.at(conn_id).fd.get(), msg, out_fds)) close_connection(conn_id);
+  }
+
+  Domain* domain(DomId id) {
+    auto it = domains_.find(id);
+    return it == domains_.end() ? nullptr : &it->second;
+  }
+
+  std::optional<Notify> make_notify(DomId self, const wire::Request& req,
+                                    std::shared_ptr<PageFile> file, std::size_t page) {
+    Notify n{std::move(file), page, std::nullopt, std::nullopt, self};
+    if (req.flags & wire::kNotifyByte) {
+      if (req.notify_offset >= kPageSize) return std::nullopt;
+      n.byte = req.notify_offset;
+    }
+    if (req.flags & wire::kNotifyPort) n.port = req.notify_port;
+    return n;
+  }
+
+  // A share: the caller's own pages (the fd it sent), entered in its own table.
+  int grant(std::uint32_t conn_id, const wire::Request& req, std::vector<UniqueFd>& fds,
+            std::vector<std::uint32_t>& refs, std::uint32_t& share_id) {
+    Connection& c = connections_.at(conn_id);
+    Domain* self = domain(c.domid);
+    if (fds.size() != 1 || req.count == 0 || req.count > wire::kMaxEntries || !self) return EINVAL;
+    if (!domain(static_cast<DomId>(req.domid)) || req.domid > 0x7FF0) return ESRCH;
+    if (self->grants.size() + req.count > wire::kMaxGrantsPerDomain) return ENOSPC;
+    if (req.count > 1 && (req.flags & (wire::kNotifyByte | wire::kNotifyPort))) return EINVAL;
+    struct stat st;
+    // `id` is the first page of the file this message grants (large shares
+    // come in several messages over one file).
+    const std::size_t first = req.id;
+    if (first > (std::size_t{1} << 30) || ::fstat(fds[0].get(), &st) != 0 ||
+        static_cast<std::size_t>(st.st_size) < (first + req.count) * kPageSize)
+      return EINVAL;
+    auto file = std::make_shared<PageFile>(PageFile{std::move(fds[0]), first + req.count});
+    auto notify = make_notify(c.domid, req, file, first);
+    if (!notify) return EINVAL;
+    Share share{{}, *notify};
+    for (std::uint32_t i = 0; i < req.count; ++i) {
+      const GrantRef ref = self->next_ref++;
+      self->grants[ref] = Grant{static_cast<DomId>(req.domid), (req.flags & wire::kWritable) != 0, file, first + i, conn_id};
+      share.refs.push_back(ref);
+      refs.push_back(ref);
+    }
+    const std::uint32_t id = next_share_++;
+    shares_[id] = std::move(share);
+    c.shares.push_back(id);
+    share_id = id;
+    return 0;
+  }
+
+  int end_grants(std::uint32_t conn_id, std::uint32_t share_id) {
+    auto it = shares_.find(share_id);
+    auto& mine = connections_.at(conn_id).shares;
+    if (it == shares_.end() || std::find(mine.begin(), mine.end(), share_id) == mine.end())
+      return ENOENT;
+    end_share(share_id);
+    std::erase(mine, share_id);
+    return 0;
+  }
+
+  // Ending a share revokes its refs for new maps; pages already mapped stay
+  // with the mapper (the page file lives as long as any mapping of it).
+  void end_share(std::uint32_t share_id) {
+    auto it = shares_.find(share_id);
+    if (it == shares_.end()) return;
+    if (Domain* d = domain(it->second.notify.domain))
+      for (GrantRef ref : it->second.refs) d->grants.erase(ref);
+    fire(it->second.notify);
+    shares_.erase(it);
+  }
+
+  int map(std::uint32_t conn_id, const wire::Request& req, const std::vector<std::uint32_t>& refs,
+          std::vector<std::uint32_t>& out, std::vector<int>& out_fds, std::uint32_t& mapping_id) {
+    const DomId self = connections_.at(conn_id).domid;
+    Domain* granter = domain(static_cast<DomId>(req.domid));
+    if (refs.empty()) return EINVAL;
+    if (!granter) return ESRCH;
+    const bool writable = req.flags & wire::kWritable;
+    std::vector<const PageFile*> files;
+    std::shared_ptr<PageFile> first_file;
+    std::size_t first_page = 0;
+    // All or nothing: every ref must be granted to the caller, writable if asked.
+    for (std::size_t i = 0; i < refs.size(); ++i) {
+      auto g = granter->grants.find(refs[i]);
+      if (g == granter->grants.end()) return ENOENT;
+      if (g->second.grantee != self) return EACCES;
+      if (writable && !g->second.writable) return EACCES;
+      if (i == 0) {
+        first_file = g->second.file;
+        first_page = g->second.page;
+      }
+      auto pos = std::find(files.begin(), files.end(), g->second.file.get());
+      if (pos == files.end()) {
+        if (files.size() == wire::kMaxFdsPerMessage) return E2BIG;
+        files.push_back(g->second.file.get());
+        out_fds.push_back(g->second.file->fd.get());
+        pos = files.end() - 1;
+      }
+      out.push_back(static_cast<std::uint32_t>(pos - files.begin()));
+      out.push_back(static_cast<std::uint32_t>(g->second.page));
+    }
+    auto notify = make_notify(self, req, first_file, first_page);
+    if (!notify) return EINVAL;
+    mapping_id = next_mapping_++;
+    mappings_[mapping_id] = Mapping{conn_id, *notify};
+    return 0;
+  }
+
+  int unmap(std::uint32_t conn_id, std::uint32_t mapping_id) {
+    auto it = mappings_.find(mapping_id);
+    if (it == mappings_.end() || it->second.conn != conn_id) return ENOENT;
+    fire(it->second.notify);
+    mappings_.erase(it);
+    return 0;
+  }
+
+  void fire(const Notify& n) {
+    if (n.byte && n.file) {
+      void* page = ::mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, n.file->fd.get(),
+                          static_cast<off_t>(n.page * kPageSize));
+      if (page != MAP_FAILED) {
+        static_cast<volatile unsigned char*>(page)[*n.byte] = 0;
+        ::munmap(page, kPageSize);
+      }
+    }
+    if (n.port) {
+      notify(n.domain, *n.port);
+      release_zombie(n.domain, *n.port);
+    }
+  }
+
+  int alloc_unbound(std::uint32_t conn_id, const wire::Request& req, std::uint32_t& port_out) {
+    Domain* self = domain(connections_.at(conn_id).domid);
+    if (!self || !domain(static_cast<DomId>(req.domid))) return ESRCH;
+    if (self->ports.size() >= wire::kMaxPortsPerDomain) return ENOSPC;
+    const EventPort port = self->next_port++;
+    self->ports[port] = Port{conn_id, Port::State::unbound, static_cast<DomId>(req.domid)};
+    port_out = port;
+    return 0;
+  }
+
+  int bind_interdomain(std::uint32_t conn_id, const wire::Request& req, std::uint32_t& port_out) {
+    const DomId self_id = connections_.at(conn_id).domid;
+    Domain* self = domain(self_id);
+    Domain* remote = domain(static_cast<DomId>(req.domid));
+    if (!self || !remote) return ESRCH;
+    auto rp = remote->ports.find(req.port);
+    // The remote port must be waiting for exactly this domain.
+    if (rp == remote->ports.end() || rp->second.state != Port::State::unbound ||
+        rp->second.remote_dom != self_id || rp->second.owner_gone)
+      return EINVAL;
+    if (self->ports.size() >= wire::kMaxPortsPerDomain) return ENOSPC;
+    const EventPort port = self->next_port++;
+    self->ports[port] = Port{conn_id, Port::State::connected, static_cast<DomId>(req.domid), req.port};
+    rp->second.state = Port::State::connected;
+    rp->second.remote_port = port;
+    port_out = port;
+    return 0;
+  }
+
+  void peer_gone(Port& p) {
+    if (p.state != Port::State::connected) return;
+    if (Domain* r = domain(p.remote_dom)) {
+      auto rp = r->ports.find(p.remote_port);
+      if (rp != r->ports.end()) rp->second.state = Port::State::peer_gone;
+    }
+  }
+
+  bool referenced_by_notify(DomId dom, EventPort port) const {
+    auto refers = [&](const Notify& n) { return n.port && *n.port == port && n.domain == dom; };
+    for (const auto& [id, s] : shares_) if (refers(s.notify)) return true;
+    for (const auto& [id, m] : mappings_) if (refers(m.notify)) return true;
+    return false;
+  }
+
+  // Closes a port; one that an unmap-notify still needs lingers, ownerless,
+  // until that notify has fired (gntalloc keeps such a port alive too).
+  void close_port(DomId dom, EventPort port) {
+    Domain* d = domain(dom);
+    if (!d) return;
+    auto it = d->ports.find(port);
+    if (it == d->ports.end()) return;
+    if (referenced_by_notify(dom, port)) {
+      it->second.owner_gone = true;
+      return;
+    }
+    peer_gone(it->second);
+    d->ports.erase(it);
+  }
+
+  void release_zombie(DomId dom, EventPort port) {
+    Domain* d = domain(dom);
+    if (!d) return;
+    auto it = d->ports.find(port);
+    if (it != d->ports.end() && it->second.owner_gone && !referenced_by_notify(dom, port)) {
+      peer_gone(it->second);
+      d->ports.erase(it);
+    }
+  }
+
+  int unbind(std::uint32_t conn_id, EventPort port) {
+    Domain* d = domain(connections_.at(conn_id).domid);
+    if (!d) return ESRCH;
+    auto it = d->ports.find(port);
+    if (it == d->ports.end() || it->second.owner_conn != conn_id || it->second.owner_gone) return ENOENT;
+    close_port(connections_.at(conn_id).domid, port);
+    return 0;
+  }
+
+  // Raises the event on the other end of `port` (a port of domain `dom`).
+  int notify(DomId dom, EventPort port) {
+    Domain* d = domain(dom);
+    if (!d) return ESRCH;
+    auto it = d->ports.find(port);
+    if (it == d->ports.end()) return ENOENT;
+    if (it->second.state != Port::State::connected) return 0;  // Xen drops it too
+    Domain* r = domain(it->second.remote_dom);
+    if (!r) return 0;
+    auto rp = r->ports.find(it->second.remote_port);
+    if (rp == r->ports.end() || rp->second.owner_gone) return 0;
+    deliver(it->second.remote_port, rp->second);
+    return 0;
+  }
+
+  // Xen's rule: a delivered port stays masked until unmasked; events in
+  // between are remembered once and delivered on unmask.
+  void deliver(EventPort port, Port& p) {
+    if (p.masked) {
+      p.pending = true;
+      return;
+    }
+    p.masked = true;
+    auto c = connections_.find(p.owner_conn);
+    if (c == connections_.end()) return;
+    const wire::Reply event{Op::event, 0, port, 0};
+    send_message(c->second.fd.get(), std::as_bytes(std::span(&event, 1)));
+  }
+
+  int unmask(std::uint32_t conn_id, EventPort port) {
+    Domain* d = domain(connections_.at(conn_id).domid);
+    if (!d) return ESRCH;
+    auto it = d->ports.find(port);
+    if (it == d->ports.end() || it->second.owner_conn != conn_id) return ENOENT;
+    it->second.masked = false;
+    if (it->second.pending) {
+      it->second.pending = false;
+      deliver(port, it->second);
+    }
+    return 0;
+  }
+
+  int peer_status(DomId dom, EventPort port, std::uint32_t& gone) {
+    Domain* d = domain(dom);
+    if (!d) return ESRCH;
+    auto it = d->ports.find(port);
+    if (it == d->ports.end()) return ENOENT;
+    gone = it->second.state == Port::State::peer_gone ? 1 : 0;
+    return 0;
+  }
+
+  // A process that dies (or closes its handle) loses its ports, ends its
+  // shares and drops its mappings; the notifications it asked for fire now.
+  void close_connection(std::uint32_t conn_id) {
+    auto it = connections_.find(conn_id);
+    if (it == connections_.end()) return;
+    const DomId dom = it->second.domid;
+    const std::vector<std::uint32_t> shares = it->second.shares;
+    connections_.erase(it);
+    if (Domain* d = domain(dom)) {
+      std::vector<EventPort> ports;
+      for (auto& [port, p] : d->ports)
+        if (p.owner_conn == conn_id) ports.push_back(port);
+      for (auto port : ports) close_port(dom, port);
+    }
+    for (auto id : shares) end_share(id);
+    std::vector<std::uint32_t> maps;
+    for (auto& [id, m] : mappings_)
+      if (m.conn == conn_id) maps.push_back(id);
+    for (auto id : maps) {
+      auto m = mappings_.find(id);
+      Notify n = m->second.notify;
+      mappings_.erase(m);
+      fire(n);
+    }
+  }
+
+  std::string dir_;
+  UniqueFd wake_;
+  std::mutex mutex_;
+  bool stopping_ = false;
+  std::map<DomId, Domain> domains_;
+  std::map<std::uint32_t, Connection> connections_;
+  std::map<std::uint32_t, Share> shares_;
+  std::map<std::uint32_t, Mapping> mappings_;
+  std::uint32_t next_conn_ = 1, next_share_ = 1, next_mapping_ = 1;
+  std::thread thread_;
+};
+
+}  // namespace
+
+std::unique_ptr<HypervisorService> HypervisorService::start(const std::string& dir) {
+  return std::make_unique<Service>(dir);
+}
+
+}  // namespace vib::platform::local

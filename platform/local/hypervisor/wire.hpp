@@ -1,0 +1,54 @@
+// Internal to the host-local Xen: messages on a domain's hypervisor socket
+// (SOCK_SEQPACKET, one message per request or reply; page fds ride along as
+// SCM_RIGHTS). Fixed-size header, then `count` 32-bit entries.
+#pragma once
+
+#include <cstdint>
+
+namespace vib::platform::local::wire {
+
+enum class Op : std::uint32_t {
+  grant = 1,         // fd of `count` pages; reply: `count` grant refs
+  end_grant,         // `count` refs of the caller's own grant table
+  map,               // `count` refs of domain `domid`; reply: (fd index, page) pairs + fds
+  unmap,             // mapping `id`
+  alloc_unbound,     // remote `domid`; reply: port in `value`
+  bind_interdomain,  // remote `domid`, remote `port`; reply: local port in `value`
+  unbind,            // `port`
+  notify,            // `port`
+  unmask,            // `port`
+  peer_status,       // `port`; reply: `value` 1 when the peer has gone
+  event,             // service -> client: `port` is pending
+};
+
+inline constexpr std::uint32_t kWritable = 1u << 0;
+inline constexpr std::uint32_t kNotifyByte = 1u << 1;
+inline constexpr std::uint32_t kNotifyPort = 1u << 2;
+
+// Bounds that keep every message small and every loop short.
+inline constexpr std::uint32_t kMaxEntries = 512;       // refs per grant/map message
+inline constexpr std::uint32_t kMaxFdsPerMessage = 64;  // distinct page files per map reply
+inline constexpr std::uint32_t kMaxGrantsPerDomain = 1u << 20;
+inline constexpr std::uint32_t kMaxPortsPerDomain = 4096;
+
+struct Request {
+  Op op;
+  std::uint32_t domid;
+  std::uint32_t port;
+  std::uint32_t flags;
+  std::uint32_t count;
+  std::uint32_t notify_offset;
+  std::uint32_t notify_port;
+  std::uint32_t id;
+};
+
+struct Reply {
+  Op op;
+  std::int32_t status;  // 0 or a positive errno
+  std::uint32_t value;
+  std::uint32_t count;
+};
+
+inline constexpr std::size_t kMaxMessage = sizeof(Request) + 2 * kMaxEntries * sizeof(std::uint32_t);
+
+}  // namespace vib::platform::local::wire

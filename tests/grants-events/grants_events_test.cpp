@@ -1,0 +1,234 @@
+// Grants and event channels on the host-local Xen, with domains acting from
+// separate connections (and separate processes where a crash is the point).
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "local_xen.hpp"
+#include "vib/platform/event_channels.hpp"
+#include "vib/platform/grants.hpp"
+
+using namespace vib::platform;
+
+namespace {
+
+class Grants : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    xen_.create_domain(5);
+    xen_.create_domain(6);
+  }
+  vib::test::LocalXen xen_;
+};
+
+int error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::system_error& e) {
+    return e.code().value();
+  }
+  return 0;
+}
+
+bool wait_readable(int fd, int timeout_ms = 2000) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, timeout_ms) == 1;
+}
+
+std::optional<EventPort> wait_event(EventChannels& ev, int timeout_ms = 2000) {
+  if (auto p = ev.pending()) return p;
+  if (!wait_readable(ev.fd(), timeout_ms)) return std::nullopt;
+  return ev.pending();
+}
+
+}  // namespace
+
+TEST_F(Grants, SharedPagesAreVisibleBothWays) {
+  auto sharer = open_grant_sharer(xen_.as(5));
+  auto share = sharer->share(0, 3, /*writable=*/true);
+  ASSERT_EQ(share->refs().size(), 3u);
+  ASSERT_EQ(share->bytes().size(), 3 * kPageSize);
+  std::memcpy(share->bytes().data() + 2 * kPageSize, "from guest", 11);
+
+  auto mapper = open_grant_mapper(xen_.as(0));
+  auto mapping = mapper->map(5, share->refs(), /*writable=*/true);
+  ASSERT_EQ(mapping->bytes().size(), 3 * kPageSize);
+  EXPECT_STREQ(reinterpret_cast<const char*>(mapping->bytes().data() + 2 * kPageSize), "from guest");
+  std::memcpy(mapping->bytes().data(), "from dom0", 10);
+  EXPECT_STREQ(reinterpret_cast<const char*>(share->bytes().data()), "from dom0");
+}
+
+TEST_F(Grants, LargeSharesSpanSeveralMessages) {
+  auto share = open_grant_sharer(xen_.as(5))->share(0, 1500, true);
+  for (std::size_t i = 0; i < 1500; ++i) share->bytes()[i * kPageSize] = static_cast<std::byte>(i & 0xff);
+  auto mapping = open_grant_mapper(xen_.as(0))->map(5, share->refs(), false);
+  for (std::size_t i = 0; i < 1500; i += 97)
+    EXPECT_EQ(mapping->bytes()[i * kPageSize], static_cast<std::byte>(i & 0xff)) << "page " << i;
+}
+
+TEST_F(Grants, OnlyTheGranteeMapsAndOnlyAsGranted) {
+  auto sharer = open_grant_sharer(xen_.as(5));
+  auto rw = sharer->share(0, 1, true);
+  auto ro = sharer->share(0, 1, false);
+
+  // Domain 6 is not the grantee.
+  EXPECT_EQ(error_of([&] { open_grant_mapper(xen_.as(6))->map(5, rw->refs(), false); }), EACCES);
+  auto dom0 = open_grant_mapper(xen_.as(0));
+  // A read-only grant cannot be mapped writable, but can be read.
+  EXPECT_EQ(error_of([&] { dom0->map(5, ro->refs(), true); }), EACCES);
+  EXPECT_NO_THROW(dom0->map(5, ro->refs(), false));
+  // A ref never granted, or claimed from the wrong granter, fails whole.
+  const GrantRef bogus[] = {rw->refs()[0], 999999};
+  EXPECT_EQ(error_of([&] { dom0->map(5, bogus, false); }), ENOENT);
+  EXPECT_EQ(error_of([&] { dom0->map(6, rw->refs(), false); }), ENOENT);
+}
+
+TEST_F(Grants, EndingAShareRevokesNewMapsButKeepsExistingOnes) {
+  auto sharer = open_grant_sharer(xen_.as(5));
+  auto share = sharer->share(0, 1, true);
+  const GrantRef ref = share->refs()[0];
+  std::memcpy(share->bytes().data(), "kept", 5);
+  auto dom0 = open_grant_mapper(xen_.as(0));
+  auto mapping = dom0->map(5, share->refs(), false);
+  share.reset();
+  EXPECT_STREQ(reinterpret_cast<const char*>(mapping->bytes().data()), "kept");
+  EXPECT_EQ(error_of([&] { dom0->map(5, std::span(&ref, 1), false); }), ENOENT);
+}
+
+TEST_F(Grants, EventsCrossDomainsWithXenMasking) {
+  auto guest = open_event_channels(xen_.as(5));
+  auto dom0 = open_event_channels(xen_.as(0));
+  const EventPort guest_port = guest->bind_unbound(0);
+  // Only the domain the port was allocated for may bind to it.
+  EXPECT_EQ(error_of([&] { open_event_channels(xen_.as(6))->bind_interdomain(5, guest_port); }), EINVAL);
+  const EventPort dom0_port = dom0->bind_interdomain(5, guest_port);
+
+  dom0->notify(dom0_port);
+  EXPECT_EQ(wait_event(*guest), guest_port);
+  // Masked until unmasked: more notifications collapse into one.
+  dom0->notify(dom0_port);
+  dom0->notify(dom0_port);
+  EXPECT_FALSE(wait_event(*guest, 100));
+  guest->unmask(guest_port);
+  EXPECT_EQ(wait_event(*guest), guest_port);
+  guest->unmask(guest_port);
+  EXPECT_FALSE(wait_event(*guest, 100));
+
+  // And the other way.
+  guest->notify(guest_port);
+  EXPECT_EQ(wait_event(*dom0), dom0_port);
+  EXPECT_EQ(dom0->peer_closed(dom0_port), false);
+  guest->unbind(guest_port);
+  EXPECT_EQ(dom0->peer_closed(dom0_port), true);
+}
+
+TEST_F(Grants, PeerClosedWhenTheProcessDiesOrTheDomainIsDestroyed) {
+  auto dom0 = open_event_channels(xen_.as(0));
+  for (const bool destroy_domain : {false, true}) {
+    int pipefd[2];
+    ASSERT_EQ(::pipe(pipefd), 0);
+    const pid_t child = ::fork();
+    if (child == 0) {
+      auto guest = open_event_channels(xen_.as(5));
+      const EventPort port = guest->bind_unbound(0);
+      if (::write(pipefd[1], &port, sizeof(port)) != sizeof(port)) ::_exit(1);
+      ::pause();
+      ::_exit(0);
+    }
+    EventPort guest_port = 0;
+    ASSERT_EQ(::read(pipefd[0], &guest_port, sizeof(guest_port)), static_cast<ssize_t>(sizeof(guest_port)));
+    ::close(pipefd[0]);
+    ::close(pipefd[1]);
+    const EventPort port = dom0->bind_interdomain(5, guest_port);
+    EXPECT_EQ(dom0->peer_closed(port), false);
+    if (destroy_domain) {
+      xen_.destroy_domain(5);
+    } else {
+      ::kill(child, SIGKILL);
+    }
+    ::kill(child, SIGKILL);
+    ::waitpid(child, nullptr, 0);
+    bool closed = false;
+    for (int i = 0; i < 200 && !closed; ++i) {
+      closed = dom0->peer_closed(port).value_or(false);
+      if (!closed) ::usleep(10000);  // the service notices the hang-up asynchronously
+    }
+    EXPECT_TRUE(closed) << (destroy_domain ? "after domain destruction" : "after SIGKILL");
+  }
+}
+
+TEST_F(Grants, UnmapNotifyFiresWhenTheSharingProcessIsKilled) {
+  auto dom0_events = open_event_channels(xen_.as(0));
+  int pipefd[2];
+  ASSERT_EQ(::pipe(pipefd), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    auto events = open_event_channels(xen_.as(5));
+    const EventPort port = events->bind_unbound(0);
+    auto share = open_grant_sharer(xen_.as(5))->share(0, 1, true, UnmapNotify{100, port});
+    share->bytes()[100] = std::byte{1};
+    const std::uint32_t msg[2] = {port, share->refs()[0]};
+    if (::write(pipefd[1], msg, sizeof(msg)) != sizeof(msg)) ::_exit(1);
+    ::pause();
+    ::_exit(0);
+  }
+  std::uint32_t msg[2];
+  ASSERT_EQ(::read(pipefd[0], msg, sizeof(msg)), static_cast<ssize_t>(sizeof(msg)));
+  ::close(pipefd[0]);
+  ::close(pipefd[1]);
+  const EventPort port = dom0_events->bind_interdomain(5, msg[0]);
+  auto mapping = open_grant_mapper(xen_.as(0))->map(5, std::span<const GrantRef>(&msg[1], 1), true);
+  EXPECT_EQ(mapping->bytes()[100], std::byte{1});
+
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_EQ(wait_event(*dom0_events), port);
+  EXPECT_EQ(mapping->bytes()[100], std::byte{0});
+  EXPECT_EQ(dom0_events->peer_closed(port), true);
+}
+
+TEST_F(Grants, UnmapNotifyNeedsASinglePage) {
+  auto events = open_event_channels(xen_.as(5));
+  const EventPort port = events->bind_unbound(0);
+  EXPECT_EQ(error_of([&] { open_grant_sharer(xen_.as(5))->share(0, 2, true, UnmapNotify{0, port}); }), EINVAL);
+}
+
+TEST_F(Grants, GarbageOnTheHypervisorSocketEndsOnlyThatConnection) {
+  const std::string path = local_hypervisor_socket(xen_.dir(), 5);
+  for (std::size_t size : {std::size_t{1}, std::size_t{32}, std::size_t{3000}}) {
+    int fd = ::socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strcpy(addr.sun_path, path.c_str());
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    std::vector<unsigned char> junk(size, 0xff);
+    ASSERT_EQ(::send(fd, junk.data(), junk.size(), 0), static_cast<ssize_t>(size));
+    char c;
+    EXPECT_LE(::recv(fd, &c, 1, 0), 0) << "the service should hang up on " << size << " bytes of junk";
+    ::close(fd);
+  }
+  auto share = open_grant_sharer(xen_.as(5))->share(0, 1, true);
+  EXPECT_NO_THROW(open_grant_mapper(xen_.as(0))->map(5, share->refs(), true));
+}
+
+TEST(RealXen, OpensOnXenAndFailsClearlyWithoutIt) {
+  if (::access("/dev/xen/gntdev", F_OK) == 0) {  // on Xen (the lab): the real devices open
+    EXPECT_NO_THROW(open_grant_mapper(XenTarget::real()));
+    EXPECT_NO_THROW(open_event_channels(XenTarget::real()));
+    return;
+  }
+  try {
+    open_grant_mapper(XenTarget::real());
+    FAIL() << "opened a grant device that does not exist";
+  } catch (const std::system_error& e) {
+    EXPECT_NE(std::string(e.what()).find("/dev/xen/gntdev"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(open_grant_sharer(XenTarget::real()), std::system_error);
+  EXPECT_THROW(open_event_channels(XenTarget::real()), std::system_error);
+}
