@@ -295,8 +295,11 @@ class Service final : public HypervisorService {
     if (it == shares_.end()) return;
     if (Domain* d = domain(it->second.notify.domain))
       for (GrantRef ref : it->second.refs) d->grants.erase(ref);
-    fire(it->second.notify);
+    // Gone before its notification fires, so a port kept alive only for it
+    // can be released by fire().
+    const Notify notify = std::move(it->second.notify);
     shares_.erase(it);
+    fire(notify);
   }
 
   int map(std::uint32_t conn_id, const wire::Request& req, const std::vector<std::uint32_t>& refs,
@@ -339,8 +342,9 @@ class Service final : public HypervisorService {
   int unmap(std::uint32_t conn_id, std::uint32_t mapping_id) {
     auto it = mappings_.find(mapping_id);
     if (it == mappings_.end() || it->second.conn != conn_id) return ENOENT;
-    fire(it->second.notify);
+    const Notify notify = std::move(it->second.notify);
     mappings_.erase(it);
+    fire(notify);
     return 0;
   }
 
