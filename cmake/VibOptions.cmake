@@ -8,9 +8,8 @@ option(VIB_FUZZ "Build libFuzzer targets (requires clang)" OFF)
 function(vib_component_options target)
   target_compile_options(${target} PRIVATE
     -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion
-    -Wnon-virtual-dtor -Wold-style-cast -Woverloaded-virtual
-    -Wformat=2 -Wimplicit-fallthrough)
-  get_target_property(_type ${target} TYPE)
+    -Wformat=2 -Wimplicit-fallthrough
+    $<$<COMPILE_LANGUAGE:CXX>:-Wnon-virtual-dtor -Wold-style-cast -Woverloaded-virtual>)
   if(VIB_WERROR)
     target_compile_options(${target} PRIVATE -Werror)
   endif()

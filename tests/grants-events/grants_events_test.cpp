@@ -199,6 +199,40 @@ TEST_F(Grants, UnmapNotifyFiresWhenTheSharingProcessIsKilled) {
   EXPECT_TRUE(eventually_peer_closed(*dom0_events, port));
 }
 
+// The guest's view of a back-end crash: the mapper's notify clears a byte in
+// the guest's own page and raises the guest's port.
+TEST_F(Grants, UnmapNotifyFiresWhenTheMappingProcessIsKilled) {
+  auto guest_events = open_event_channels(xen_.as(5));
+  const EventPort guest_port = guest_events->bind_unbound(0);
+  auto share = open_grant_sharer(xen_.as(5))->share(0, 1, true);
+  share->bytes()[200] = std::byte{1};
+  const GrantRef ref = share->refs()[0];
+  int pipefd[2];
+  ASSERT_EQ(::pipe(pipefd), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    auto events = open_event_channels(xen_.as(0));
+    const EventPort port = events->bind_interdomain(5, guest_port);
+    auto mapping = open_grant_mapper(xen_.as(0))->map(5, std::span(&ref, 1), true, UnmapNotify{200, port});
+    const char ready = mapping->bytes()[200] == std::byte{1} ? 'y' : 'n';
+    if (::write(pipefd[1], &ready, 1) != 1) ::_exit(1);
+    ::pause();
+    ::_exit(0);
+  }
+  char ready = 0;
+  ASSERT_EQ(::read(pipefd[0], &ready, 1), 1);
+  ::close(pipefd[0]);
+  ::close(pipefd[1]);
+  EXPECT_EQ(ready, 'y') << "the mapper did not see the guest's byte";
+  EXPECT_FALSE(wait_event(*guest_events, 50));
+
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_EQ(wait_event(*guest_events), guest_port);
+  EXPECT_EQ(share->bytes()[200], std::byte{0});
+  EXPECT_TRUE(eventually_peer_closed(*guest_events, guest_port));
+}
+
 TEST_F(Grants, UnmapNotifyNeedsASinglePage) {
   auto events = open_event_channels(xen_.as(5));
   const EventPort port = events->bind_unbound(0);
