@@ -5,14 +5,20 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <csignal>
+#include <cstdlib>
+#include <random>
 #include <set>
 
 #include "store_server.hpp"
+#include "vib/platform/unique_fd.hpp"
 #include "xen/real_xen.hpp"
 
 using namespace vib::platform;
@@ -36,7 +42,7 @@ class LocalStore : public ::testing::Test {
   }
 
   std::unique_ptr<XenStore> connect(DomId domid) {
-    return real::open_libxenstore(local_xenstore_socket(dir_, domid));
+    return open_xenstore(XenTarget::local(dir_, domid));
   }
 
   // Creates a guest the way the toolstack does: introduce it, then give it a
@@ -54,6 +60,7 @@ class LocalStore : public ::testing::Test {
   // XS_INTRODUCE / XS_RELEASE, through libxenstore as libxl issues them.
   bool introduce(DomId domid);
   bool release(DomId domid);
+  bool is_introduced(DomId domid);
 
   static std::optional<WatchEvent> wait_event(XenStore& xs, int timeout_ms = 2000) {
     if (auto e = xs.next_watch_event()) return e;
@@ -63,7 +70,9 @@ class LocalStore : public ::testing::Test {
   }
 
   std::string run(const std::string& cmd) {
-    const std::string full = "XENSTORED_PATH=" + local_xenstore_socket(dir_, 0) + " " + cmd;
+    // timeout(1) so a tool stuck on a server bug fails the test instead of hanging CTest.
+    const std::string full =
+        "XENSTORED_PATH=" + local_xenstore_socket(dir_, 0) + " timeout 10 " + cmd;
     FILE* p = ::popen(full.c_str(), "r");
     std::string out;
     std::array<char, 512> buf;
@@ -102,6 +111,11 @@ struct RawHandle {
 bool LocalStore::introduce(DomId domid) {
   RawHandle raw(local_xenstore_socket(dir_, 0));
   return raw.h && xs_introduce_domain(raw.h, domid, 0x1234, 1);
+}
+
+bool LocalStore::is_introduced(DomId domid) {
+  RawHandle raw(local_xenstore_socket(dir_, 0));
+  return raw.h && xs_is_domain_introduced(raw.h, domid);
 }
 
 bool LocalStore::release(DomId domid) {
@@ -212,10 +226,20 @@ TEST_F(LocalStore, IntroduceAndReleaseDomainsFireSpecialWatches) {
   dom0_->watch("@releaseDomain", "rel");
   ASSERT_TRUE(wait_event(*dom0_));
   ASSERT_TRUE(wait_event(*dom0_));
+  EXPECT_FALSE(is_introduced(5));
   auto guest = make_guest(5);
   auto ev = wait_event(*dom0_);
   ASSERT_TRUE(ev);
   EXPECT_EQ(ev->path, "@introduceDomain");
+  EXPECT_TRUE(is_introduced(5));
+  // Only the privileged domain manages domains.
+  {
+    RawHandle as_guest(local_xenstore_socket(dir_, 5));
+    ASSERT_TRUE(as_guest.h);
+    EXPECT_FALSE(xs_introduce_domain(as_guest.h, 9, 0, 0));
+    EXPECT_EQ(errno, EACCES);
+    EXPECT_FALSE(xs_release_domain(as_guest.h, 5));
+  }
   EXPECT_EQ(introduced_.count(5), 1u);
   EXPECT_TRUE(std::filesystem::exists(local_xenstore_socket(dir_, 5)));
 
@@ -225,6 +249,7 @@ TEST_F(LocalStore, IntroduceAndReleaseDomainsFireSpecialWatches) {
   EXPECT_EQ(ev->path, "@releaseDomain");
   EXPECT_EQ(released_.count(5), 1u);
   EXPECT_FALSE(std::filesystem::exists(local_xenstore_socket(dir_, 5)));
+  EXPECT_FALSE(is_introduced(5));
   // The released domain's connection is gone.
   EXPECT_THROW(guest->read(kNoTransaction, "name"), std::system_error);
 }
@@ -326,3 +351,159 @@ TEST_F(LocalStore, RealXenstoreToolsWorkAgainstIt) {
   EXPECT_NE(lsp.find("device = \"\"  . ."), std::string::npos) << lsp;
   EXPECT_NE(lsp.find("(n5)"), std::string::npos) << lsp;
 }
+
+namespace {
+// Reads replies until the one with `req_id` arrives (true) or the server hangs
+// up / stays silent for 5 s (false).
+bool await_reply(int fd, std::uint32_t req_id) {
+  std::string in;
+  for (;;) {
+    while (in.size() >= sizeof(xsd_sockmsg)) {
+      xsd_sockmsg hdr;
+      std::memcpy(&hdr, in.data(), sizeof(hdr));
+      if (in.size() < sizeof(hdr) + hdr.len) break;
+      if (hdr.type != XS_WATCH_EVENT && hdr.req_id == req_id) return true;
+      in.erase(0, sizeof(hdr) + hdr.len);
+    }
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 5000) <= 0) return false;
+    char buf[4096];
+    const ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n <= 0) return false;
+    in.append(buf, static_cast<std::size_t>(n));
+  }
+}
+}  // namespace
+
+TEST_F(LocalStore, RandomMessagesNeverStopTheServer) {
+  auto guest = make_guest(5);
+  // Well-framed messages of every type with random ids and payloads, on a
+  // guest and a dom0 connection: whatever the server makes of them, it must
+  // keep serving everyone else. A final request on each connection proves the
+  // server really worked through the batch rather than dropping it unread.
+  std::mt19937 random(20261123);
+  constexpr std::uint32_t kSentinel = 0xFFFFFFFFu;
+  int batches_answered = 0;
+  for (DomId domid : {DomId{5}, kDom0}) {
+    for (int connection = 0; connection < 20; ++connection) {
+      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      const std::string path = local_xenstore_socket(dir_, domid);
+      std::strcpy(addr.sun_path, path.c_str());
+      ASSERT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+      std::string wire;
+      auto append = [&](std::uint32_t type, std::uint32_t req_id, std::uint32_t tx_id,
+                        const std::string& payload) {
+        const xsd_sockmsg hdr{type, req_id, tx_id, static_cast<std::uint32_t>(payload.size())};
+        wire.append(reinterpret_cast<const char*>(&hdr), sizeof(hdr));
+        wire += payload;
+      };
+      for (int message = 0; message < 50; ++message) {
+        std::string payload(random() % 300, '\0');
+        for (auto& ch : payload) {
+          // Mostly path-like text with NULs, so parsing gets past the first check.
+          const auto r = random() % 8;
+          ch = r == 0 ? '\0' : r == 1 ? '/' : static_cast<char>('a' + random() % 4);
+        }
+        // A rare unknown type, which ends the connection.
+        std::uint32_t type = static_cast<std::uint32_t>(
+            random() % 400 == 0 ? XS_TYPE_COUNT + random() % 5 : random() % XS_TYPE_COUNT);
+        // Do not let dom0 release itself or other live domains of this test.
+        if (domid == kDom0 && (type == XS_RELEASE || type == XS_INTRODUCE)) type = XS_READ;
+        append(type, static_cast<std::uint32_t>(random() % 1000000),
+               static_cast<std::uint32_t>(random() % 3), payload);
+      }
+      append(XS_DIRECTORY, kSentinel, 0, std::string("/", 2));
+      if (::send(fd.get(), wire.data(), wire.size(), MSG_NOSIGNAL) < 0) continue;  // hung up
+      if (await_reply(fd.get(), kSentinel)) ++batches_answered;
+    }
+  }
+  EXPECT_GT(batches_answered, 10);
+  dom0_->write(kNoTransaction, "/tool/alive", "yes");
+  EXPECT_EQ(dom0_->read(kNoTransaction, "/tool/alive"), "yes");
+  EXPECT_EQ(guest->read(kNoTransaction, "name"), "guest5");
+}
+
+#ifdef VIB_LOCALXEN
+namespace {
+// Reads the child's stdout until `needle` appears (true), or EOF/timeout (false).
+bool wait_for_output(int fd, const std::string& needle, std::string& seen, bool* eof = nullptr) {
+  while (needle.empty() || seen.find(needle) == std::string::npos) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 10000) <= 0) return false;
+    char buf[256];
+    const ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n <= 0) {
+      if (eof) *eof = n == 0;
+      return false;
+    }
+    seen.append(buf, static_cast<std::size_t>(n));
+  }
+  return true;
+}
+
+std::optional<WatchEvent> next_event(XenStore& xs) {
+  if (auto e = xs.next_watch_event()) return e;
+  pollfd p{xs.watch_fd(), POLLIN, 0};
+  if (::poll(&p, 1, 5000) <= 0) return std::nullopt;
+  return xs.next_watch_event();
+}
+}  // namespace
+
+TEST(LocalXenTool, ServeCreateAndDestroyDomains) {
+  char tmpl[] = "/tmp/vib-lx-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  int out[2];
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  UniqueFd out_read(out[0]);
+  const pid_t server = ::fork();
+  ASSERT_GE(server, 0);
+  if (server == 0) {
+    ::dup2(out[1], STDOUT_FILENO);
+    ::execl(VIB_LOCALXEN, VIB_LOCALXEN, "serve", "--dir", dir.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  std::string seen;
+  const bool ready = wait_for_output(out_read.get(), "ready", seen);
+  auto tool = [&](const std::string& args) {
+    return std::system(("timeout 10 " VIB_LOCALXEN " " + args + " --dir " + dir + " >/dev/null").c_str());
+  };
+  if (ready) {
+    auto dom0 = open_xenstore(XenTarget::local(dir, kDom0));
+    dom0->watch("@releaseDomain", "gone");
+    ASSERT_TRUE(next_event(*dom0));  // the arming event
+
+    EXPECT_EQ(tool("create-domain --domid 7 --name web"), 0);
+    EXPECT_TRUE(std::filesystem::exists(local_xenstore_socket(dir, 7)));
+    {
+      auto guest = open_xenstore(XenTarget::local(dir, 7));
+      EXPECT_EQ(guest->read(kNoTransaction, "name"), "web");
+      EXPECT_EQ(guest->read(kNoTransaction, "domid"), "7");
+      guest->write(kNoTransaction, "device/vib/0/state", "1");  // its own device area
+      EXPECT_THROW(guest->write(kNoTransaction, "name", "hijack"), std::system_error);
+    }
+    EXPECT_EQ(tool("destroy-domain --domid 7"), 0);
+    auto ev = next_event(*dom0);
+    ASSERT_TRUE(ev);
+    EXPECT_EQ(ev->path, "@releaseDomain");
+    EXPECT_FALSE(dom0->read(kNoTransaction, "/local/domain/7"));
+    EXPECT_FALSE(std::filesystem::exists(local_xenstore_socket(dir, 7)));
+  }
+  ::kill(server, SIGTERM);
+  // EOF on its stdout means it is exiting; bounded so a hang fails the test.
+  bool eof = false;
+  wait_for_output(out_read.get(), "", seen, &eof);
+  if (!eof) {
+    ::kill(server, SIGKILL);
+    ADD_FAILURE() << "vib-localxen did not stop on SIGTERM";
+  }
+  int status = -1;
+  ::waitpid(server, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(ready) << "no ready line: " << seen;
+}
+#endif
