@@ -1,0 +1,24 @@
+// vibd, the vib back-end daemon: serves the vib devices of guests from dom0
+// (or a driver domain). This is its whole public interface; main() and the
+// tests drive it through run_daemon().
+#pragma once
+
+#include <string>
+
+#include "vib/platform/types.hpp"
+
+namespace vib::backend {
+
+struct DaemonOptions {
+  // The real Xen in production; the host-local Xen only when asked for.
+  platform::XenTarget xen = platform::XenTarget::real();
+  // HCA for devices whose xenstore configuration names none.
+  std::string default_hca = "soft";
+  bool systemd_logging = false;
+  bool verbose = false;
+};
+
+// Serves until `stop_fd` becomes readable. Returns a process exit code.
+int run_daemon(const DaemonOptions& options, int stop_fd);
+
+}  // namespace vib::backend

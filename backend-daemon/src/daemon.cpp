@@ -1,0 +1,181 @@
+// vibd's main loop. One thread: it watches xenstore for devices and serves
+// every context's ring when its event channel fires. Control operations are
+// short (queries, PD allocation); the control-path issue moves slow ones
+// (large registrations) to per-context workers so no guest stalls another.
+#include <poll.h>
+
+#include <cstring>
+
+#include <map>
+#include <set>
+
+#include "device.hpp"
+#include "log.hpp"
+#include "vib/backend/vibd.hpp"
+
+namespace vib::backend {
+
+using platform::kNoTransaction;
+
+namespace {
+
+class Environment final : public DeviceEnvironment {
+ public:
+  explicit Environment(const DaemonOptions& options)
+      : options_(options),
+        store_(platform::open_xenstore(options.xen)),
+        mapper_(platform::open_grant_mapper(options.xen)),
+        sharer_(platform::open_grant_sharer(options.xen)) {}
+
+  platform::XenStore& store() override { return *store_; }
+  platform::GrantMapper& mapper() override { return *mapper_; }
+  platform::GrantSharer& sharer() override { return *sharer_; }
+  std::unique_ptr<platform::EventChannels> open_event_channels() override {
+    return platform::open_event_channels(options_.xen);
+  }
+  platform::Hca& hca(const std::string& name) override {
+    auto it = hcas_.find(name);
+    if (it == hcas_.end()) it = hcas_.emplace(name, platform::open_hca(name)).first;
+    return *it->second;
+  }
+  const std::string& default_hca() const override { return options_.default_hca; }
+
+ private:
+  const DaemonOptions& options_;
+  std::unique_ptr<platform::XenStore> store_;
+  std::unique_ptr<platform::GrantMapper> mapper_;
+  std::unique_ptr<platform::GrantSharer> sharer_;
+  std::map<std::string, std::unique_ptr<platform::Hca>> hcas_;
+};
+
+class Daemon {
+ public:
+  explicit Daemon(const DaemonOptions& options) : env_(options) {
+    auto& store = env_.store();
+    backend_root_ = store.domain_path(options.xen.kind == platform::XenTarget::Kind::local
+                                          ? options.xen.local_domid
+                                          : self_domid(store)) +
+                    "/backend/" VIBIF_XS_DEVICE_TYPE;
+    store.watch(backend_root_, "backend");
+    store.watch("@releaseDomain", "release");
+    log_line(LogLevel::info, "vibd", "watching " + backend_root_);
+  }
+
+  ~Daemon() {
+    if (!devices_.empty()) log_line(LogLevel::info, "vibd", "closing " + std::to_string(devices_.size()) + " devices");
+    devices_.clear();
+  }
+
+  int run(int stop_fd) {
+    for (;;) {
+      std::vector<pollfd> fds{{stop_fd, POLLIN, 0}, {env_.store().watch_fd(), POLLIN, 0}};
+      std::vector<std::pair<Device*, Context*>> owners;
+      for (auto& [id, device] : devices_)
+        for (Context* ctx : device->contexts()) {
+          fds.push_back({ctx->event_fd(), POLLIN, 0});
+          owners.emplace_back(device.get(), ctx);
+        }
+      if (::poll(fds.data(), fds.size(), -1) < 0) {
+        if (errno == EINTR) continue;
+        log_line(LogLevel::error, "vibd", std::string("poll: ") + std::strerror(errno));
+        return 1;
+      }
+      if (fds[0].revents) return 0;
+      if (fds[1].revents) on_watch_events();
+      for (std::size_t i = 0; i < owners.size(); ++i) {
+        if (!(fds[2 + i].revents & POLLIN)) continue;
+        auto [device, ctx] = owners[i];
+        if (!device_alive(device)) continue;
+        if (!ctx->service()) device->close_context(ctx->id(), "guest process gone (event channel closed)");
+      }
+    }
+  }
+
+ private:
+  static platform::DomId self_domid(platform::XenStore& store) {
+    auto id = store.read(kNoTransaction, "domid");
+    auto v = id ? platform::parse_decimal(*id, 0x7FEF) : std::nullopt;
+    return v ? static_cast<platform::DomId>(*v) : platform::kDom0;
+  }
+
+  bool device_alive(const Device* d) const {
+    for (auto& [id, device] : devices_)
+      if (device.get() == d) return true;
+    return false;
+  }
+
+  void on_watch_events() {
+    bool released = false;
+    while (auto ev = env_.store().next_watch_event()) released |= ev->token == "release";
+    if (released) reap_dead_domains();
+    scan();
+  }
+
+  // Every <domid>/<devid> under the back-end root is a device to serve.
+  void scan() {
+    auto& store = env_.store();
+    std::set<DeviceId> present;
+    for (const auto& dom : store.directory(kNoTransaction, backend_root_).value_or(std::vector<std::string>{})) {
+      auto domid = platform::parse_decimal(dom, 0x7FEF);
+      if (!domid || *domid == 0) continue;
+      for (const auto& dev : store.directory(kNoTransaction, backend_root_ + "/" + dom).value_or(std::vector<std::string>{})) {
+        auto devid = platform::parse_decimal(dev, 0xFFFF);
+        if (!devid) continue;
+        DeviceId id{static_cast<platform::DomId>(*domid), static_cast<unsigned>(*devid)};
+        present.insert(id);
+        if (!devices_.count(id)) {
+          const std::string be = backend_root_ + "/" + dom + "/" + dev;
+          auto device = std::make_unique<Device>(env_, id, be);
+          // Frontend changes wake us too.
+          if (!device->frontend_path().empty()) store.watch(device->frontend_path(), "frontend");
+          devices_.emplace(id, std::move(device));
+        }
+      }
+    }
+    for (auto it = devices_.begin(); it != devices_.end();) {
+      if (!it->second->refresh()) {
+        unwatch(*it->second);
+        it = devices_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void unwatch(Device& device) {
+    try {
+      if (!device.frontend_path().empty()) env_.store().unwatch(device.frontend_path(), "frontend");
+    } catch (const std::system_error&) {
+    }
+  }
+
+  // A guest domain died: its devices lose every resource now, before the
+  // toolstack gets round to removing their xenstore directories.
+  void reap_dead_domains() {
+    auto& store = env_.store();
+    for (auto& [id, device] : devices_) {
+      if (store.read(kNoTransaction, store.domain_path(id.domid) + "/domid")) continue;
+      log_line(LogLevel::info, device_subject(id.domid, id.devid), "domain destroyed");
+      device->domain_gone();
+    }
+  }
+
+  Environment env_;
+  std::string backend_root_;
+  std::map<DeviceId, std::unique_ptr<Device>> devices_;
+};
+
+}  // namespace
+
+int run_daemon(const DaemonOptions& options, int stop_fd) {
+  set_log_style(options.systemd_logging, options.verbose ? LogLevel::debug : LogLevel::info);
+  try {
+    Daemon daemon(options);
+    return daemon.run(stop_fd);
+  } catch (const std::exception& e) {
+    log_line(LogLevel::error, "vibd", e.what());
+    return 1;
+  }
+}
+
+}  // namespace vib::backend

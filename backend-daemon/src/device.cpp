@@ -1,0 +1,447 @@
+#include "device.hpp"
+
+#include <cstring>
+#include <sstream>
+#include <system_error>
+
+#include "log.hpp"
+
+namespace vib::backend {
+
+using platform::kNoTransaction;
+using platform::parse_decimal;
+using platform::XenbusState;
+
+namespace {
+
+std::string str(XenbusState s) { return std::to_string(static_cast<int>(s)); }
+
+// "a,b,c" of numbers (decimal or 0x hex), each at most `max`.
+std::optional<std::vector<std::uint64_t>> parse_list(const std::string& text, std::uint64_t max,
+                                                     std::size_t max_items) {
+  std::vector<std::uint64_t> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    std::uint64_t v = 0;
+    const bool hex = item.size() > 2 && item[0] == '0' && (item[1] == 'x' || item[1] == 'X');
+    const char* first = item.data() + (hex ? 2 : 0);
+    auto [end, ec] = std::from_chars(first, item.data() + item.size(), v, hex ? 16 : 10);
+    if (item.empty() || ec != std::errc{} || end != item.data() + item.size() || v > max) return std::nullopt;
+    out.push_back(v);
+    if (out.size() > max_items) return std::nullopt;
+  }
+  if (out.empty()) return std::nullopt;
+  return out;
+}
+
+}  // namespace
+
+std::variant<DeviceConfig, std::string> read_device_config(platform::XenStore& store,
+                                                           const std::string& be,
+                                                           const std::string& default_hca) {
+  DeviceConfig c;
+  c.hca = store.read(kNoTransaction, be + "/" VIBIF_XS_HCA).value_or(default_hca);
+  if (c.hca.empty() || c.hca.size() > 64) return std::string("bad hca name");
+  if (auto port = store.read(kNoTransaction, be + "/" VIBIF_XS_PORT)) {
+    auto v = parse_decimal(*port, 255);
+    if (!v || *v == 0) return "bad port '" + *port + "'";
+    c.port = static_cast<std::uint8_t>(*v);
+  }
+  if (auto pkeys = store.read(kNoTransaction, be + "/" VIBIF_XS_PKEYS)) {
+    auto v = parse_list(*pkeys, 0xffff, VIBIF_MAX_PKEYS);
+    if (!v) return "bad pkeys '" + *pkeys + "'";
+    c.pkeys.assign(v->begin(), v->end());
+  }
+  if (auto gids = store.read(kNoTransaction, be + "/" VIBIF_XS_GID_INDICES)) {
+    auto v = parse_list(*gids, 255, VIBIF_MAX_GID_INDICES);
+    if (!v) return "bad gid-indices '" + *gids + "'";
+    c.gid_indices.assign(v->begin(), v->end());
+  }
+  struct Quota {
+    const char* key;
+    std::uint32_t* value;
+  } quotas[] = {{VIBIF_XS_MAX_PDS, &c.max_pds},   {VIBIF_XS_MAX_CQS, &c.max_cqs},
+                {VIBIF_XS_MAX_QPS, &c.max_qps},   {VIBIF_XS_MAX_SRQS, &c.max_srqs},
+                {VIBIF_XS_MAX_MRS, &c.max_mrs},   {VIBIF_XS_MAX_AHS, &c.max_ahs}};
+  for (auto& q : quotas) {
+    if (auto text = store.read(kNoTransaction, be + "/" + q.key)) {
+      auto v = parse_decimal(*text, 0xffff);
+      if (!v) return std::string("bad ") + q.key + " '" + *text + "'";
+      *q.value = static_cast<std::uint32_t>(*v);
+    }
+  }
+  if (auto pinned = store.read(kNoTransaction, be + "/" VIBIF_XS_MAX_PINNED_PAGES)) {
+    auto v = parse_decimal(*pinned, std::uint64_t{1} << 40);
+    if (!v) return "bad max-pinned-pages '" + *pinned + "'";
+    c.max_pinned_pages = *v;
+  }
+  return c;
+}
+
+Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
+    : env_(env), id_(id), backend_path_(std::move(backend_path)), subject_(device_subject(id.domid, id.devid)) {
+  frontend_path_ = env_.store().read(kNoTransaction, backend_path_ + "/frontend").value_or("");
+  // The toolstack writes this; accept only the path it must be.
+  const std::string expected =
+      "/local/domain/" + std::to_string(id.domid) + "/device/vib/" + std::to_string(id.devid);
+  if (frontend_path_ != expected) {
+    fail("frontend path '" + frontend_path_ + "' is not " + expected);
+    return;
+  }
+  auto config = read_device_config(env_.store(), backend_path_, env_.default_hca());
+  if (auto* why = std::get_if<std::string>(&config)) {
+    fail(*why);
+    return;
+  }
+  config_ = std::get<DeviceConfig>(config);
+  try {
+    hca_ = &env_.hca(config_->hca);
+    ibv_port_attr port;
+    hca_->query_port(config_->port, port);
+  } catch (const std::system_error& e) {
+    fail(std::string("HCA unusable: ") + e.what());
+    return;
+  }
+  platform::with_transaction(env_.store(), [&](platform::TransactionId tx) {
+    auto put = [&](const char* key, const std::string& value) {
+      env_.store().write(tx, backend_path_ + "/" + key, value);
+    };
+    put(VIBIF_XS_PROTOCOL_VERSIONS, std::to_string(VIBIF_PROTOCOL_VERSION));
+    put(VIBIF_XS_MAX_RING_ORDER, std::to_string(VIBIF_MAX_RING_PAGE_ORDER));
+    put(VIBIF_XS_MAX_CONTEXTS, std::to_string(VIBIF_MAX_CONTEXTS));
+    put(VIBIF_XS_FEATURE_INDIRECT, "1");
+    put(VIBIF_XS_FEATURE_SRQ, "1");
+    put(VIBIF_XS_FEATURE_ATOMICS, "1");
+    put("state", str(XenbusState::init_wait));
+  });
+  state_ = XenbusState::init_wait;
+  log_line(LogLevel::info, subject_,
+           "InitWait on HCA " + hca_->name() + " port " + std::to_string(config_->port));
+}
+
+Device::~Device() { close_all_contexts("device closed"); }
+
+void Device::fail(const std::string& why) {
+  failed_ = true;
+  log_line(LogLevel::error, subject_, why);
+  try {
+    env_.store().write(kNoTransaction, backend_path_ + "/" VIBIF_XS_ERROR, why);
+    env_.store().write(kNoTransaction, backend_path_ + "/hotplug-status", "error");
+    set_state(XenbusState::closed);
+  } catch (const std::system_error& e) {
+    log_line(LogLevel::warning, subject_, std::string("cannot report the error: ") + e.what());
+  }
+}
+
+void Device::set_state(XenbusState s) {
+  if (s == state_) return;
+  env_.store().write(kNoTransaction, backend_path_ + "/state", str(s));
+  log_line(LogLevel::info, subject_,
+           std::string(platform::state_name(state_)) + " -> " + std::string(platform::state_name(s)));
+  state_ = s;
+}
+
+bool Device::refresh() {
+  auto& store = env_.store();
+  if (!store.read(kNoTransaction, backend_path_ + "/state") && !store.directory(kNoTransaction, backend_path_)) {
+    close_all_contexts("back-end directory removed");
+    log_line(LogLevel::info, subject_, "removed");
+    return false;
+  }
+  if (failed_) return true;
+  const auto online = store.read(kNoTransaction, backend_path_ + "/online");
+  const auto frontend = platform::parse_state(store.read(kNoTransaction, frontend_path_ + "/state").value_or(""));
+  const bool frontend_gone = !frontend || *frontend == XenbusState::closing || *frontend == XenbusState::closed;
+  if ((online && *online == "0") || (frontend_gone && state_ == XenbusState::connected)) {
+    close_all_contexts(online && *online == "0" ? "device taken offline" : "front-end closed");
+    set_state(frontend && *frontend == XenbusState::closing ? XenbusState::closing : XenbusState::closed);
+    if (frontend && *frontend == XenbusState::closed) set_state(XenbusState::closed);
+    return true;
+  }
+  if (state_ == XenbusState::init_wait && frontend &&
+      (*frontend == XenbusState::initialised || *frontend == XenbusState::connected))
+    set_state(XenbusState::connected);
+  if (state_ == XenbusState::connected) refresh_contexts();
+  return true;
+}
+
+void Device::refresh_contexts() {
+  auto& store = env_.store();
+  const std::string fe_ctx = frontend_path_ + "/" VIBIF_XS_CTX_DIR;
+  const auto names = store.directory(kNoTransaction, fe_ctx).value_or(std::vector<std::string>{});
+  std::map<unsigned, XenbusState> wanted;
+  for (const auto& name : names) {
+    auto id = parse_decimal(name, VIBIF_MAX_CTXID - 1);
+    if (!id) continue;  // not a context of ours: ignored, never trusted
+    auto st = platform::parse_state(store.read(kNoTransaction, fe_ctx + "/" + name + "/state").value_or(""));
+    if (st) wanted[static_cast<unsigned>(*id)] = *st;
+  }
+  // Contexts the guest closed, or whose nodes vanished.
+  std::vector<unsigned> closing;
+  for (auto& [id, ctx] : contexts_) {
+    auto it = wanted.find(id);
+    if (it == wanted.end() || it->second == XenbusState::closing || it->second == XenbusState::closed)
+      closing.push_back(id);
+  }
+  for (unsigned id : closing) close_context(id, "closed by the guest");
+  // New contexts.
+  for (auto& [id, st] : wanted) {
+    if (st != XenbusState::initialised || contexts_.count(id)) continue;
+    const std::string be_ctx = backend_path_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(id);
+    if (store.read(kNoTransaction, be_ctx + "/state")) continue;  // already answered (failed)
+    if (contexts_.size() >= VIBIF_MAX_CONTEXTS) {
+      store.write(kNoTransaction, be_ctx + "/" VIBIF_XS_ERROR, "too many contexts");
+      store.write(kNoTransaction, be_ctx + "/state", str(XenbusState::closed));
+      continue;
+    }
+    try {
+      contexts_[id] = std::make_unique<Context>(env_, *config_, *hca_, id_, id, fe_ctx + "/" + std::to_string(id), be_ctx);
+    } catch (const std::exception& e) {
+      log_line(LogLevel::warning, context_subject(id_.domid, id_.devid, id), std::string("refused: ") + e.what());
+      store.write(kNoTransaction, be_ctx + "/" VIBIF_XS_ERROR, e.what());
+      store.write(kNoTransaction, be_ctx + "/state", str(XenbusState::closed));
+    }
+  }
+}
+
+std::vector<Context*> Device::contexts() {
+  std::vector<Context*> out;
+  for (auto& [id, ctx] : contexts_) out.push_back(ctx.get());
+  return out;
+}
+
+void Device::close_context(unsigned ctxid, const char* why) {
+  auto it = contexts_.find(ctxid);
+  if (it == contexts_.end()) return;
+  log_line(LogLevel::info, context_subject(id_.domid, id_.devid, ctxid), std::string("closing: ") + why);
+  contexts_.erase(it);
+  // The back-end's node goes; the guest's node is the guest's to remove.
+  try {
+    env_.store().remove(kNoTransaction, backend_path_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid));
+  } catch (const std::system_error&) {
+  }
+}
+
+void Device::close_all_contexts(const char* why) {
+  while (!contexts_.empty()) close_context(contexts_.begin()->first, why);
+}
+
+void Device::domain_gone() { close_all_contexts("domain destroyed"); }
+
+Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
+                 unsigned ctxid, const std::string& fe, const std::string& be)
+    : config_(config), hca_(hca), device_(device), ctxid_(ctxid),
+      subject_(context_subject(device.domid, device.devid, ctxid)), pds_(config.max_pds) {
+  auto& store = env.store();
+  auto need = [&](const char* key, std::uint64_t max) {
+    auto text = store.read(kNoTransaction, fe + "/" + key);
+    auto v = text ? parse_decimal(*text, max) : std::nullopt;
+    if (!v) throw std::system_error(EINVAL, std::generic_category(), std::string("bad or missing ") + key);
+    return *v;
+  };
+  const auto order = need(VIBIF_XS_RING_PAGE_ORDER, VIBIF_MAX_RING_PAGE_ORDER);
+  std::vector<platform::GrantRef> refs;
+  if (order == 0) {
+    refs.push_back(static_cast<platform::GrantRef>(need(VIBIF_XS_RING_REF, 0xffffffffu)));
+  } else {
+    for (unsigned i = 0; i < (1u << order); ++i)
+      refs.push_back(static_cast<platform::GrantRef>(
+          need((std::string(VIBIF_XS_RING_REF) + std::to_string(i)).c_str(), 0xffffffffu)));
+  }
+  const auto remote_port = need(VIBIF_XS_EVENT_CHANNEL, 0xffffffffu);
+
+  events_ = env.open_event_channels();
+  port_ = events_->bind_interdomain(device.domid, static_cast<platform::EventPort>(remote_port));
+  ring_pages_ = env.mapper().map(device.domid, refs, /*writable=*/true);
+  BACK_RING_INIT(&ring_, reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data()),
+                 ring_pages_->bytes().size());
+  doorbell_ = env.sharer().share(device.domid, 1, /*writable=*/true);
+  platform::with_transaction(store, [&](platform::TransactionId tx) {
+    store.write(tx, be + "/" VIBIF_XS_DOORBELL_REF, std::to_string(doorbell_->refs()[0]));
+    store.write(tx, be + "/state", str(XenbusState::connected));
+  });
+  log_line(LogLevel::info, subject_,
+           "connected: " + std::to_string(refs.size()) + "-page ring, event channel " + std::to_string(port_) +
+               ", doorbell grant " + std::to_string(doorbell_->refs()[0]));
+  // The guest may have queued requests before it heard back.
+  events_->notify(port_);
+}
+
+Context::~Context() {
+  const std::size_t pds = pds_.clear();
+  log_line(LogLevel::info, subject_,
+           "freed: " + std::to_string(pds) + " PDs; " + std::to_string(requests_) + " requests served");
+}
+
+bool Context::service() {
+  bool woken = false;
+  while (auto port = events_->pending()) {
+    events_->unmask(*port);
+    woken = true;
+  }
+  bool served = false;
+  for (int more = 1; more;) {
+    // The producer index is guest-written: read it once, and refuse one
+    // that claims more requests than the ring can hold.
+    const RING_IDX prod = __atomic_load_n(&ring_.sring->req_prod, __ATOMIC_ACQUIRE);
+    if (RING_REQUEST_PROD_OVERFLOW(&ring_, prod)) {
+      log_line(LogLevel::warning, subject_, "request producer beyond the ring: closing");
+      return false;
+    }
+    while (ring_.req_cons != prod) {
+      // Copy the request out of the shared page once; only the copy is read.
+      vibif_request req;
+      std::memcpy(&req, RING_GET_REQUEST(&ring_, ring_.req_cons), sizeof(req));
+      ring_.req_cons++;
+      const vibif_response rsp = execute(req);
+      std::memcpy(RING_GET_RESPONSE(&ring_, ring_.rsp_prod_pvt), &rsp, sizeof(rsp));
+      ring_.rsp_prod_pvt++;
+      ++requests_;
+      served = true;
+    }
+    RING_FINAL_CHECK_FOR_REQUESTS(&ring_, more);
+  }
+  if (served) {
+    int notify = 0;
+    RING_PUSH_RESPONSES_AND_CHECK_NOTIFY(&ring_, notify);
+    if (notify) events_->notify(port_);
+  }
+  // A wake-up with nothing to do may be the guest process's end (the ring
+  // page's unmap notification).
+  if (woken && !served && events_->peer_closed(port_).value_or(false)) return false;
+  return true;
+}
+
+vibif_response Context::execute(const vibif_request& req) {
+  vibif_response rsp;
+  std::memset(&rsp, 0, sizeof(rsp));
+  rsp.hdr.id = req.hdr.id;
+  rsp.hdr.op = req.hdr.op;
+  auto& status = rsp.hdr.status;
+  try {
+    switch (req.hdr.op) {
+      case VIBIF_OP_QUERY_DEVICE: {
+        ibv_device_attr a;
+        hca_.query_device(a);
+        auto& d = rsp.u.query_device;
+        std::memcpy(d.fw_ver, a.fw_ver, sizeof(d.fw_ver));
+        d.node_guid = a.node_guid;
+        d.sys_image_guid = a.sys_image_guid;
+        d.max_mr_size = std::min<std::uint64_t>(a.max_mr_size, config_.max_pinned_pages * VIBIF_PAGE_SIZE);
+        d.page_size_cap = a.page_size_cap;
+        d.vendor_id = a.vendor_id;
+        d.vendor_part_id = a.vendor_part_id;
+        d.hw_ver = a.hw_ver;
+        // The guest sees the device as its quotas shape it.
+        d.max_qp = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_qp), config_.max_qps);
+        d.max_qp_wr = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_qp_wr), VIBIF_MAX_QUEUE_WR);
+        d.device_cap_flags = a.device_cap_flags;
+        d.max_sge = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_sge), VIBIF_MAX_SGE);
+        d.max_cq = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_cq), config_.max_cqs);
+        d.max_cqe = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_cqe), VIBIF_MAX_CQE);
+        d.max_mr = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_mr), config_.max_mrs);
+        d.max_pd = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_pd), config_.max_pds);
+        d.max_qp_rd_atom = static_cast<std::uint32_t>(a.max_qp_rd_atom);
+        d.max_qp_init_rd_atom = static_cast<std::uint32_t>(a.max_qp_init_rd_atom);
+        d.atomic_cap = a.atomic_cap;
+        d.max_ah = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_ah), config_.max_ahs);
+        d.max_srq = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_srq), config_.max_srqs);
+        d.max_srq_wr = static_cast<std::uint32_t>(a.max_srq_wr);
+        d.max_srq_sge = static_cast<std::uint32_t>(a.max_srq_sge);
+        d.max_pkeys = static_cast<std::uint32_t>(config_.pkeys.size());
+        d.phys_port_cnt = 1;  // the guest sees only its configured port, as port 1
+        d.local_ca_ack_delay = a.local_ca_ack_delay;
+        break;
+      }
+      case VIBIF_OP_QUERY_PORT: {
+        if (req.u.query_port.port != 1) {
+          status = VIBIF_EINVAL;
+          break;
+        }
+        ibv_port_attr a;
+        hca_.query_port(config_.port, a);
+        auto& p = rsp.u.query_port;
+        p.state = a.state;
+        p.max_mtu = a.max_mtu;
+        p.active_mtu = a.active_mtu;
+        p.gid_tbl_len = static_cast<std::uint32_t>(config_.gid_indices.size());
+        p.port_cap_flags = a.port_cap_flags & ~static_cast<std::uint32_t>(IBV_PORT_SM);
+        p.max_msg_sz = a.max_msg_sz;
+        p.pkey_tbl_len = static_cast<std::uint16_t>(config_.pkeys.size());
+        p.lid = a.lid;
+        p.sm_lid = a.sm_lid;
+        p.lmc = a.lmc;
+        p.max_vl_num = a.max_vl_num;
+        p.sm_sl = a.sm_sl;
+        p.subnet_timeout = a.subnet_timeout;
+        p.active_width = a.active_width;
+        p.active_speed = a.active_speed;
+        p.phys_state = a.phys_state;
+        p.link_layer = a.link_layer;
+        break;
+      }
+      case VIBIF_OP_QUERY_GID: {
+        // The guest's GID table is the device's allowed indices, in order.
+        const auto index = req.u.query_gid.index;
+        if (req.u.query_gid.port != 1 || index >= config_.gid_indices.size()) {
+          status = VIBIF_EINVAL;
+          break;
+        }
+        ibv_gid gid;
+        hca_.query_gid(config_.port, static_cast<int>(config_.gid_indices[index]), gid);
+        std::memcpy(rsp.u.query_gid.gid, gid.raw, 16);
+        break;
+      }
+      case VIBIF_OP_QUERY_PKEY: {
+        const auto index = req.u.query_pkey.index;
+        if (req.u.query_pkey.port != 1 || index >= config_.pkeys.size()) {
+          status = VIBIF_EINVAL;
+          break;
+        }
+        rsp.u.query_pkey.pkey = config_.pkeys[index];
+        break;
+      }
+      case VIBIF_OP_ALLOC_PD: {
+        if (pds_.size() >= config_.max_pds) {
+          status = VIBIF_EDQUOT;
+          break;
+        }
+        const vibif_handle_t h = pds_.insert(hca_.alloc_pd());
+        if (h == VIBIF_HANDLE_NONE) {
+          status = VIBIF_EDQUOT;
+          break;
+        }
+        rsp.u.handle.handle = h;
+        log_line(LogLevel::debug, subject_, "PD " + std::to_string(h) + " allocated");
+        break;
+      }
+      case VIBIF_OP_DEALLOC_PD: {
+        const vibif_handle_t h = req.u.handle.handle;
+        auto* owner = pds_.owner(h);
+        if (!owner) {
+          status = VIBIF_ENOENT;
+          break;
+        }
+        if (int err = hca_.dealloc_pd(*owner)) {
+          status = -err;
+          break;
+        }
+        pds_.release(h);
+        log_line(LogLevel::debug, subject_, "PD " + std::to_string(h) + " freed");
+        break;
+      }
+      default:
+        // Every other operation of the protocol is vibd's next step
+        // (issue: the control path); until then the guest hears so plainly.
+        status = (req.hdr.op >= 1 && req.hdr.op <= VIBIF_OP_MAX) ? VIBIF_ENOSYS : VIBIF_EINVAL;
+        break;
+    }
+  } catch (const std::system_error& e) {
+    log_line(LogLevel::warning, subject_, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
+    status = e.code().value() == EINVAL ? VIBIF_EINVAL : VIBIF_EIO;
+  }
+  return rsp;
+}
+
+}  // namespace vib::backend

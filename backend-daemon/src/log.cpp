@@ -1,0 +1,70 @@
+#include "log.hpp"
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <mutex>
+
+namespace vib::backend {
+
+namespace {
+std::mutex log_lock;
+bool journald_prefixes = false;
+LogLevel threshold_level = LogLevel::info;
+
+const char* level_name(LogLevel l) {
+  switch (l) {
+    case LogLevel::debug: return "debug";
+    case LogLevel::info: return "info";
+    case LogLevel::warning: return "warning";
+    case LogLevel::error: return "error";
+  }
+  return "?";
+}
+
+// sd-daemon(3) priorities: journald reads them from the line's start.
+int syslog_priority(LogLevel l) {
+  switch (l) {
+    case LogLevel::debug: return 7;
+    case LogLevel::info: return 6;
+    case LogLevel::warning: return 4;
+    case LogLevel::error: return 3;
+  }
+  return 6;
+}
+}  // namespace
+
+void set_log_style(bool systemd_prefixes, LogLevel threshold) {
+  std::lock_guard lock(log_lock);
+  journald_prefixes = systemd_prefixes;
+  threshold_level = threshold;
+}
+
+void log_line(LogLevel level, std::string_view subject, std::string_view message) {
+  std::lock_guard lock(log_lock);
+  if (level < threshold_level) return;
+  if (journald_prefixes) {
+    std::fprintf(stderr, "<%d>%.*s: %.*s\n", syslog_priority(level), static_cast<int>(subject.size()),
+                 subject.data(), static_cast<int>(message.size()), message.data());
+  } else {
+    const auto now = std::chrono::system_clock::now();
+    const std::time_t t = std::chrono::system_clock::to_time_t(now);
+    std::tm tm;
+    gmtime_r(&t, &tm);
+    char stamp[32];
+    std::strftime(stamp, sizeof(stamp), "%H:%M:%S", &tm);
+    std::fprintf(stderr, "%s vibd %s %.*s: %.*s\n", stamp, level_name(level), static_cast<int>(subject.size()),
+                 subject.data(), static_cast<int>(message.size()), message.data());
+  }
+  std::fflush(stderr);
+}
+
+std::string device_subject(unsigned domid, unsigned devid) {
+  return "dom" + std::to_string(domid) + "/vib" + std::to_string(devid);
+}
+
+std::string context_subject(unsigned domid, unsigned devid, unsigned ctxid) {
+  return device_subject(domid, devid) + "/ctx" + std::to_string(ctxid);
+}
+
+}  // namespace vib::backend

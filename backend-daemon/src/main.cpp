@@ -1,0 +1,100 @@
+// vibd command line: options, signals, systemd readiness.
+#include <signal.h>
+#include <sys/signalfd.h>
+
+#include <cstring>
+#include <iostream>
+
+#ifdef VIB_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
+#include "vib/backend/vibd.hpp"
+#include "vib/platform/hca.hpp"
+#include "vib/platform/unique_fd.hpp"
+
+namespace {
+
+void usage(std::ostream& out) {
+  out << "Usage: vibd [options]\n"
+         "Serves vib (virtual InfiniBand) devices to Xen guests.\n"
+         "\n"
+         "  --hca NAME          HCA for devices whose configuration names none\n"
+         "                      (default: soft, the built-in software HCA)\n"
+         "  --local-xen DIR     use the host-local Xen served by `vib-localxen serve --dir DIR`\n"
+         "                      instead of the real one (machines without a hypervisor)\n"
+         "  --domid N           with --local-xen: the domain vibd acts as (default 0)\n"
+         "  --systemd           log with journald priorities (also when JOURNAL_STREAM is set)\n"
+         "  --verbose           log every object created and freed\n"
+         "  --list-hcas         print the HCAs vibd can use and exit\n"
+         "  --help              this text\n"
+         "\n"
+         "vibd runs in the foreground; SIGTERM or SIGINT closes every device and exits.\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  vib::backend::DaemonOptions options;
+  std::string local_dir;
+  long domid = 0;
+  options.systemd_logging = std::getenv("JOURNAL_STREAM") != nullptr;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::cerr << "vibd: " << arg << " needs a value\n";
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (arg == "--help" || arg == "-h") {
+      usage(std::cout);
+      return 0;
+    } else if (arg == "--hca") {
+      options.default_hca = value();
+    } else if (arg == "--local-xen") {
+      local_dir = value();
+    } else if (arg == "--domid") {
+      const std::string v = value();
+      char* end = nullptr;
+      domid = std::strtol(v.c_str(), &end, 10);
+      if (*end || domid < 0 || domid >= 0x7FF0) {
+        std::cerr << "vibd: bad --domid '" << v << "'\n";
+        return 2;
+      }
+    } else if (arg == "--systemd") {
+      options.systemd_logging = true;
+    } else if (arg == "--verbose") {
+      options.verbose = true;
+    } else if (arg == "--list-hcas") {
+      for (const auto& h : vib::platform::list_hcas())
+        std::cout << h.name << (h.software ? "  (built-in software HCA)" : "") << "\n";
+      return 0;
+    } else {
+      std::cerr << "vibd: unknown option " << arg << " (see --help)\n";
+      return 2;
+    }
+  }
+  if (!local_dir.empty())
+    options.xen = vib::platform::XenTarget::local(local_dir, static_cast<vib::platform::DomId>(domid));
+  else if (domid != 0) {
+    std::cerr << "vibd: --domid only applies with --local-xen\n";
+    return 2;
+  }
+
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &mask, nullptr);
+  vib::platform::UniqueFd stop(::signalfd(-1, &mask, SFD_CLOEXEC));
+  if (!stop) {
+    std::cerr << "vibd: signalfd: " << std::strerror(errno) << "\n";
+    return 1;
+  }
+#ifdef VIB_HAVE_SYSTEMD
+  sd_notify(0, "READY=1");
+#endif
+  return vib::backend::run_daemon(options, stop.get());
+}

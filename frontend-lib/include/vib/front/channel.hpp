@@ -1,0 +1,35 @@
+// libvibfront: the guest side of a vib device. A Channel is one process's
+// context on one device: its own request ring, event channel and doorbell
+// page, negotiated through xenstore (see vibif.h, PER-PROCESS CONTEXTS).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "vib/platform/types.hpp"
+#include "vib/vibif.h"
+
+namespace vib::front {
+
+struct ChannelOptions {
+  platform::XenTarget xen = platform::XenTarget::real();
+  unsigned devid = 0;
+  std::chrono::milliseconds timeout{5000};
+};
+
+class Channel {
+ public:
+  // Connects the device (if no process did yet) and opens this process's
+  // context. Throws std::system_error naming what failed (no such device,
+  // back-end error text, timeout).
+  static std::unique_ptr<Channel> open(const ChannelOptions& options);
+  virtual ~Channel() = default;  // closes the context; the back-end frees its objects
+
+  // Sends one control request and waits for its response (hdr.id is set here).
+  virtual vibif_response call(vibif_request request) = 0;
+  virtual unsigned context_id() const = 0;
+  virtual platform::DomId backend_domid() const = 0;
+};
+
+}  // namespace vib::front

@@ -1,0 +1,197 @@
+#include "vib/front/channel.hpp"
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <system_error>
+
+#include "vib/platform/event_channels.hpp"
+#include "vib/platform/grants.hpp"
+#include "vib/platform/xenbus.hpp"
+#include "vib/platform/xenstore.hpp"
+
+namespace vib::front {
+
+using platform::kNoTransaction;
+using platform::XenbusState;
+
+namespace {
+
+[[noreturn]] void fail(int err, const std::string& what) {
+  throw std::system_error(err, std::generic_category(), "vib: " + what);
+}
+
+std::string str(XenbusState s) { return std::to_string(static_cast<int>(s)); }
+
+using Clock = std::chrono::steady_clock;
+
+class XenChannel final : public Channel {
+ public:
+  explicit XenChannel(const ChannelOptions& options)
+      : options_(options), store_(platform::open_xenstore(options.xen)) {
+    const auto self = store_->read(kNoTransaction, "domid");
+    if (!self) fail(ENOENT, "cannot read this domain's id from xenstore");
+    frontend_ = store_->domain_path(static_cast<platform::DomId>(std::stoul(*self))) + "/device/" +
+                VIBIF_XS_DEVICE_TYPE + "/" + std::to_string(options.devid);
+    const auto backend = store_->read(kNoTransaction, frontend_ + "/backend");
+    const auto backend_id = store_->read(kNoTransaction, frontend_ + "/backend-id");
+    auto be_id = backend_id ? platform::parse_decimal(*backend_id, 0x7FEF) : std::nullopt;
+    if (!backend || !be_id) fail(ENODEV, "no vib device " + std::to_string(options.devid) + " in this domain");
+    backend_ = *backend;
+    backend_domid_ = static_cast<platform::DomId>(*be_id);
+    connect_device();
+    open_context();
+  }
+
+  ~XenChannel() override {
+    try {
+      store_->write(kNoTransaction, ctx_path_ + "/state", str(XenbusState::closing));
+      // Wait (briefly) for the back-end to free our objects, then tidy up.
+      wait_for(backend_ctx_ + "/state", std::chrono::milliseconds(1000),
+               [](const std::optional<std::string>& v) { return !v; });
+      store_->remove(kNoTransaction, ctx_path_);
+    } catch (const std::exception&) {
+      // Closing must not throw; the back-end also notices the ring's unmap.
+    }
+  }
+
+  vibif_response call(vibif_request request) override {
+    request.hdr.id = ++last_id_;
+    if (RING_FULL(&ring_)) fail(EBUSY, "request ring full");
+    std::memcpy(RING_GET_REQUEST(&ring_, ring_.req_prod_pvt), &request, sizeof(request));
+    ring_.req_prod_pvt++;
+    int notify = 0;
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&ring_, notify);
+    if (notify) events_->notify(port_);
+    const auto deadline = Clock::now() + options_.timeout;
+    for (;;) {
+      int more = 0;
+      RING_FINAL_CHECK_FOR_RESPONSES(&ring_, more);
+      if (more) {
+        vibif_response rsp;
+        std::memcpy(&rsp, RING_GET_RESPONSE(&ring_, ring_.rsp_cons), sizeof(rsp));
+        ring_.rsp_cons++;
+        if (rsp.hdr.id != request.hdr.id) fail(EPROTO, "response to an unknown request");
+        return rsp;
+      }
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) fail(ETIMEDOUT, "no response from the back-end");
+      pollfd p{events_->fd(), POLLIN, 0};
+      ::poll(&p, 1, static_cast<int>(left.count()));
+      while (auto port = events_->pending()) events_->unmask(*port);
+    }
+  }
+
+  unsigned context_id() const override { return ctxid_; }
+  platform::DomId backend_domid() const override { return backend_domid_; }
+
+ private:
+  template <typename Done>
+  std::optional<std::string> wait_for(const std::string& path, std::chrono::milliseconds timeout, Done done) {
+    const std::string token = "wait:" + path;
+    store_->watch(path, token);
+    const auto deadline = Clock::now() + timeout;
+    std::optional<std::string> value;
+    for (;;) {
+      value = store_->read(kNoTransaction, path);
+      if (done(value)) break;
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) {
+        store_->unwatch(path, token);
+        fail(ETIMEDOUT, "timed out waiting for " + path);
+      }
+      pollfd p{store_->watch_fd(), POLLIN, 0};
+      ::poll(&p, 1, static_cast<int>(left.count()));
+      while (store_->next_watch_event()) {
+      }
+    }
+    store_->unwatch(path, token);
+    return value;
+  }
+
+  // The device-level handshake: any process may complete it, once.
+  void connect_device() {
+    auto be_state = wait_for(backend_ + "/state", options_.timeout, [](const std::optional<std::string>& v) {
+      auto s = v ? platform::parse_state(*v) : std::nullopt;
+      return s && (*s == XenbusState::init_wait || *s == XenbusState::connected || *s == XenbusState::closed ||
+                   *s == XenbusState::closing);
+    });
+    auto s = platform::parse_state(*be_state);
+    if (*s == XenbusState::closed || *s == XenbusState::closing) {
+      const auto why = store_->read(kNoTransaction, backend_ + "/" VIBIF_XS_ERROR);
+      fail(ENODEV, "vib device " + std::to_string(options_.devid) + " is closed by its back-end" +
+                       (why ? ": " + *why : std::string()));
+    }
+    const auto mine = platform::parse_state(store_->read(kNoTransaction, frontend_ + "/state").value_or(""));
+    if (!mine || *mine != XenbusState::connected) {
+      platform::with_transaction(*store_, [&](platform::TransactionId tx) {
+        store_->write(tx, frontend_ + "/" VIBIF_XS_PROTOCOL_VERSION, std::to_string(VIBIF_PROTOCOL_VERSION));
+        store_->write(tx, frontend_ + "/state", str(XenbusState::connected));
+      });
+    }
+    wait_for(backend_ + "/state", options_.timeout, [](const std::optional<std::string>& v) {
+      auto st = v ? platform::parse_state(*v) : std::nullopt;
+      return st && *st == XenbusState::connected;
+    });
+  }
+
+  void open_context() {
+    // The pid names the context; a stale node of an earlier pid is skipped.
+    ctxid_ = static_cast<unsigned>(::getpid()) % VIBIF_MAX_CTXID;
+    while (store_->read(kNoTransaction, frontend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_) + "/state"))
+      ctxid_ = (ctxid_ + 1) % VIBIF_MAX_CTXID;
+    ctx_path_ = frontend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_);
+    backend_ctx_ = backend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_);
+
+    events_ = platform::open_event_channels(options_.xen);
+    port_ = events_->bind_unbound(backend_domid_);
+    // If this process dies, the ring's unmap notifies the back-end.
+    ring_pages_ = platform::open_grant_sharer(options_.xen)
+                      ->share(backend_domid_, 1, true, platform::UnmapNotify{std::nullopt, port_});
+    auto* shared = reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data());
+    SHARED_RING_INIT(shared);
+    FRONT_RING_INIT(&ring_, shared, ring_pages_->bytes().size());
+    platform::with_transaction(*store_, [&](platform::TransactionId tx) {
+      store_->write(tx, ctx_path_ + "/" VIBIF_XS_RING_PAGE_ORDER, "0");
+      store_->write(tx, ctx_path_ + "/" VIBIF_XS_RING_REF, std::to_string(ring_pages_->refs()[0]));
+      store_->write(tx, ctx_path_ + "/" VIBIF_XS_EVENT_CHANNEL, std::to_string(port_));
+      store_->write(tx, ctx_path_ + "/state", str(XenbusState::initialised));
+    });
+    auto state = wait_for(backend_ctx_ + "/state", options_.timeout, [](const std::optional<std::string>& v) {
+      auto st = v ? platform::parse_state(*v) : std::nullopt;
+      return st && (*st == XenbusState::connected || *st == XenbusState::closed);
+    });
+    if (platform::parse_state(*state) != XenbusState::connected) {
+      const auto why = store_->read(kNoTransaction, backend_ctx_ + "/" VIBIF_XS_ERROR);
+      store_->remove(kNoTransaction, ctx_path_);
+      fail(ECONNREFUSED, "the back-end refused the context" + (why ? ": " + *why : std::string()));
+    }
+    const auto doorbell_ref = store_->read(kNoTransaction, backend_ctx_ + "/" VIBIF_XS_DOORBELL_REF);
+    auto ref = doorbell_ref ? platform::parse_decimal(*doorbell_ref, 0xffffffffu) : std::nullopt;
+    if (!ref) fail(EPROTO, "back-end published no doorbell page");
+    const platform::GrantRef refs[] = {static_cast<platform::GrantRef>(*ref)};
+    doorbell_ = platform::open_grant_mapper(options_.xen)->map(backend_domid_, refs, true);
+    store_->write(kNoTransaction, ctx_path_ + "/state", str(XenbusState::connected));
+  }
+
+  ChannelOptions options_;
+  std::unique_ptr<platform::XenStore> store_;
+  std::string frontend_, backend_, ctx_path_, backend_ctx_;
+  platform::DomId backend_domid_ = 0;
+  unsigned ctxid_ = 0;
+  std::unique_ptr<platform::EventChannels> events_;
+  platform::EventPort port_ = 0;
+  std::unique_ptr<platform::SharedPages> ring_pages_;
+  vibif_ctrl_front_ring ring_{};
+  std::unique_ptr<platform::GrantMapping> doorbell_;
+  std::uint64_t last_id_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Channel> Channel::open(const ChannelOptions& options) {
+  return std::make_unique<XenChannel>(options);
+}
+
+}  // namespace vib::front
