@@ -81,11 +81,15 @@ class Daemon {
         return 1;
       }
       if (fds[0].revents) return 0;
-      if (fds[1].revents) on_watch_events();
+      if (fds[1].revents) {
+        // Watch handling may free devices and contexts: poll again with a
+        // fresh set (event channel fds are level-triggered, nothing is lost).
+        on_watch_events();
+        continue;
+      }
       for (std::size_t i = 0; i < owners.size(); ++i) {
         if (!(fds[2 + i].revents & POLLIN)) continue;
         auto [device, ctx] = owners[i];
-        if (!device_alive(device)) continue;
         if (!ctx->service()) device->close_context(ctx->id(), "guest process gone (event channel closed)");
       }
     }
@@ -96,12 +100,6 @@ class Daemon {
     auto id = store.read(kNoTransaction, "domid");
     auto v = id ? platform::parse_decimal(*id, 0x7FEF) : std::nullopt;
     return v ? static_cast<platform::DomId>(*v) : platform::kDom0;
-  }
-
-  bool device_alive(const Device* d) const {
-    for (auto& [id, device] : devices_)
-      if (device.get() == d) return true;
-    return false;
   }
 
   void on_watch_events() {
