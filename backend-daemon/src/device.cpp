@@ -254,7 +254,7 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
   events_ = env.open_event_channels();
   port_ = events_->bind_interdomain(device.domid, static_cast<platform::EventPort>(remote_port));
   ring_pages_ = env.mapper().map(device.domid, refs, /*writable=*/true);
-  BACK_RING_INIT(&ring_, reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data()),
+  vibif_ctrl_back_ring_init(&ring_, reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data()),
                  ring_pages_->bytes().size());
   doorbell_ = env.sharer().share(device.domid, 1, /*writable=*/true);
   platform::with_transaction(store, [&](platform::TransactionId tx) {

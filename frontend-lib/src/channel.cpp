@@ -151,7 +151,7 @@ class XenChannel final : public Channel {
                       ->share(backend_domid_, 1, true, platform::UnmapNotify{std::nullopt, port_});
     auto* shared = reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data());
     SHARED_RING_INIT(shared);
-    FRONT_RING_INIT(&ring_, shared, ring_pages_->bytes().size());
+    vibif_ctrl_front_ring_init(&ring_, shared, ring_pages_->bytes().size());
     platform::with_transaction(*store_, [&](platform::TransactionId tx) {
       store_->write(tx, ctx_path_ + "/" VIBIF_XS_RING_PAGE_ORDER, "0");
       store_->write(tx, ctx_path_ + "/" VIBIF_XS_RING_REF, std::to_string(ring_pages_->refs()[0]));

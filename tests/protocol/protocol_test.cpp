@@ -36,9 +36,9 @@ TEST(Protocol, RequestsAndResponsesTravelThroughAMultiPageRing) {
   auto* shared = static_cast<vibif_ctrl_sring*>(pages.get());
   SHARED_RING_INIT(shared);
   vibif_ctrl_front_ring front;
-  FRONT_RING_INIT(&front, shared, bytes);
+  vibif_ctrl_front_ring_init(&front, shared, bytes);
   vibif_ctrl_back_ring back;
-  BACK_RING_INIT(&back, shared, bytes);
+  vibif_ctrl_back_ring_init(&back, shared, bytes);
   ASSERT_EQ(RING_SIZE(&front), VIBIF_CTRL_RING_SIZE(order));
 
   // Fill the ring completely, twice round, to cross the wrap.

@@ -504,6 +504,29 @@ DEFINE_RING_TYPES(vibif_ctrl, struct vibif_request, struct vibif_response);
 #define VIBIF_CTRL_RING_SIZE(order) \
     __CONST_RING_SIZE(vibif_ctrl, VIBIF_PAGE_SIZE << (order))
 
+/* ring.h's INIT macros compute the entry count in long arithmetic; these
+ * wrappers keep callers built with -Wconversion (and C++'s
+ * -Wold-style-cast) clean. bytes = VIBIF_PAGE_SIZE << ring-page-order. */
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wconversion"
+#pragma GCC diagnostic ignored "-Wsign-conversion"
+#ifdef __cplusplus
+#pragma GCC diagnostic ignored "-Wold-style-cast"
+#endif
+#endif
+static inline void vibif_ctrl_front_ring_init(struct vibif_ctrl_front_ring *r,
+                                              struct vibif_ctrl_sring *s, size_t bytes) {
+    FRONT_RING_INIT(r, s, bytes);
+}
+static inline void vibif_ctrl_back_ring_init(struct vibif_ctrl_back_ring *r,
+                                             struct vibif_ctrl_sring *s, size_t bytes) {
+    BACK_RING_INIT(r, s, bytes);
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
 /******************************************************************************
  * FAST PATH: WORK QUEUES, COMPLETION QUEUES, DOORBELL PAGE
  *
