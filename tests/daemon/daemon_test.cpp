@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -29,8 +30,11 @@ class Vibd : public ::testing::Test {
   void TearDown() override { stop_vibd(); }
 
   void start_vibd() {
+    const pid_t parent = ::getpid();
     pid_ = ::fork();
     if (pid_ == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a killed test
+      if (::getppid() != parent) ::_exit(1);
       ::execl(VIBD, VIBD, "--local-xen", xen_.dir().c_str(), static_cast<char*>(nullptr));
       ::_exit(127);
     }

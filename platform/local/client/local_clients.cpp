@@ -60,7 +60,7 @@ class Channel {
       if (reply.op != req.op || reply.count > (bytes.size() - sizeof(reply)) / 4) return EPROTO;
       answer.value = reply.value;
       answer.entries.resize(reply.count);
-      std::memcpy(answer.entries.data(), bytes.data() + sizeof(reply), reply.count * 4);
+      if (reply.count != 0) std::memcpy(answer.entries.data(), bytes.data() + sizeof(reply), reply.count * 4);
       return reply.status;
     }
   }

@@ -204,7 +204,7 @@ class Service final : public HypervisorService {
     const std::size_t entries = (bytes.size() - sizeof(req)) / sizeof(std::uint32_t);
     if (req.count > wire::kMaxEntries || req.count > entries) return close_connection(conn_id);
     std::vector<std::uint32_t> args(req.count);
-    std::memcpy(args.data(), bytes.data() + sizeof(req), req.count * sizeof(std::uint32_t));
+    if (!args.empty()) std::memcpy(args.data(), bytes.data() + sizeof(req), req.count * sizeof(std::uint32_t));
 
     wire::Reply reply{req.op, 0, 0, 0};
     std::vector<std::uint32_t> out;
