@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "handle_table.hpp"
+#include "control.hpp"
 #include "vib/platform/event_channels.hpp"
 #include "vib/platform/grants.hpp"
 #include "vib/platform/hca.hpp"
@@ -29,21 +29,6 @@ class DeviceEnvironment {
   // Shared by the devices using it; throws std::system_error if absent.
   virtual platform::Hca& hca(const std::string& name) = 0;
   virtual const std::string& default_hca() const = 0;
-};
-
-// The device's configuration, as the toolstack wrote it (defaults applied).
-struct DeviceConfig {
-  std::string hca;
-  std::uint8_t port = VIBIF_DEFAULT_PORT;
-  std::vector<std::uint16_t> pkeys{VIBIF_DEFAULT_PKEY};
-  std::vector<std::uint32_t> gid_indices{0};
-  std::uint32_t max_pds = VIBIF_DEFAULT_MAX_PDS;
-  std::uint32_t max_cqs = VIBIF_DEFAULT_MAX_CQS;
-  std::uint32_t max_qps = VIBIF_DEFAULT_MAX_QPS;
-  std::uint32_t max_srqs = VIBIF_DEFAULT_MAX_SRQS;
-  std::uint32_t max_mrs = VIBIF_DEFAULT_MAX_MRS;
-  std::uint32_t max_ahs = VIBIF_DEFAULT_MAX_AHS;
-  std::uint64_t max_pinned_pages = VIBIF_DEFAULT_MAX_PINNED_PAGES;
 };
 
 // Reads and checks the configuration; on a bad value, returns the reason.
@@ -108,10 +93,6 @@ class Context {
   unsigned id() const { return ctxid_; }
 
  private:
-  vibif_response execute(const vibif_request& req);
-
-  const DeviceConfig& config_;
-  platform::Hca& hca_;
   DeviceId device_;
   unsigned ctxid_;
   std::string subject_;
@@ -120,7 +101,7 @@ class Context {
   std::unique_ptr<platform::GrantMapping> ring_pages_;
   vibif_ctrl_back_ring ring_{};
   std::unique_ptr<platform::SharedPages> doorbell_;
-  HandleTable<platform::ProtectionDomain> pds_;
+  ControlPath control_;
   std::uint64_t requests_ = 0;
 };
 

@@ -1,0 +1,158 @@
+// Executes a context's control requests on the HCA. Input is a copy of the
+// guest's request (never the shared page); every field is checked here.
+#include "control.hpp"
+
+#include <cstring>
+#include <system_error>
+
+#include "log.hpp"
+
+namespace vib::backend {
+
+ControlPath::ControlPath(const DeviceConfig& config, platform::Hca& hca, std::string subject)
+    : config_(config), hca_(hca), subject_(std::move(subject)), pds_(config.max_pds) {}
+
+ControlPath::~ControlPath() { free_all(); }
+
+std::string ControlPath::free_all() {
+  const std::size_t pds = pds_.clear();
+  return std::to_string(pds) + " PDs";
+}
+
+vibif_response ControlPath::execute(const vibif_request& req) {
+  vibif_response rsp;
+  std::memset(&rsp, 0, sizeof(rsp));
+  rsp.hdr.id = req.hdr.id;
+  rsp.hdr.op = req.hdr.op;
+  auto& status = rsp.hdr.status;
+  try {
+    switch (req.hdr.op) {
+      case VIBIF_OP_QUERY_DEVICE: {
+        ibv_device_attr a;
+        hca_.query_device(a);
+        auto& d = rsp.u.query_device;
+        std::memcpy(d.fw_ver, a.fw_ver, sizeof(d.fw_ver));
+        d.node_guid = a.node_guid;
+        d.sys_image_guid = a.sys_image_guid;
+        d.max_mr_size = std::min<std::uint64_t>(a.max_mr_size, config_.max_pinned_pages * VIBIF_PAGE_SIZE);
+        d.page_size_cap = a.page_size_cap;
+        d.vendor_id = a.vendor_id;
+        d.vendor_part_id = a.vendor_part_id;
+        d.hw_ver = a.hw_ver;
+        // The guest sees the device as its quotas shape it.
+        d.max_qp = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_qp), config_.max_qps);
+        d.max_qp_wr = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_qp_wr), VIBIF_MAX_QUEUE_WR);
+        d.device_cap_flags = a.device_cap_flags;
+        d.max_sge = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_sge), VIBIF_MAX_SGE);
+        d.max_cq = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_cq), config_.max_cqs);
+        d.max_cqe = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_cqe), VIBIF_MAX_CQE);
+        d.max_mr = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_mr), config_.max_mrs);
+        d.max_pd = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_pd), config_.max_pds);
+        d.max_qp_rd_atom = static_cast<std::uint32_t>(a.max_qp_rd_atom);
+        d.max_qp_init_rd_atom = static_cast<std::uint32_t>(a.max_qp_init_rd_atom);
+        d.atomic_cap = a.atomic_cap;
+        d.max_ah = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_ah), config_.max_ahs);
+        d.max_srq = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_srq), config_.max_srqs);
+        d.max_srq_wr = static_cast<std::uint32_t>(a.max_srq_wr);
+        d.max_srq_sge = static_cast<std::uint32_t>(a.max_srq_sge);
+        d.max_pkeys = static_cast<std::uint32_t>(config_.pkeys.size());
+        d.phys_port_cnt = 1;  // the guest sees only its configured port, as port 1
+        d.local_ca_ack_delay = a.local_ca_ack_delay;
+        break;
+      }
+      case VIBIF_OP_QUERY_PORT: {
+        if (req.u.query_port.port != 1) {
+          status = VIBIF_EINVAL;
+          break;
+        }
+        ibv_port_attr a;
+        hca_.query_port(config_.port, a);
+        auto& p = rsp.u.query_port;
+        p.state = a.state;
+        p.max_mtu = a.max_mtu;
+        p.active_mtu = a.active_mtu;
+        p.gid_tbl_len = static_cast<std::uint32_t>(config_.gid_indices.size());
+        p.port_cap_flags = a.port_cap_flags & ~static_cast<std::uint32_t>(IBV_PORT_SM);
+        p.max_msg_sz = a.max_msg_sz;
+        p.pkey_tbl_len = static_cast<std::uint16_t>(config_.pkeys.size());
+        p.lid = a.lid;
+        p.sm_lid = a.sm_lid;
+        p.lmc = a.lmc;
+        p.max_vl_num = a.max_vl_num;
+        p.sm_sl = a.sm_sl;
+        p.subnet_timeout = a.subnet_timeout;
+        p.active_width = a.active_width;
+        p.active_speed = a.active_speed;
+        p.phys_state = a.phys_state;
+        p.link_layer = a.link_layer;
+        break;
+      }
+      case VIBIF_OP_QUERY_GID: {
+        // The guest's GID table is the device's allowed indices, in order.
+        const auto index = req.u.query_gid.index;
+        if (req.u.query_gid.port != 1 || index >= config_.gid_indices.size()) {
+          status = VIBIF_EINVAL;
+          break;
+        }
+        ibv_gid gid;
+        hca_.query_gid(config_.port, static_cast<int>(config_.gid_indices[index]), gid);
+        std::memcpy(rsp.u.query_gid.gid, gid.raw, 16);
+        break;
+      }
+      case VIBIF_OP_QUERY_PKEY: {
+        const auto index = req.u.query_pkey.index;
+        if (req.u.query_pkey.port != 1 || index >= config_.pkeys.size()) {
+          status = VIBIF_EINVAL;
+          break;
+        }
+        rsp.u.query_pkey.pkey = config_.pkeys[index];
+        break;
+      }
+      case VIBIF_OP_ALLOC_PD: {
+        if (pds_.size() >= config_.max_pds) {
+          status = VIBIF_EDQUOT;
+          break;
+        }
+        const vibif_handle_t h = pds_.insert(hca_.alloc_pd());
+        if (h == VIBIF_HANDLE_NONE) {
+          status = VIBIF_EDQUOT;
+          break;
+        }
+        rsp.u.handle.handle = h;
+        log_line(LogLevel::debug, subject_, "PD " + std::to_string(h) + " allocated");
+        break;
+      }
+      case VIBIF_OP_DEALLOC_PD: {
+        const vibif_handle_t h = req.u.handle.handle;
+        auto* owner = pds_.owner(h);
+        if (!owner) {
+          status = VIBIF_ENOENT;
+          break;
+        }
+        if (int err = hca_.dealloc_pd(*owner)) {
+          status = -err;
+          break;
+        }
+        pds_.release(h);
+        log_line(LogLevel::debug, subject_, "PD " + std::to_string(h) + " freed");
+        break;
+      }
+      default:
+        // Every other operation of the protocol is vibd's next step
+        // (issue: the control path); until then the guest hears so plainly.
+        status = (req.hdr.op >= 1 && req.hdr.op <= VIBIF_OP_MAX) ? VIBIF_ENOSYS : VIBIF_EINVAL;
+        break;
+    }
+  } catch (const std::system_error& e) {
+    log_line(LogLevel::warning, subject_, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
+    status = e.code().value() == EINVAL ? VIBIF_EINVAL : VIBIF_EIO;
+  } catch (const std::bad_alloc&) {
+    status = VIBIF_ENOMEM;
+  } catch (const std::exception& e) {
+    log_line(LogLevel::warning, subject_, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
+    status = VIBIF_EIO;
+  }
+  return rsp;
+}
+
+}  // namespace vib::backend
