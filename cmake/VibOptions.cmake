@@ -20,3 +20,8 @@ if(VIB_SANITIZE)
                       -fno-sanitize-recover=undefined)
   add_link_options(-fsanitize=address,undefined)
 endif()
+
+# Fuzzing needs coverage instrumentation in every library the target reaches.
+if(VIB_FUZZ)
+  add_compile_options(-fsanitize=fuzzer-no-link)
+endif()

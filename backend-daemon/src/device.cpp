@@ -231,7 +231,7 @@ void Device::domain_gone() { close_all_contexts("domain destroyed"); }
 
 Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
                  unsigned ctxid, const std::string& fe, const std::string& be)
-    : device_(device), ctxid_(ctxid),
+    : ctxid_(ctxid),
       subject_(context_subject(device.domid, device.devid, ctxid)), control_(config, hca, subject_) {
   auto& store = env.store();
   auto need = [&](const char* key, std::uint64_t max) {
@@ -299,12 +299,10 @@ bool Context::service() {
       ++requests_;
       served = true;
     }
-    RING_FINAL_CHECK_FOR_REQUESTS(&ring_, more);
+    more = vibif_ctrl_back_final_check(&ring_);
   }
   if (served) {
-    int notify = 0;
-    RING_PUSH_RESPONSES_AND_CHECK_NOTIFY(&ring_, notify);
-    if (notify) events_->notify(port_);
+    if (vibif_ctrl_back_push(&ring_)) events_->notify(port_);
   }
   // A wake-up with nothing to do may be the guest process's end (the ring
   // page's unmap notification).

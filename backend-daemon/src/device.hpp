@@ -93,7 +93,6 @@ class Context {
   unsigned id() const { return ctxid_; }
 
  private:
-  DeviceId device_;
   unsigned ctxid_;
   std::string subject_;
   std::unique_ptr<platform::EventChannels> events_;

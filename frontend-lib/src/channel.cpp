@@ -61,14 +61,10 @@ class XenChannel final : public Channel {
     if (RING_FULL(&ring_)) fail(EBUSY, "request ring full");
     std::memcpy(RING_GET_REQUEST(&ring_, ring_.req_prod_pvt), &request, sizeof(request));
     ring_.req_prod_pvt++;
-    int notify = 0;
-    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&ring_, notify);
-    if (notify) events_->notify(port_);
+    if (vibif_ctrl_front_push(&ring_)) events_->notify(port_);
     const auto deadline = Clock::now() + options_.timeout;
     for (;;) {
-      int more = 0;
-      RING_FINAL_CHECK_FOR_RESPONSES(&ring_, more);
-      if (more) {
+      if (vibif_ctrl_front_final_check(&ring_)) {
         vibif_response rsp;
         std::memcpy(&rsp, RING_GET_RESPONSE(&ring_, ring_.rsp_cons), sizeof(rsp));
         ring_.rsp_cons++;

@@ -54,14 +54,14 @@ TEST(Protocol, RequestsAndResponsesTravelThroughAMultiPageRing) {
     }
     EXPECT_TRUE(RING_FULL(&front));
     int notify = 0;
-    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&front, notify);
+    notify = vibif_ctrl_front_push(&front);
     EXPECT_TRUE(notify);
 
     unsigned seen = 0;
     for (int more = 1; more;) {
       // The back-end's idiom: drain, then re-arm req_event and check once more.
       if (!RING_HAS_UNCONSUMED_REQUESTS(&back)) {
-        RING_FINAL_CHECK_FOR_REQUESTS(&back, more);
+        more = vibif_ctrl_back_final_check(&back);
         continue;
       }
       vibif_request copy;  // the back-end copies before it looks
@@ -77,7 +77,7 @@ TEST(Protocol, RequestsAndResponsesTravelThroughAMultiPageRing) {
       ++seen;
     }
     EXPECT_EQ(seen, n);
-    RING_PUSH_RESPONSES_AND_CHECK_NOTIFY(&back, notify);
+    notify = vibif_ctrl_back_push(&back);
     EXPECT_TRUE(notify);
     for (unsigned i = 0; i < n; ++i) {
       ASSERT_TRUE(RING_HAS_UNCONSUMED_RESPONSES(&front));
@@ -88,7 +88,7 @@ TEST(Protocol, RequestsAndResponsesTravelThroughAMultiPageRing) {
       front.rsp_cons++;
     }
     int more_responses = 0;
-    RING_FINAL_CHECK_FOR_RESPONSES(&front, more_responses);
+    more_responses = vibif_ctrl_front_final_check(&front);
     EXPECT_FALSE(more_responses);
   }
 }

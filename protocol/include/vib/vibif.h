@@ -504,9 +504,10 @@ DEFINE_RING_TYPES(vibif_ctrl, struct vibif_request, struct vibif_response);
 #define VIBIF_CTRL_RING_SIZE(order) \
     __CONST_RING_SIZE(vibif_ctrl, VIBIF_PAGE_SIZE << (order))
 
-/* ring.h's INIT macros compute the entry count in long arithmetic; these
- * wrappers keep callers built with -Wconversion (and C++'s
- * -Wold-style-cast) clean. bytes = VIBIF_PAGE_SIZE << ring-page-order. */
+/* ring.h's macros compute in long arithmetic and use GNU statement
+ * expressions; these wrappers keep callers built with -Wconversion,
+ * -Wpedantic (and C++'s -Wold-style-cast) clean, with GCC and clang.
+ * For init, bytes = VIBIF_PAGE_SIZE << ring-page-order. */
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wconversion"
@@ -514,6 +515,10 @@ DEFINE_RING_TYPES(vibif_ctrl, struct vibif_request, struct vibif_response);
 #ifdef __cplusplus
 #pragma GCC diagnostic ignored "-Wold-style-cast"
 #endif
+#ifdef __clang__
+#pragma clang diagnostic ignored "-Wgnu-statement-expression"
+#endif
+#pragma GCC diagnostic ignored "-Wpedantic"
 #endif
 static inline void vibif_ctrl_front_ring_init(struct vibif_ctrl_front_ring *r,
                                               struct vibif_ctrl_sring *s, size_t bytes) {
@@ -522,6 +527,28 @@ static inline void vibif_ctrl_front_ring_init(struct vibif_ctrl_front_ring *r,
 static inline void vibif_ctrl_back_ring_init(struct vibif_ctrl_back_ring *r,
                                              struct vibif_ctrl_sring *s, size_t bytes) {
     BACK_RING_INIT(r, s, bytes);
+}
+/* Publish queued requests/responses; nonzero when the other end must be notified. */
+static inline int vibif_ctrl_front_push(struct vibif_ctrl_front_ring *r) {
+    int notify;
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(r, notify);
+    return notify;
+}
+static inline int vibif_ctrl_back_push(struct vibif_ctrl_back_ring *r) {
+    int notify;
+    RING_PUSH_RESPONSES_AND_CHECK_NOTIFY(r, notify);
+    return notify;
+}
+/* Re-arm the event index and check once more; nonzero when more work arrived. */
+static inline int vibif_ctrl_back_final_check(struct vibif_ctrl_back_ring *r) {
+    int more;
+    RING_FINAL_CHECK_FOR_REQUESTS(r, more);
+    return more;
+}
+static inline int vibif_ctrl_front_final_check(struct vibif_ctrl_front_ring *r) {
+    int more;
+    RING_FINAL_CHECK_FOR_RESPONSES(r, more);
+    return more;
 }
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
