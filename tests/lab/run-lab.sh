@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Boots the lab under QEMU with a scenario and reports its result.
+#
+#   run-lab.sh SCENARIO_SCRIPT [PROJECT_BINARY...]
+#
+# Fails with the console's last lines on a timeout, a crash or a FAIL.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+scenario=$1
+shift
+timeout_s=${VIB_LAB_TIMEOUT:-300}
+work=$(mktemp -d /tmp/vib-lab.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+bash "$here/build-images.sh" "$work" "$scenario" "$@"
+log=$work/console.log
+echo "lab: booting $(basename "$scenario") (timeout ${timeout_s}s)"
+start=$(date +%s)
+qemu-system-x86_64 -machine q35 -cpu max,-smap,-smep,-pku -m 3072 -smp 2 \
+  -nographic -no-reboot -nic none \
+  -kernel "$work/xen" \
+  -append "dom0_mem=1024M,max:1024M console=com1 com1=115200 noreboot smap=0 smep=0" \
+  -initrd "$work/vmlinuz console=hvc0 quiet,$work/dom0.cpio.gz" > "$log" 2>&1 < /dev/null &
+qemu=$!
+# Xen does not exit when dom0 dies ('noreboot'): watch the console instead.
+rc=0
+while kill -0 "$qemu" 2>/dev/null; do
+  if grep -aqE 'Hardware Dom0 (crashed|halted)|Kernel panic|VIB-LAB-RESULT' "$log"; then
+    sleep 2
+    kill "$qemu" 2>/dev/null || true
+    break
+  fi
+  if [ $(( $(date +%s) - start )) -ge "$timeout_s" ]; then
+    rc=124
+    kill "$qemu" 2>/dev/null || true
+    break
+  fi
+  sleep 1
+done
+wait "$qemu" 2>/dev/null || true
+echo "lab: finished in $(( $(date +%s) - start ))s"
+grep -a '^VIB-LAB' "$log" | sed 's/\r$//' || true
+if grep -aq '^VIB-LAB-RESULT: PASS' "$log"; then
+  exit 0
+fi
+[ $rc -eq 124 ] && echo "lab: TIMEOUT after ${timeout_s}s" >&2
+echo "lab: FAILED; last console lines:" >&2
+grep -aiE 'panic|BUG|Oops|VIB-LAB|error' "$log" | tail -20 >&2 || true
+tail -40 "$log" >&2
+exit 1
