@@ -71,6 +71,8 @@ if [ ! -f "$base/done" ]; then
   mkdir -p "$stage/etc/libibverbs.d"
   cp /etc/libibverbs.d/rxe.driver "$stage/etc/libibverbs.d/"
   add /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so
+  # glibc loads it at run time for pthread_cancel (xl uses it).
+  cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$stage/lib/x86_64-linux-gnu/"
   mkdir -p "$stage/etc/xen"
   : > "$stage/etc/xen/xl.conf"
   echo "root:x:0:0:root:/root:/bin/sh" > "$stage/etc/passwd"
@@ -91,6 +93,10 @@ if [ ! -f "$base/done" ]; then
   cp "$here/init" "$stage/init"
   chmod +x "$stage/init"
   (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$base/dom0-base.cpio.gz"
+
+  # The guest: the same /init and tools, without the dom0 daemons' weight
+  # mattering much (it runs in 512 MiB); its role comes from /proc/xen.
+  (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$base/guest-base.cpio.gz"
   echo "$versions" > "$base/versions"
   touch "$base/done"
 fi
@@ -109,8 +115,17 @@ for f in "$@"; do
   done
 done
 (cd "$overlay" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/overlay.cpio.gz"
-# Concatenated cpio archives are one initramfs to Linux.
-cat "$base/dom0-base.cpio.gz" "$out/overlay.cpio.gz" > "$out/dom0.cpio.gz"
+# Concatenated cpio archives are one initramfs to Linux. The guest's kernel
+# and initramfs ride inside dom0's, for `xl create`.
+# libxc inflates only the first gzip member of a ramdisk: one stream.
+cat "$base/guest-base.cpio.gz" "$out/overlay.cpio.gz" | gunzip -c | gzip -1 > "$out/guest.cpio.gz"
+guestfiles=$(mktemp -d)
+mkdir -p "$guestfiles/boot"
+cp "$base/vmlinuz" "$guestfiles/boot/vmlinuz"
+cp "$out/guest.cpio.gz" "$guestfiles/boot/guest.cpio.gz"
+(cd "$guestfiles" && find . | cpio -o -H newc --quiet) | gzip -1 > "$out/guestfiles.cpio.gz"
+rm -rf "$guestfiles"
+cat "$base/dom0-base.cpio.gz" "$out/overlay.cpio.gz" "$out/guestfiles.cpio.gz" > "$out/dom0.cpio.gz"
 ln -sf "$base/xen" "$out/xen"
 ln -sf "$base/vmlinuz" "$out/vmlinuz"
 echo "lab: images in $out (base $key)"
