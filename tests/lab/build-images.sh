@@ -106,6 +106,7 @@ mkdir -p "$out"
 overlay=$(mktemp -d)
 trap 'rm -rf "$overlay"' EXIT
 cp "$scenario" "$overlay/scenario.sh"
+cp "$here/scenarios/lab-common.sh" "$overlay/lab-common.sh"
 chmod +x "$overlay/scenario.sh"
 mkdir -p "$overlay/vib"
 for f in "$@"; do
