@@ -36,7 +36,8 @@ base=$cache/base-$key
 if [ ! -f "$base/done" ]; then
   echo "lab: building base images $key (cold; cached afterwards)"
   rm -rf "$base" && mkdir -p "$base/debs" "$base/root" "$base/dom0"
-  (cd "$base/debs" && apt-get download -qq "${guest_packages[@]}" 2>/dev/null)
+  (cd "$base/debs" && { apt-get download -qq "${guest_packages[@]}" 2>/dev/null ||
+                         { apt-get update -qq && apt-get download -qq "${guest_packages[@]}" 2>/dev/null; }; })
   for d in "$base"/debs/*.deb; do dpkg-deb -x "$d" "$base/root"; done
   gunzip -c "$base/root/boot/xen-4.17-amd64.gz" > "$base/xen"
   cp "$base/root/boot/vmlinuz-$kver" "$base/vmlinuz"
