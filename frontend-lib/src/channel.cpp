@@ -85,25 +85,7 @@ class XenChannel final : public Channel {
  private:
   template <typename Done>
   std::optional<std::string> wait_for(const std::string& path, std::chrono::milliseconds timeout, Done done) {
-    const std::string token = "wait:" + path;
-    store_->watch(path, token);
-    const auto deadline = Clock::now() + timeout;
-    std::optional<std::string> value;
-    for (;;) {
-      value = store_->read(kNoTransaction, path);
-      if (done(value)) break;
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) {
-        store_->unwatch(path, token);
-        fail(ETIMEDOUT, "timed out waiting for " + path);
-      }
-      pollfd p{store_->watch_fd(), POLLIN, 0};
-      ::poll(&p, 1, static_cast<int>(left.count()));
-      while (store_->next_watch_event()) {
-      }
-    }
-    store_->unwatch(path, token);
-    return value;
+    return platform::wait_for_node(*store_, path, done, timeout);
   }
 
   // The device-level handshake: any process may complete it, once.

@@ -30,20 +30,8 @@ constexpr int kTimeoutMs = 60000;
 
 // Waits, through a watch, until `path` exists; returns its value.
 std::string await_node(XenStore& xs, const std::string& path) {
-  xs.watch(path, "await");
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(kTimeoutMs);
-  for (;;) {
-    if (auto v = xs.read(kNoTransaction, path)) {
-      xs.unwatch(path, "await");
-      return *v;
-    }
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) fail("timed out waiting for " + path);
-    pollfd p{xs.watch_fd(), POLLIN, 0};
-    ::poll(&p, 1, static_cast<int>(left.count()));
-    while (xs.next_watch_event()) {
-    }
-  }
+  return *wait_for_node(xs, path, [](const std::optional<std::string>& v) { return v.has_value(); },
+                        std::chrono::milliseconds(kTimeoutMs));
 }
 
 EventPort await_event(EventChannels& ev) {

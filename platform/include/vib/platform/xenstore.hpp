@@ -5,6 +5,8 @@
 // speaks the same wire protocol (xen/io/xs_wire.h) on a per-domain socket.
 #pragma once
 
+#include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -79,6 +81,16 @@ class XenStore {
 // Opens the store of `target`: the real xenstored (socket, or /dev/xen/xenbus
 // in a guest) or the host-local store's socket for target.local_domid.
 std::unique_ptr<XenStore> open_xenstore(const XenTarget& target);
+
+// Waits, through a watch, until done(value of `path`) holds (the value is
+// nullopt while the node is absent) and returns that value. Throws
+// std::system_error(ETIMEDOUT) naming the path after `timeout`. Consumes
+// watch events queued on `store` meanwhile: use a handle of its own when
+// other watches matter.
+std::optional<std::string> wait_for_node(
+    XenStore& store, const std::string& path,
+    const std::function<bool(const std::optional<std::string>&)>& done,
+    std::chrono::milliseconds timeout);
 
 // Runs `body(tx)` in a transaction, retrying while the commit loses races.
 template <typename Body>
