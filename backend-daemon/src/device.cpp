@@ -279,6 +279,9 @@ bool Context::service() {
     events_->unmask(*port);
     woken = true;
   }
+  // The guest process's unmap notification cleared this byte: it is gone.
+  const auto* alive = reinterpret_cast<const std::uint8_t*>(ring_pages_->bytes().data()) + VIBIF_RING_ALIVE_OFFSET;
+  if (__atomic_load_n(alive, __ATOMIC_ACQUIRE) == 0) return false;
   bool served = false;
   for (int more = 1; more;) {
     // The producer index is guest-written: read it once, and refuse one
@@ -304,8 +307,7 @@ bool Context::service() {
   if (served) {
     if (vibif_ctrl_back_push(&ring_)) events_->notify(port_);
   }
-  // A wake-up with nothing to do may be the guest process's end (the ring
-  // page's unmap notification).
+  // A wake-up with nothing to do may also be the port's peer closing.
   if (woken && !served && events_->peer_closed(port_).value_or(false)) return false;
   return true;
 }

@@ -124,11 +124,13 @@ class XenChannel final : public Channel {
 
     events_ = platform::open_event_channels(options_.xen);
     port_ = events_->bind_unbound(backend_domid_);
-    // If this process dies, the ring's unmap notifies the back-end.
+    // If this process dies, the ring's unmap clears its alive byte and
+    // notifies the back-end.
     ring_pages_ = platform::open_grant_sharer(options_.xen)
-                      ->share(backend_domid_, 1, true, platform::UnmapNotify{std::nullopt, port_});
+                      ->share(backend_domid_, 1, true, platform::UnmapNotify{VIBIF_RING_ALIVE_OFFSET, port_});
     auto* shared = reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data());
     SHARED_RING_INIT(shared);
+    ring_pages_->bytes()[VIBIF_RING_ALIVE_OFFSET] = std::byte{1};
     vibif_ctrl_front_ring_init(&ring_, shared, ring_pages_->bytes().size());
     platform::with_transaction(*store_, [&](platform::TransactionId tx) {
       store_->write(tx, ctx_path_ + "/" VIBIF_XS_RING_PAGE_ORDER, "0");

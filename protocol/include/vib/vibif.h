@@ -501,6 +501,16 @@ VIBIF_STATIC_ASSERT(sizeof(struct vibif_query_qp_resp) <= VIBIF_REQUEST_SIZE - 1
 
 /* The request ring: Xen's ring.h, (1 << ring-page-order) pages. */
 DEFINE_RING_TYPES(vibif_ctrl, struct vibif_request, struct vibif_response);
+
+/*
+ * Liveness of the guest process. After SHARED_RING_INIT the front-end sets
+ * the byte at VIBIF_RING_ALIVE_OFFSET of the first ring page to 1 and shares
+ * that page with an unmap notification that clears the byte and notifies the
+ * context's event channel (xengntshr_share_page_notify). When the process
+ * dies the byte reads 0 on the back-end's next wake-up: the context is
+ * closed. (A guest clearing it on purpose only closes its own context.)
+ */
+#define VIBIF_RING_ALIVE_OFFSET offsetof(struct vibif_ctrl_sring, pvt)
 #define VIBIF_CTRL_RING_SIZE(order) \
     __CONST_RING_SIZE(vibif_ctrl, VIBIF_PAGE_SIZE << (order))
 
