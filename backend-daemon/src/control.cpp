@@ -10,13 +10,15 @@
 namespace vib::backend {
 
 ControlPath::ControlPath(const DeviceConfig& config, platform::Hca& hca, std::string subject)
-    : config_(config), hca_(hca), subject_(std::move(subject)), pds_(config.max_pds) {}
+    : config_(config), hca_(hca), subject_(std::move(subject)), pds_(config.max_pds), ahs_(config.max_ahs) {}
 
 ControlPath::~ControlPath() { free_all(); }
 
 std::string ControlPath::free_all() {
+  // Children before the PDs they belong to, as the verbs require.
+  const std::size_t ahs = ahs_.clear();
   const std::size_t pds = pds_.clear();
-  return std::to_string(pds) + " PDs";
+  return std::to_string(pds) + " PDs, " + std::to_string(ahs) + " AHs";
 }
 
 vibif_response ControlPath::execute(const vibif_request& req) {
@@ -135,6 +137,59 @@ vibif_response ControlPath::execute(const vibif_request& req) {
         }
         pds_.release(h);
         log_line(LogLevel::debug, subject_, "PD " + std::to_string(h) + " freed");
+        break;
+      }
+      case VIBIF_OP_CREATE_AH: {
+        const auto& r = req.u.create_ah;
+        platform::ProtectionDomain* pd = pds_.find(r.pd);
+        if (!pd) {
+          status = VIBIF_ENOENT;
+          break;
+        }
+        if (ahs_.size() >= config_.max_ahs) {
+          status = VIBIF_EDQUOT;
+          break;
+        }
+        if (r.attr.port_num != 1) {
+          status = VIBIF_EINVAL;
+          break;
+        }
+        ibv_ah_attr attr{};
+        attr.dlid = r.attr.dlid;
+        attr.sl = r.attr.sl & 0xf;
+        attr.src_path_bits = r.attr.src_path_bits & 0x7f;
+        attr.static_rate = r.attr.static_rate;
+        attr.port_num = config_.port;  // the guest's port 1 is the device's port
+        if (r.attr.is_global) {
+          // The guest's GID table is the device's allowed indices, in order.
+          if (r.attr.sgid_index >= config_.gid_indices.size()) {
+            status = VIBIF_EPERM;
+            break;
+          }
+          attr.is_global = 1;
+          std::memcpy(attr.grh.dgid.raw, r.attr.dgid, sizeof(attr.grh.dgid.raw));
+          attr.grh.flow_label = r.attr.flow_label & 0xfffff;
+          attr.grh.sgid_index = static_cast<std::uint8_t>(config_.gid_indices[r.attr.sgid_index]);
+          attr.grh.hop_limit = r.attr.hop_limit;
+          attr.grh.traffic_class = r.attr.traffic_class;
+        }
+        const vibif_handle_t h = ahs_.insert(hca_.create_ah(*pd, attr));
+        if (h == VIBIF_HANDLE_NONE) {
+          status = VIBIF_EDQUOT;
+          break;
+        }
+        rsp.u.handle.handle = h;
+        break;
+      }
+      case VIBIF_OP_DESTROY_AH: {
+        const vibif_handle_t h = req.u.handle.handle;
+        auto* owner = ahs_.owner(h);
+        if (!owner) {
+          status = VIBIF_ENOENT;
+          break;
+        }
+        owner->reset();
+        ahs_.release(h);
         break;
       }
       default:

@@ -40,12 +40,15 @@ class ControlPath {
   // Frees every object; returns what was freed, for the log.
   std::string free_all();
   std::size_t pds() const { return pds_.size(); }
+  std::size_t ahs() const { return ahs_.size(); }
 
  private:
   const DeviceConfig& config_;
   platform::Hca& hca_;
   std::string subject_;
+  // Declared parents first: members are destroyed children first.
   HandleTable<platform::ProtectionDomain> pds_;
+  HandleTable<platform::AddressHandle> ahs_;
 };
 
 }  // namespace vib::backend
