@@ -9,16 +9,22 @@
 
 namespace vib::backend {
 
-ControlPath::ControlPath(const DeviceConfig& config, platform::Hca& hca, std::string subject)
-    : config_(config), hca_(hca), subject_(std::move(subject)), pds_(config.max_pds), ahs_(config.max_ahs) {}
+ControlPath::ControlPath(const DeviceConfig& config, platform::Hca& hca, GuestMemory& memory,
+                         std::string subject)
+    : config_(config), hca_(hca), subject_(std::move(subject)), memory_(memory), pds_(config.max_pds),
+      ahs_(config.max_ahs), mrs_(config.max_mrs) {}
 
 ControlPath::~ControlPath() { free_all(); }
 
 std::string ControlPath::free_all() {
   // Children before the PDs they belong to, as the verbs require.
+  const std::uint64_t pinned = pinned_pages_;
+  const std::size_t mrs = mrs_.clear();
+  pinned_pages_ = 0;
   const std::size_t ahs = ahs_.clear();
   const std::size_t pds = pds_.clear();
-  return std::to_string(pds) + " PDs, " + std::to_string(ahs) + " AHs";
+  return std::to_string(pds) + " PDs, " + std::to_string(mrs) + " MRs (" + std::to_string(pinned) +
+         " pages), " + std::to_string(ahs) + " AHs";
 }
 
 vibif_response ControlPath::execute(const vibif_request& req) {
@@ -139,6 +145,20 @@ vibif_response ControlPath::execute(const vibif_request& req) {
         log_line(LogLevel::debug, subject_, "PD " + std::to_string(h) + " freed");
         break;
       }
+      case VIBIF_OP_REG_MR:
+        return reg_mr(req);
+      case VIBIF_OP_DEREG_MR: {
+        const vibif_handle_t h = req.u.handle.handle;
+        auto* owner = mrs_.owner(h);
+        if (!owner) {
+          status = VIBIF_ENOENT;
+          break;
+        }
+        pinned_pages_ -= (*owner)->page_count;
+        owner->reset();
+        mrs_.release(h);
+        break;
+      }
       case VIBIF_OP_CREATE_AH: {
         const auto& r = req.u.create_ah;
         platform::ProtectionDomain* pd = pds_.find(r.pd);
@@ -207,6 +227,67 @@ vibif_response ControlPath::execute(const vibif_request& req) {
     log_line(LogLevel::warning, subject_, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
     status = VIBIF_EIO;
   }
+  return rsp;
+}
+
+// Registers guest memory: the granted pages are mapped contiguously and
+// registered at the guest's own virtual address (IOVA), so the HCA and remote
+// peers use guest addresses unchanged and the keys are the HCA's own.
+vibif_response ControlPath::reg_mr(const vibif_request& req) {
+  vibif_response rsp;
+  std::memset(&rsp, 0, sizeof(rsp));
+  rsp.hdr.id = req.hdr.id;
+  rsp.hdr.op = req.hdr.op;
+  auto& status = rsp.hdr.status;
+  const auto& r = req.u.reg_mr;
+  platform::ProtectionDomain* pd = pds_.find(r.pd);
+  if (!pd) {
+    status = VIBIF_ENOENT;
+    return rsp;
+  }
+  const std::uint64_t pages = r.pages.nr_pages;
+  // The range [first_offset, first_offset + length) must fill the pages
+  // given, no more and no less, and sit at the guest address's page offset.
+  if ((r.access & ~static_cast<std::uint32_t>(VIBIF_ACCESS_ALL)) || r.length == 0 ||
+      r.first_offset >= VIBIF_PAGE_SIZE || (r.iova & (VIBIF_PAGE_SIZE - 1)) != r.first_offset ||
+      r.iova + r.length < r.iova || pages == 0 || pages > (std::uint64_t{1} << 40) / VIBIF_PAGE_SIZE ||
+      r.first_offset + r.length > pages * VIBIF_PAGE_SIZE ||
+      r.first_offset + r.length <= (pages - 1) * VIBIF_PAGE_SIZE) {
+    status = VIBIF_EINVAL;
+    return rsp;
+  }
+  if (mrs_.size() >= config_.max_mrs || pinned_pages_ + pages > config_.max_pinned_pages) {
+    status = VIBIF_EDQUOT;
+    return rsp;
+  }
+  std::vector<platform::GrantRef> refs;
+  if (int err = resolve_page_list(memory_, r.pages, config_.max_pinned_pages, refs)) {
+    status = err;
+    return rsp;
+  }
+  const bool hca_writes = r.access & (VIBIF_ACCESS_LOCAL_WRITE | VIBIF_ACCESS_REMOTE_WRITE |
+                                      VIBIF_ACCESS_REMOTE_ATOMIC);
+  auto entry = std::make_unique<GuestMr>();
+  try {
+    entry->pages = memory_.map(refs, hca_writes);
+  } catch (const std::system_error&) {
+    status = VIBIF_EACCES;
+    return rsp;
+  }
+  entry->mr = hca_.reg_mr(*pd, entry->pages->bytes().data() + r.first_offset, r.length, r.iova,
+                          static_cast<int>(r.access));
+  entry->page_count = pages;
+  const std::uint32_t lkey = entry->mr->lkey(), rkey = entry->mr->rkey();
+  const vibif_handle_t h = mrs_.insert(std::move(entry));
+  if (h == VIBIF_HANDLE_NONE) {
+    status = VIBIF_EDQUOT;
+    return rsp;
+  }
+  pinned_pages_ += pages;
+  rsp.u.reg_mr.mr = h;
+  rsp.u.reg_mr.lkey = lkey;
+  rsp.u.reg_mr.rkey = rkey;
+  log_line(LogLevel::debug, subject_, "MR " + std::to_string(h) + ": " + std::to_string(r.length) + " bytes at guest 0x" + std::to_string(r.iova));
   return rsp;
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "guest_memory.hpp"
 #include "handle_table.hpp"
 #include "vib/platform/hca.hpp"
 #include "vib/vibif.h"
@@ -30,7 +31,7 @@ struct DeviceConfig {
 
 class ControlPath {
  public:
-  ControlPath(const DeviceConfig& config, platform::Hca& hca, std::string subject);
+  ControlPath(const DeviceConfig& config, platform::Hca& hca, GuestMemory& memory, std::string subject);
   ~ControlPath();
   ControlPath(const ControlPath&) = delete;
   ControlPath& operator=(const ControlPath&) = delete;
@@ -41,14 +42,29 @@ class ControlPath {
   std::string free_all();
   std::size_t pds() const { return pds_.size(); }
   std::size_t ahs() const { return ahs_.size(); }
+  std::size_t mrs() const { return mrs_.size(); }
+  std::uint64_t pinned_pages() const { return pinned_pages_; }
 
  private:
   const DeviceConfig& config_;
   platform::Hca& hca_;
   std::string subject_;
+  // A registration: the guest's pages, mapped, and the HCA's MR over them
+  // (declared in that order, so the MR goes before the mapping).
+  struct GuestMr {
+    std::unique_ptr<platform::GrantMapping> pages;
+    std::unique_ptr<platform::MemoryRegion> mr;
+    std::uint64_t page_count = 0;
+  };
+
+  vibif_response reg_mr(const vibif_request& req);
+
+  GuestMemory& memory_;
+  std::uint64_t pinned_pages_ = 0;
   // Declared parents first: members are destroyed children first.
   HandleTable<platform::ProtectionDomain> pds_;
   HandleTable<platform::AddressHandle> ahs_;
+  HandleTable<GuestMr> mrs_;
 };
 
 }  // namespace vib::backend

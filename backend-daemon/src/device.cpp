@@ -35,6 +35,19 @@ std::optional<std::vector<std::uint64_t>> parse_list(const std::string& text, st
   return out;
 }
 
+// The guest's memory as vibd sees it: pages the guest granted to us.
+class GrantedMemory final : public GuestMemory {
+ public:
+  GrantedMemory(platform::GrantMapper& mapper, platform::DomId domid) : mapper_(mapper), domid_(domid) {}
+  std::unique_ptr<platform::GrantMapping> map(std::span<const platform::GrantRef> refs, bool writable) override {
+    return mapper_.map(domid_, refs, writable);
+  }
+
+ private:
+  platform::GrantMapper& mapper_;
+  platform::DomId domid_;
+};
+
 }  // namespace
 
 std::variant<DeviceConfig, std::string> read_device_config(platform::XenStore& store,
@@ -232,7 +245,9 @@ void Device::domain_gone() { close_all_contexts("domain destroyed"); }
 Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
                  unsigned ctxid, const std::string& fe, const std::string& be)
     : ctxid_(ctxid),
-      subject_(context_subject(device.domid, device.devid, ctxid)), control_(config, hca, subject_) {
+      subject_(context_subject(device.domid, device.devid, ctxid)),
+      memory_(std::make_unique<GrantedMemory>(env.mapper(), device.domid)),
+      control_(config, hca, *memory_, subject_) {
   auto& store = env.store();
   auto need = [&](const char* key, std::uint64_t max) {
     auto text = store.read(kNoTransaction, fe + "/" + key);

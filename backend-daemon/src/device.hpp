@@ -100,6 +100,7 @@ class Context {
   std::unique_ptr<platform::GrantMapping> ring_pages_;
   vibif_ctrl_back_ring ring_{};
   std::unique_ptr<platform::SharedPages> doorbell_;
+  std::unique_ptr<GuestMemory> memory_;  // before control_, which uses it
   ControlPath control_;
   std::uint64_t requests_ = 0;
 };

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "control.hpp"
+#include "fake_guest_memory.hpp"
 #include "vib/platform/hca.hpp"
 
 namespace vib::test {
@@ -30,7 +31,10 @@ void run_control_input(const std::uint8_t* data, std::size_t size) {
   backend::DeviceConfig config;
   config.hca = "soft";
   config.max_pds = 4;
-  backend::ControlPath control(config, *hca, "fuzz");
+  // Guest memory of 64 pages: refs beyond them are forged and refused.
+  static FakeGuestMemory memory(64);
+  config.max_pinned_pages = 48;
+  backend::ControlPath control(config, *hca, memory, "fuzz");
   std::vector<vibif_handle_t> handles;
   for (std::size_t offset = 0; offset < size; offset += sizeof(vibif_request)) {
     vibif_request req;
@@ -41,7 +45,8 @@ void run_control_input(const std::uint8_t* data, std::size_t size) {
     const vibif_response rsp = control.execute(req);
     if (rsp.hdr.id != req.hdr.id || rsp.hdr.op != req.hdr.op || !valid_status(rsp.hdr.status)) std::abort();
     if (rsp.hdr.status == VIBIF_OK && req.hdr.op == VIBIF_OP_ALLOC_PD) handles.push_back(rsp.u.handle.handle);
-    if (control.pds() > config.max_pds) std::abort();  // a quota was broken
+    if (control.pds() > config.max_pds || control.pinned_pages() > config.max_pinned_pages)
+      std::abort();  // a quota was broken
   }
 }
 
