@@ -10,21 +10,40 @@
 namespace vib::backend {
 
 ControlPath::ControlPath(const DeviceConfig& config, platform::Hca& hca, GuestMemory& memory,
-                         std::string subject)
-    : config_(config), hca_(hca), subject_(std::move(subject)), memory_(memory), pds_(config.max_pds),
-      ahs_(config.max_ahs), mrs_(config.max_mrs) {}
+                         vibif_doorbell_page& doorbell, std::string subject, HcaObjectListener listener)
+    : config_(config),
+      hca_(hca),
+      memory_(memory),
+      doorbell_(doorbell),
+      subject_(std::move(subject)),
+      listener_(std::move(listener)),
+      pds_(config.max_pds),
+      ahs_(config.max_ahs),
+      mrs_(config.max_mrs),
+      cqs_(config.max_cqs),
+      srqs_(config.max_srqs),
+      qps_(config.max_qps) {}
 
 ControlPath::~ControlPath() { free_all(); }
 
 std::string ControlPath::free_all() {
-  // Children before the PDs they belong to, as the verbs require.
+  // Children before their parents, as the verbs require: QPs before the CQs
+  // and SRQs they use, everything before its PD.
   const std::uint64_t pinned = pinned_pages_;
+  qps_.for_each([&](vibif_handle_t, GuestQp& qp) { announce(qp.qp.get(), false); });
+  const std::size_t qps = qps_.clear();
+  srqs_.for_each([&](vibif_handle_t, GuestSrq& srq) { announce(srq.srq.get(), false); });
+  const std::size_t srqs = srqs_.clear();
+  cqs_.for_each([&](vibif_handle_t, GuestCq& cq) { announce(cq.cq.get(), false); });
+  const std::size_t cqs = cqs_.clear();
   const std::size_t mrs = mrs_.clear();
   pinned_pages_ = 0;
   const std::size_t ahs = ahs_.clear();
   const std::size_t pds = pds_.clear();
-  return std::to_string(pds) + " PDs, " + std::to_string(mrs) + " MRs (" + std::to_string(pinned) +
-         " pages), " + std::to_string(ahs) + " AHs";
+  slots_used_.reset();
+  return std::to_string(qps) + " QPs, " + std::to_string(cqs) + " CQs, " + std::to_string(srqs) + " SRQs, " +
+         std::to_string(mrs) + " MRs, " + std::to_string(ahs) + " AHs, " + std::to_string(pds) + " PDs (" +
+         std::to_string(pinned) + " guest pages unpinned)";
 }
 
 vibif_response ControlPath::execute(const vibif_request& req) {
@@ -170,29 +189,8 @@ vibif_response ControlPath::execute(const vibif_request& req) {
           status = VIBIF_EDQUOT;
           break;
         }
-        if (r.attr.port_num != 1) {
-          status = VIBIF_EINVAL;
-          break;
-        }
         ibv_ah_attr attr{};
-        attr.dlid = r.attr.dlid;
-        attr.sl = r.attr.sl & 0xf;
-        attr.src_path_bits = r.attr.src_path_bits & 0x7f;
-        attr.static_rate = r.attr.static_rate;
-        attr.port_num = config_.port;  // the guest's port 1 is the device's port
-        if (r.attr.is_global) {
-          // The guest's GID table is the device's allowed indices, in order.
-          if (r.attr.sgid_index >= config_.gid_indices.size()) {
-            status = VIBIF_EPERM;
-            break;
-          }
-          attr.is_global = 1;
-          std::memcpy(attr.grh.dgid.raw, r.attr.dgid, sizeof(attr.grh.dgid.raw));
-          attr.grh.flow_label = r.attr.flow_label & 0xfffff;
-          attr.grh.sgid_index = static_cast<std::uint8_t>(config_.gid_indices[r.attr.sgid_index]);
-          attr.grh.hop_limit = r.attr.hop_limit;
-          attr.grh.traffic_class = r.attr.traffic_class;
-        }
+        if ((status = to_hca_ah_attr(r.attr, attr)) != VIBIF_OK) break;
         const vibif_handle_t h = ahs_.insert(hca_.create_ah(*pd, attr));
         if (h == VIBIF_HANDLE_NONE) {
           status = VIBIF_EDQUOT;
@@ -212,15 +210,30 @@ vibif_response ControlPath::execute(const vibif_request& req) {
         ahs_.release(h);
         break;
       }
+      case VIBIF_OP_CREATE_CQ: create_cq(req, rsp); break;
+      case VIBIF_OP_RESIZE_CQ: resize_cq(req, rsp); break;
+      case VIBIF_OP_DESTROY_CQ: destroy_cq(req, rsp); break;
+      case VIBIF_OP_CREATE_QP: create_qp(req, rsp); break;
+      case VIBIF_OP_MODIFY_QP: modify_qp(req, rsp); break;
+      case VIBIF_OP_QUERY_QP: query_qp(req, rsp); break;
+      case VIBIF_OP_DESTROY_QP: destroy_qp(req, rsp); break;
+      case VIBIF_OP_CREATE_SRQ: create_srq(req, rsp); break;
+      case VIBIF_OP_MODIFY_SRQ: modify_srq(req, rsp); break;
+      case VIBIF_OP_QUERY_SRQ: query_srq(req, rsp); break;
+      case VIBIF_OP_DESTROY_SRQ: destroy_srq(req, rsp); break;
       default:
-        // Every other operation of the protocol is vibd's next step
-        // (issue: the control path); until then the guest hears so plainly.
-        status = (req.hdr.op >= 1 && req.hdr.op <= VIBIF_OP_MAX) ? VIBIF_ENOSYS : VIBIF_EINVAL;
+        status = VIBIF_ENOSYS;
         break;
     }
   } catch (const std::system_error& e) {
     log_line(LogLevel::warning, subject_, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
-    status = e.code().value() == EINVAL ? VIBIF_EINVAL : VIBIF_EIO;
+    switch (e.code().value()) {
+      case EINVAL: case ENOMEM: case EACCES: case EPERM: case EBUSY: case ENOSPC:
+        status = -e.code().value();
+        break;
+      default:
+        status = VIBIF_EIO;
+    }
   } catch (const std::bad_alloc&) {
     status = VIBIF_ENOMEM;
   } catch (const std::exception& e) {

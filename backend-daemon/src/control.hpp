@@ -1,10 +1,16 @@
-// The control path of one context: the guest's verbs objects, named by
-// handles, and the requests that create and use them. Independent of Xen, so
-// it is tested and fuzzed on its own.
+// One context's verbs objects and both of its paths: the control path
+// (requests from the ring, executed on the HCA) and the fast path (work
+// queues and completion queues in guest pages, a doorbell page, no round
+// trip). Independent of Xen and of threads, so it is tested and fuzzed on its
+// own; the Context runs it on its worker thread.
 #pragma once
 
+#include <bitset>
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "guest_memory.hpp"
@@ -29,26 +35,48 @@ struct DeviceConfig {
   std::uint64_t max_pinned_pages = VIBIF_DEFAULT_MAX_PINNED_PAGES;
 };
 
+// Told when HCA objects of the context appear and go, so that the HCA's
+// completion and asynchronous events (which name the HCA object) find the
+// context's worker.
+using HcaObjectListener = std::function<void(const void* hca_object, bool added)>;
+
 class ControlPath {
  public:
-  ControlPath(const DeviceConfig& config, platform::Hca& hca, GuestMemory& memory, std::string subject);
+  ControlPath(const DeviceConfig& config, platform::Hca& hca, GuestMemory& memory,
+              vibif_doorbell_page& doorbell, std::string subject, HcaObjectListener listener = {});
   ~ControlPath();
   ControlPath(const ControlPath&) = delete;
   ControlPath& operator=(const ControlPath&) = delete;
 
   // Never throws; every failure is a status in the response.
   vibif_response execute(const vibif_request& req);
+
+  // The fast path, one pass: consumes the WQEs the guest posted, moves the
+  // HCA's completions into the guest's CQs (raising completion events for
+  // armed CQs). Returns true when it did anything.
+  bool service_queues();
+  // True when a queue has WQEs the HCA could take now: a reason not to sleep.
+  bool queues_pending() const;
+  // Before sleeping: asks the HCA for an event at the next completion of any
+  // CQ, so the worker wakes for it.
+  void arm_hca_cqs();
+  // An asynchronous event of one of this context's HCA objects.
+  void deliver_async_event(const platform::AsyncEvent& event);
+  // True once after the fast path queued events for the guest: time to
+  // notify its event channel.
+  bool take_guest_notification() { return std::exchange(notify_guest_, false); }
+
   // Frees every object; returns what was freed, for the log.
   std::string free_all();
   std::size_t pds() const { return pds_.size(); }
   std::size_t ahs() const { return ahs_.size(); }
   std::size_t mrs() const { return mrs_.size(); }
+  std::size_t cqs() const { return cqs_.size(); }
+  std::size_t qps() const { return qps_.size(); }
+  std::size_t srqs() const { return srqs_.size(); }
   std::uint64_t pinned_pages() const { return pinned_pages_; }
 
  private:
-  const DeviceConfig& config_;
-  platform::Hca& hca_;
-  std::string subject_;
   // A registration: the guest's pages, mapped, and the HCA's MR over them
   // (declared in that order, so the MR goes before the mapping).
   struct GuestMr {
@@ -56,15 +84,104 @@ class ControlPath {
     std::unique_ptr<platform::MemoryRegion> mr;
     std::uint64_t page_count = 0;
   };
+  // A CQ: the guest's CQE buffer (written by us) and the HCA's CQ feeding it.
+  struct GuestCq {
+    std::unique_ptr<platform::GrantMapping> ring;
+    std::unique_ptr<platform::CompletionQueue> cq;
+    vibif_handle_t handle = 0;
+    std::uint32_t entries = 0;
+    std::uint16_t slot = 0;
+    std::uint32_t producer = 0;  // CQEs written; the slot's copy is published
+    std::uint32_t users = 0;     // QPs completing into it
+    std::uint32_t armed_ack = 0;  // the last arm_sequence answered
+    std::uint64_t pages = 0;
+  };
+  struct GuestSrq {
+    std::unique_ptr<platform::GrantMapping> ring;  // read-only: we only read WQEs
+    std::unique_ptr<platform::SharedReceiveQueue> srq;
+    std::uint32_t entries = 0, stride = 0, max_sge = 0;
+    std::uint16_t slot = 0;
+    std::uint32_t consumer = 0;
+    std::uint32_t users = 0;
+    bool hca_full = false;
+    std::uint64_t pages = 0;
+  };
+  struct GuestQp {
+    std::unique_ptr<platform::GrantMapping> buffer;  // read-only
+    std::unique_ptr<platform::QueuePair> qp;
+    platform::ProtectionDomain* pd = nullptr;
+    GuestCq* send_cq = nullptr;
+    GuestCq* recv_cq = nullptr;
+    GuestSrq* srq = nullptr;
+    std::uint8_t qp_type = 0;
+    bool sq_sig_all = false;
+    vibif_qp_cap cap{};
+    std::uint32_t send_stride = 0, recv_stride = 0;
+    std::uint64_t recv_offset = 0;
+    std::uint16_t sq_slot = 0, rq_slot = 0;
+    std::uint32_t sq_consumer = 0, rq_consumer = 0;
+    bool sq_hca_full = false, rq_hca_full = false;
+    bool broken = false;  // the guest overran a queue: QP in error, queues ignored
+    std::uint64_t pages = 0;
+  };
 
   vibif_response reg_mr(const vibif_request& req);
+  void create_cq(const vibif_request& req, vibif_response& rsp);
+  void resize_cq(const vibif_request& req, vibif_response& rsp);
+  void destroy_cq(const vibif_request& req, vibif_response& rsp);
+  void create_qp(const vibif_request& req, vibif_response& rsp);
+  void modify_qp(const vibif_request& req, vibif_response& rsp);
+  void query_qp(const vibif_request& req, vibif_response& rsp);
+  void destroy_qp(const vibif_request& req, vibif_response& rsp);
+  void create_srq(const vibif_request& req, vibif_response& rsp);
+  void modify_srq(const vibif_request& req, vibif_response& rsp);
+  void query_srq(const vibif_request& req, vibif_response& rsp);
+  void destroy_srq(const vibif_request& req, vibif_response& rsp);
 
+  // Maps a guest page list of exactly `pages` pages; a VIBIF_E* status on failure.
+  int map_queue_pages(const vibif_page_list& list, std::uint64_t pages, bool writable,
+                      std::unique_ptr<platform::GrantMapping>& out);
+  // The guest's address vector (port 1, its GID indices) as the HCA's.
+  int to_hca_ah_attr(const vibif_ah_attr& in, ibv_ah_attr& out);
+  void from_hca_ah_attr(const ibv_ah_attr& in, vibif_ah_attr& out);
+  // Guest P_Key index -> the HCA's index of that P_Key, and back.
+  std::optional<std::uint16_t> hca_pkey_index(std::uint16_t guest_index);
+  std::optional<std::uint16_t> guest_pkey_index(std::uint16_t hca_index);
+
+  std::optional<std::uint16_t> alloc_slot();
+  void free_slot(std::uint16_t slot);
+  vibif_db_slot& slot(std::uint16_t index) { return doorbell_.slots[index]; }
+  void announce(const void* hca_object, bool added) {
+    if (listener_) listener_(hca_object, added);
+  }
+
+  bool service_send_queue(GuestQp& qp);
+  bool service_recv_queue(GuestQp& qp);
+  bool service_srq(GuestSrq& srq);
+  bool drain_completions(GuestCq& cq);
+  void break_qp(GuestQp& qp, const char* why);
+  void push_event(std::uint16_t type, std::uint16_t event, vibif_handle_t handle);
+  bool write_cqe(GuestCq& cq, const ibv_wc& wc);
+  void fail_wqe(GuestCq& cq, std::uint64_t wr_id, ibv_wc_opcode opcode, std::uint32_t qp_num);
+
+  const DeviceConfig& config_;
+  platform::Hca& hca_;
   GuestMemory& memory_;
+  vibif_doorbell_page& doorbell_;
+  std::string subject_;
+  HcaObjectListener listener_;
   std::uint64_t pinned_pages_ = 0;
+  std::bitset<VIBIF_DB_SLOTS> slots_used_;
+  std::uint32_t event_producer_ = 0;
+  bool notify_guest_ = false;
+  std::uint64_t events_dropped_ = 0;
   // Declared parents first: members are destroyed children first.
   HandleTable<platform::ProtectionDomain> pds_;
   HandleTable<platform::AddressHandle> ahs_;
   HandleTable<GuestMr> mrs_;
+  HandleTable<GuestCq> cqs_;
+  HandleTable<GuestSrq> srqs_;
+  HandleTable<GuestQp> qps_;
 };
 
 }  // namespace vib::backend

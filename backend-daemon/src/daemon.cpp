@@ -1,8 +1,10 @@
-// vibd's main loop. One thread: it watches xenstore for devices and serves
-// every context's ring when its event channel fires. Control operations are
-// short (queries, PD allocation); the control-path issue moves slow ones
-// (large registrations) to per-context workers so no guest stalls another.
+// vibd's main thread: it watches xenstore for devices and drives their
+// handshakes, routes the HCAs' events to the contexts they concern, and
+// closes contexts whose guest process has gone. Each context's requests and
+// queues are served by that context's own worker thread (see Context), so a
+// slow request of one guest never delays another guest.
 #include <poll.h>
+#include <sys/eventfd.h>
 
 #include <cstring>
 
@@ -10,6 +12,7 @@
 #include <set>
 
 #include "device.hpp"
+#include "hca_events.hpp"
 #include "log.hpp"
 #include "vib/backend/vibd.hpp"
 
@@ -25,7 +28,10 @@ class Environment final : public DeviceEnvironment {
       : options_(options),
         store_(platform::open_xenstore(options.xen)),
         mapper_(platform::open_grant_mapper(options.xen)),
-        sharer_(platform::open_grant_sharer(options.xen)) {}
+        sharer_(platform::open_grant_sharer(options.xen)),
+        finished_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (!finished_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
+  }
 
   platform::XenStore& store() override { return *store_; }
   platform::GrantMapper& mapper() override { return *mapper_; }
@@ -39,12 +45,26 @@ class Environment final : public DeviceEnvironment {
     return *it->second;
   }
   const std::string& default_hca() const override { return options_.default_hca; }
+  HcaEventRouter& router() override { return router_; }
+  void context_finished() override {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(finished_fd_.get(), &one, sizeof one);
+  }
+  int finished_fd() const { return finished_fd_.get(); }
+  void clear_finished() {
+    std::uint64_t value;
+    [[maybe_unused]] auto n = ::read(finished_fd_.get(), &value, sizeof value);
+  }
+  const std::map<std::string, std::unique_ptr<platform::Hca>>& hcas() const { return hcas_; }
 
  private:
   const DaemonOptions& options_;
   std::unique_ptr<platform::XenStore> store_;
   std::unique_ptr<platform::GrantMapper> mapper_;
   std::unique_ptr<platform::GrantSharer> sharer_;
+  platform::UniqueFd finished_fd_;
+  HcaEventRouter router_;
+  // Last: devices are gone before their HCAs (Daemon owns the devices).
   std::map<std::string, std::unique_ptr<platform::Hca>> hcas_;
 };
 
@@ -68,30 +88,27 @@ class Daemon {
 
   int run(int stop_fd) {
     for (;;) {
-      std::vector<pollfd> fds{{stop_fd, POLLIN, 0}, {env_.store().watch_fd(), POLLIN, 0}};
-      std::vector<std::pair<Device*, Context*>> owners;
-      for (auto& [id, device] : devices_)
-        for (Context* ctx : device->contexts()) {
-          fds.push_back({ctx->event_fd(), POLLIN, 0});
-          owners.emplace_back(device.get(), ctx);
-        }
+      std::vector<pollfd> fds{{stop_fd, POLLIN, 0}, {env_.store().watch_fd(), POLLIN, 0},
+                              {env_.finished_fd(), POLLIN, 0}};
+      std::vector<platform::Hca*> hcas;
+      for (auto& [name, hca] : env_.hcas()) {
+        fds.push_back({hca->completion_fd(), POLLIN, 0});
+        fds.push_back({hca->async_fd(), POLLIN, 0});
+        hcas.push_back(hca.get());
+      }
       if (::poll(fds.data(), fds.size(), -1) < 0) {
         if (errno == EINTR) continue;
         log_line(LogLevel::error, "vibd", std::string("poll: ") + std::strerror(errno));
         return 1;
       }
       if (fds[0].revents) return 0;
-      if (fds[1].revents) {
-        // Watch handling may free devices and contexts: poll again with a
-        // fresh set (event channel fds are level-triggered, nothing is lost).
-        on_watch_events();
-        continue;
+      for (std::size_t i = 0; i < hcas.size(); ++i)
+        if (fds[3 + 2 * i].revents | fds[4 + 2 * i].revents) env_.router().dispatch(*hcas[i]);
+      if (fds[2].revents) {
+        env_.clear_finished();
+        for (auto& [id, device] : devices_) device->close_finished_contexts();
       }
-      for (std::size_t i = 0; i < owners.size(); ++i) {
-        if (!(fds[2 + i].revents & POLLIN)) continue;
-        auto [device, ctx] = owners[i];
-        if (!ctx->service()) device->close_context(ctx->id(), "guest process gone (event channel closed)");
-      }
+      if (fds[1].revents) on_watch_events();
     }
   }
 

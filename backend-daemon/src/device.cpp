@@ -1,5 +1,10 @@
 #include "device.hpp"
 
+#include <poll.h>
+#include <sys/eventfd.h>
+
+#include <array>
+#include <chrono>
 #include <cstring>
 #include <sstream>
 #include <system_error>
@@ -236,18 +241,49 @@ void Device::close_context(unsigned ctxid, const char* why) {
   }
 }
 
+void Device::close_finished_contexts() {
+  std::vector<std::pair<unsigned, const char*>> done;
+  for (auto& [id, ctx] : contexts_)
+    if (const char* why = ctx->finished()) done.emplace_back(id, why);
+  for (auto& [id, why] : done) close_context(id, why);
+}
+
 void Device::close_all_contexts(const char* why) {
   while (!contexts_.empty()) close_context(contexts_.begin()->first, why);
 }
 
 void Device::domain_gone() { close_all_contexts("domain destroyed"); }
 
+namespace {
+
+vibif_doorbell_page& doorbell_of(platform::SharedPages& pages) {
+  return *reinterpret_cast<vibif_doorbell_page*>(pages.bytes().data());
+}
+
+// How long the worker keeps polling after the last work before it sleeps:
+// long enough to catch a ping-pong's next message, short enough that an
+// idle guest costs nothing.
+constexpr auto kBusyPollWindow = std::chrono::microseconds(200);
+
+}  // namespace
+
 Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
                  unsigned ctxid, const std::string& fe, const std::string& be)
-    : ctxid_(ctxid),
+    : env_(env),
+      ctxid_(ctxid),
       subject_(context_subject(device.domid, device.devid, ctxid)),
+      doorbell_(env.sharer().share(device.domid, 1, /*writable=*/true)),
       memory_(std::make_unique<GrantedMemory>(env.mapper(), device.domid)),
-      control_(config, hca, *memory_, subject_) {
+      mailbox_(std::make_shared<ContextMailbox>()),
+      control_(config, hca, *memory_, doorbell_of(*doorbell_), subject_,
+               [router = &env.router(), mailbox = mailbox_](const void* object, bool added) {
+                 if (added)
+                   router->add(object, mailbox);
+                 else
+                   router->remove(object);
+               }),
+      stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+  if (!stop_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
   auto& store = env.store();
   auto need = [&](const char* key, std::uint64_t max) {
     auto text = store.read(kNoTransaction, fe + "/" + key);
@@ -270,8 +306,9 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
   port_ = events_->bind_interdomain(device.domid, static_cast<platform::EventPort>(remote_port));
   ring_pages_ = env.mapper().map(device.domid, refs, /*writable=*/true);
   vibif_ctrl_back_ring_init(&ring_, reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data()),
-                 ring_pages_->bytes().size());
-  doorbell_ = env.sharer().share(device.domid, 1, /*writable=*/true);
+                            ring_pages_->bytes().size());
+  // Busy until the worker first goes to sleep: the guest need not kick.
+  __atomic_store_n(&doorbell_of(*doorbell_).backend_polling, 1u, __ATOMIC_RELEASE);
   platform::with_transaction(store, [&](platform::TransactionId tx) {
     store.write(tx, be + "/" VIBIF_XS_DOORBELL_REF, std::to_string(doorbell_->refs()[0]));
     store.write(tx, be + "/state", str(XenbusState::connected));
@@ -279,24 +316,25 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
   log_line(LogLevel::info, subject_,
            "connected: " + std::to_string(refs.size()) + "-page ring, event channel " + std::to_string(port_) +
                ", doorbell grant " + std::to_string(doorbell_->refs()[0]));
-  // The guest may have queued requests before it heard back.
-  events_->notify(port_);
+  worker_ = std::thread([this] { run_worker(); });
 }
 
 Context::~Context() {
+  const std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(stop_fd_.get(), &one, sizeof one);
+  if (worker_.joinable()) worker_.join();
   log_line(LogLevel::info, subject_,
-           "freed: " + control_.free_all() + "; " + std::to_string(requests_) + " requests served");
+           "freed: " + control_.free_all() + "; " + std::to_string(requests_) + " requests served, worker slept " +
+               std::to_string(sleeps_) + " times");
 }
 
-bool Context::service() {
-  bool woken = false;
-  while (auto port = events_->pending()) {
-    events_->unmask(*port);
-    woken = true;
-  }
+bool Context::guest_alive() const {
   // The guest process's unmap notification cleared this byte: it is gone.
   const auto* alive = reinterpret_cast<const std::uint8_t*>(ring_pages_->bytes().data()) + VIBIF_RING_ALIVE_OFFSET;
-  if (__atomic_load_n(alive, __ATOMIC_ACQUIRE) == 0) return false;
+  return __atomic_load_n(alive, __ATOMIC_ACQUIRE) != 0;
+}
+
+bool Context::serve_ring(bool& did) {
   bool served = false;
   for (int more = 1; more;) {
     // The producer index is guest-written: read it once, and refuse one
@@ -319,12 +357,90 @@ bool Context::service() {
     }
     more = vibif_ctrl_back_final_check(&ring_);
   }
-  if (served) {
-    if (vibif_ctrl_back_push(&ring_)) events_->notify(port_);
-  }
-  // A wake-up with nothing to do may also be the port's peer closing.
-  if (woken && !served && events_->peer_closed(port_).value_or(false)) return false;
+  if (served && vibif_ctrl_back_push(&ring_)) events_->notify(port_);
+  did |= served;
   return true;
+}
+
+// Sleeps until the guest kicks the event channel, the HCA has an event for
+// this context, or the context is stopped. False when the guest has gone
+// (its port's peer closed) or the context is stopping.
+bool Context::sleep_until_woken() {
+  ++sleeps_;
+  pollfd fds[3] = {{events_->fd(), POLLIN, 0}, {mailbox_->fd(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
+  while (::poll(fds, 3, -1) < 0) {
+    if (errno != EINTR) {
+      log_line(LogLevel::error, subject_, std::string("poll: ") + std::strerror(errno));
+      return false;
+    }
+  }
+  if (fds[2].revents) return false;
+  bool kicked = false;
+  while (auto port = events_->pending()) {
+    events_->unmask(*port);
+    kicked = true;
+  }
+  // A kick may be the port's peer closing (a process that died without its
+  // unmap notification reaching us).
+  return !(kicked && events_->peer_closed(port_).value_or(false));
+}
+
+bool Context::stop_requested() const {
+  pollfd fd{stop_fd_.get(), POLLIN, 0};
+  return ::poll(&fd, 1, 0) > 0;
+}
+
+void Context::run_worker() {
+  auto& doorbell = doorbell_of(*doorbell_);
+  auto last_work = std::chrono::steady_clock::now();
+  const char* why = nullptr;
+  try {
+    for (;;) {
+      if (!guest_alive()) {
+        why = "guest process gone (ring released)";
+        break;
+      }
+      bool did = false;
+      if (!serve_ring(did)) {
+        why = "ring broken by the guest";
+        break;
+      }
+      for (const auto& event : mailbox_->take()) control_.deliver_async_event(event);
+      did |= control_.service_queues();
+      if (control_.take_guest_notification()) events_->notify(port_);
+      const auto now = std::chrono::steady_clock::now();
+      if (did || control_.queues_pending()) {
+        last_work = now;
+        continue;
+      }
+      if (now - last_work < kBusyPollWindow) {
+        std::this_thread::yield();
+        continue;
+      }
+      // Going idle. Tell the guest to kick us, ask the HCA for an event at
+      // the next completion, then look once more: whatever arrived before
+      // those two stores is seen here, whatever arrives after wakes us.
+      __atomic_store_n(&doorbell.backend_polling, 0u, __ATOMIC_SEQ_CST);
+      control_.arm_hca_cqs();
+      __atomic_thread_fence(__ATOMIC_SEQ_CST);
+      bool late = vibif_ctrl_back_final_check(&ring_) || control_.service_queues() || control_.queues_pending();
+      if (control_.take_guest_notification()) events_->notify(port_);
+      if (!late) {
+        if (!sleep_until_woken()) {
+          if (stop_requested()) return;
+          why = "guest process gone (event channel closed)";
+          break;
+        }
+      }
+      __atomic_store_n(&doorbell.backend_polling, 1u, __ATOMIC_SEQ_CST);
+      last_work = std::chrono::steady_clock::now();
+    }
+  } catch (const std::exception& e) {
+    log_line(LogLevel::error, subject_, std::string("worker failed: ") + e.what());
+    why = "worker failed";
+  }
+  finished_.store(why, std::memory_order_release);
+  env_.context_finished();
 }
 
 }  // namespace vib::backend

@@ -1,14 +1,17 @@
 // One vib device of one guest, and the per-process contexts opened on it.
 #pragma once
 
+#include <atomic>
 #include <map>
-#include <optional>
-#include <variant>
 #include <memory>
+#include <optional>
 #include <string>
+#include <thread>
+#include <variant>
 #include <vector>
 
 #include "control.hpp"
+#include "hca_events.hpp"
 #include "vib/platform/event_channels.hpp"
 #include "vib/platform/grants.hpp"
 #include "vib/platform/hca.hpp"
@@ -29,6 +32,10 @@ class DeviceEnvironment {
   // Shared by the devices using it; throws std::system_error if absent.
   virtual platform::Hca& hca(const std::string& name) = 0;
   virtual const std::string& default_hca() const = 0;
+  virtual HcaEventRouter& router() = 0;
+  // Called from a context's worker when its guest process has gone: the
+  // main thread then closes it (see Device::close_finished_contexts).
+  virtual void context_finished() = 0;
 };
 
 // Reads and checks the configuration; on a bad value, returns the reason.
@@ -57,6 +64,8 @@ class Device {
 
   std::vector<Context*> contexts();
   void close_context(unsigned ctxid, const char* why);
+  // Closes the contexts whose workers found their guest process gone.
+  void close_finished_contexts();
   const std::string& frontend_path() const { return frontend_path_; }
   DeviceId id() const { return id_; }
 
@@ -80,19 +89,32 @@ class Device {
 
 // One guest process's channel: its ring, event channel, doorbell page and
 // every verbs object it created, all freed with it.
+//
+// Threads: the constructor and destructor run on vibd's main thread; in
+// between, the context's own worker thread alone touches the ring, the
+// doorbell page and the ControlPath, so one guest's slow request (a large
+// registration) never stalls another's. The worker busy-polls while the
+// guest is busy and sleeps on the event channel (with backend_polling = 0 in
+// the doorbell page, so the guest kicks it) when it is idle.
 class Context {
  public:
   Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
           unsigned ctxid, const std::string& frontend_ctx, const std::string& backend_ctx);
   ~Context();
 
-  int event_fd() { return events_->fd(); }
-  // Serves whatever the guest queued. Returns false when the guest process
-  // has gone (its event channel's peer closed).
-  bool service();
   unsigned id() const { return ctxid_; }
+  // Set by the worker once the guest process has gone; the reason, for the log.
+  const char* finished() const { return finished_.load(std::memory_order_acquire); }
 
  private:
+  void run_worker();
+  // One pass over the ring; false when the guest process has gone.
+  bool serve_ring(bool& did);
+  bool guest_alive() const;
+  bool sleep_until_woken();
+  bool stop_requested() const;
+
+  DeviceEnvironment& env_;
   unsigned ctxid_;
   std::string subject_;
   std::unique_ptr<platform::EventChannels> events_;
@@ -101,8 +123,13 @@ class Context {
   vibif_ctrl_back_ring ring_{};
   std::unique_ptr<platform::SharedPages> doorbell_;
   std::unique_ptr<GuestMemory> memory_;  // before control_, which uses it
+  std::shared_ptr<ContextMailbox> mailbox_;
   ControlPath control_;
   std::uint64_t requests_ = 0;
+  std::uint64_t sleeps_ = 0;
+  platform::UniqueFd stop_fd_;
+  std::atomic<const char*> finished_{nullptr};
+  std::thread worker_;  // last: started when everything else exists
 };
 
 }  // namespace vib::backend

@@ -56,6 +56,20 @@ class HandleTable {
     }
   }
 
+  // Calls f(handle, object) for every live object.
+  template <typename F>
+  void for_each(F&& f) {
+    for (std::size_t i = 0; i < slots_.size(); ++i)
+      if (slots_[i].object) f(vibif_make_handle(static_cast<std::uint32_t>(i), slots_[i].generation), *slots_[i].object);
+  }
+  template <typename F>
+  void for_each(F&& f) const {
+    for (std::size_t i = 0; i < slots_.size(); ++i)
+      if (slots_[i].object)
+        f(vibif_make_handle(static_cast<std::uint32_t>(i), slots_[i].generation),
+          static_cast<const T&>(*slots_[i].object));
+  }
+
   std::size_t size() const { return size_; }
   std::size_t clear() {
     const std::size_t n = size_;

@@ -59,6 +59,7 @@ class Control : public ::testing::Test {
 
   std::unique_ptr<vib::platform::Hca> hca_;
   vib::test::FakeGuestMemory memory_;
+  vibif_doorbell_page doorbell_{};
   DeviceConfig config_;
   std::unique_ptr<ControlPath> control_;
 };
@@ -66,7 +67,7 @@ class Control : public ::testing::Test {
 }  // namespace
 
 TEST_F(Control, AddressHandlesFollowTheDevicesConfiguration) {
-  control_ = std::make_unique<ControlPath>(config_, *hca_, memory_, "test");
+  control_ = std::make_unique<ControlPath>(config_, *hca_, memory_, doorbell_, "test");
   const vibif_handle_t pd = alloc_pd();
   auto ah = create_ah(pd);
   ASSERT_EQ(ah.hdr.status, VIBIF_OK);
@@ -87,7 +88,7 @@ TEST_F(Control, AddressHandlesFollowTheDevicesConfiguration) {
 }
 
 TEST_F(Control, APdInUseCannotBeFreedAndEverythingGoesWithTheContext) {
-  control_ = std::make_unique<ControlPath>(config_, *hca_, memory_, "test");
+  control_ = std::make_unique<ControlPath>(config_, *hca_, memory_, doorbell_, "test");
   const vibif_handle_t pd = alloc_pd();
   auto ah = create_ah(pd);
   ASSERT_EQ(ah.hdr.status, VIBIF_OK);
@@ -95,13 +96,13 @@ TEST_F(Control, APdInUseCannotBeFreedAndEverythingGoesWithTheContext) {
   dealloc.u.handle.handle = pd;
   EXPECT_EQ(call(dealloc).hdr.status, VIBIF_EBUSY);
   alloc_pd();
-  EXPECT_EQ(control_->free_all(), "2 PDs, 0 MRs (0 pages), 1 AHs");
+  EXPECT_EQ(control_->free_all(), "0 QPs, 0 CQs, 0 SRQs, 0 MRs, 1 AHs, 2 PDs (0 guest pages unpinned)");
   EXPECT_EQ(control_->pds(), 0u);
   EXPECT_EQ(control_->ahs(), 0u);
 }
 
 TEST_F(Control, MemoryRegistrationResolvesEveryPageListForm) {
-  control_ = std::make_unique<ControlPath>(config_, *hca_, memory_, "test");
+  control_ = std::make_unique<ControlPath>(config_, *hca_, memory_, doorbell_, "test");
   const vibif_handle_t pd = alloc_pd();
   // 10000 bytes from offset 0x100 of the first page span exactly 3 pages.
   const std::uint64_t iova = 0x7f1234560100ull;
@@ -138,7 +139,7 @@ TEST_F(Control, MemoryRegistrationResolvesEveryPageListForm) {
 }
 
 TEST_F(Control, MemoryRegistrationRefusesBadRequests) {
-  control_ = std::make_unique<ControlPath>(config_, *hca_, memory_, "test");
+  control_ = std::make_unique<ControlPath>(config_, *hca_, memory_, doorbell_, "test");
   const vibif_handle_t pd = alloc_pd();
   const std::uint64_t iova = 0x7f1234560100ull;
   auto good = reg_mr(pd, iova, 10000);
@@ -179,5 +180,5 @@ TEST_F(Control, MemoryRegistrationRefusesBadRequests) {
   auto dealloc = request(VIBIF_OP_DEALLOC_PD);
   dealloc.u.handle.handle = pd;
   EXPECT_EQ(call(dealloc).hdr.status, VIBIF_EBUSY) << "the PD has an MR";
-  EXPECT_EQ(control_->free_all(), "1 PDs, 1 MRs (3 pages), 0 AHs");
+  EXPECT_EQ(control_->free_all(), "0 QPs, 0 CQs, 0 SRQs, 1 MRs, 0 AHs, 1 PDs (3 guest pages unpinned)");
 }

@@ -582,11 +582,27 @@ static inline int vibif_ctrl_front_final_check(struct vibif_ctrl_front_ring *r) 
  * overflow, which the back-end treats as a broken queue: the QP goes to the
  * error state and flushes, as hardware would.
  *
- * Completions (back-end): write the CQE, release barrier, then flip its
- * owner bit to the phase of this lap ((index / entries) & 1). The guest polls
- * the owner bit, reads the CQE after an acquire barrier, and publishes its
- * consumer index in the CQ's doorbell slot so the back-end sees overruns
- * (reported as IBV_EVENT_CQ_ERR; nothing is overwritten).
+ * Completions (back-end): write the CQE, release barrier, then store its
+ * owner byte, vibif_cqe_owner(index, entries): 1 on the first lap, 0 on the
+ * second, and so on, so the zeroed buffer the guest created holds no valid
+ * entry. The guest polls the owner byte, reads the CQE after an acquire
+ * barrier, and publishes its consumer index in the CQ's doorbell slot. The
+ * back-end never overwrites an entry the guest has not consumed: while the
+ * guest's CQ is full, completions wait in the HCA's CQ, and when that one
+ * overflows the HCA reports IBV_EVENT_CQ_ERR, which reaches the guest.
+ * RESIZE_CQ restarts the CQ's indices: the back-end moves the entries not
+ * yet consumed to the start of the new buffer, sets the slot's producer to
+ * their count and its consumer to 0; the guest continues from index 0.
+ *
+ * Queue geometry: a send WQE takes vibif_send_wqe_stride(max_send_sge,
+ * max_inline_data) bytes, a receive WQE vibif_recv_wqe_stride(max_recv_sge);
+ * the QP buffer holds max_send_wr send WQEs, then (unless the QP uses an
+ * SRQ) max_recv_wr receive WQEs from the next page boundary. Both ends
+ * compute the sizes with these functions; the back-end refuses a page list
+ * of any other length.
+ *
+ * Inline data: the back-end copies it out of the WQE when it consumes the
+ * WQE, so the guest may reuse its buffer as soon as ibv_post_send returns.
  * Arming (ibv_req_notify_cq): the guest increments arm_sequence (with the
  * solicited-only bit as it wants); the back-end, once it wrote a completion
  * that matches an armed sequence it has not answered yet, pushes a
@@ -664,6 +680,48 @@ struct vibif_cqe {
 };
 VIBIF_STATIC_ASSERT(sizeof(struct vibif_cqe) == 64, "CQE size");
 VIBIF_STATIC_ASSERT(offsetof(struct vibif_cqe, owner) == 63, "CQE owner offset");
+
+/* Sizes the geometry functions use (checked against the structs above). */
+#define VIBIF_SEND_WQE_HEADER 64u
+#define VIBIF_RECV_WQE_HEADER 16u
+#define VIBIF_SGE_SIZE        16u
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_send_wqe) == VIBIF_SEND_WQE_HEADER, "send WQE header");
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_recv_wqe) == VIBIF_RECV_WQE_HEADER, "recv WQE header");
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_sge) == VIBIF_SGE_SIZE, "sge size");
+
+static inline uint32_t vibif_pow2_at_least(uint32_t v) {
+    uint32_t p = 1;
+    while (p < v && p < (1u << 31)) p <<= 1;
+    return p;
+}
+static inline uint32_t vibif_send_wqe_stride(uint32_t max_sge, uint32_t max_inline) {
+    uint32_t body = max_sge * VIBIF_SGE_SIZE;
+    if (max_inline > body) body = max_inline;
+    return vibif_pow2_at_least(VIBIF_SEND_WQE_HEADER + body);
+}
+static inline uint32_t vibif_recv_wqe_stride(uint32_t max_sge) {
+    return vibif_pow2_at_least(VIBIF_RECV_WQE_HEADER + max_sge * VIBIF_SGE_SIZE);
+}
+static inline uint64_t vibif_pages_for(uint64_t bytes) {
+    return (bytes + VIBIF_PAGE_SIZE - 1) / VIBIF_PAGE_SIZE;
+}
+/* Offset of the receive queue in a QP buffer, and the buffer's page count. */
+static inline uint64_t vibif_qp_recv_offset(uint32_t max_send_wr, uint32_t send_stride) {
+    uint64_t send_bytes = max_send_wr;
+    send_bytes *= send_stride;
+    return vibif_pages_for(send_bytes) * VIBIF_PAGE_SIZE;
+}
+static inline uint64_t vibif_qp_buffer_pages(uint32_t max_send_wr, uint32_t send_stride,
+                                             uint32_t max_recv_wr, uint32_t recv_stride) {
+    uint64_t recv_bytes = max_recv_wr;
+    recv_bytes *= recv_stride;
+    return vibif_pages_for(vibif_qp_recv_offset(max_send_wr, send_stride) + recv_bytes);
+}
+/* The owner byte of the CQE at free-running index `index`. */
+static inline uint8_t vibif_cqe_owner(uint32_t index, uint32_t entries) {
+    const uint8_t first_lap_value = 1, second_lap_value = 0;
+    return (index / entries) % 2u == 0u ? first_lap_value : second_lap_value;
+}
 
 /* The doorbell page (one per context, granted by the back-end, writable by
  * the guest). Every field has one writer, named in its comment. */

@@ -1,0 +1,88 @@
+// How the HCA's events reach the context that owns the object they name.
+//
+// An HCA has one completion-event fd and one async-event fd for all of its
+// objects; vibd's main thread waits on them and routes each event to the
+// owning context's mailbox, which wakes that context's worker. Workers
+// register and unregister their objects (ControlPath's HcaObjectListener).
+#pragma once
+
+#include <sys/eventfd.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <system_error>
+#include <vector>
+
+#include "vib/platform/hca.hpp"
+#include "vib/platform/unique_fd.hpp"
+
+namespace vib::backend {
+
+// One context's inbox. Shared (shared_ptr) by the worker and the router, so
+// an event routed while the context closes lands in a live object.
+class ContextMailbox {
+ public:
+  ContextMailbox() : wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (!wake_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
+  }
+  int fd() const { return wake_fd_.get(); }
+  void wake() {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(wake_fd_.get(), &one, sizeof one);
+  }
+  void post(const platform::AsyncEvent& event) {
+    {
+      std::lock_guard lock(mu_);
+      events_.push_back(event);
+    }
+    wake();
+  }
+  // Clears the wake-up and returns the queued asynchronous events.
+  std::vector<platform::AsyncEvent> take() {
+    std::uint64_t value;
+    [[maybe_unused]] auto n = ::read(wake_fd_.get(), &value, sizeof value);
+    std::lock_guard lock(mu_);
+    return std::exchange(events_, {});
+  }
+
+ private:
+  platform::UniqueFd wake_fd_;
+  std::mutex mu_;
+  std::vector<platform::AsyncEvent> events_;
+};
+
+class HcaEventRouter {
+ public:
+  void add(const void* object, std::shared_ptr<ContextMailbox> mailbox) {
+    std::lock_guard lock(mu_);
+    owners_[object] = std::move(mailbox);
+  }
+  void remove(const void* object) {
+    std::lock_guard lock(mu_);
+    owners_.erase(object);
+  }
+  // Main thread: drains the HCA's pending events and wakes their owners.
+  void dispatch(platform::Hca& hca) {
+    while (platform::CompletionQueue* cq = hca.next_completion_event())
+      if (auto mailbox = owner(cq)) mailbox->wake();
+    while (auto event = hca.next_async_event()) {
+      const void* object = event->qp ? static_cast<const void*>(event->qp)
+                           : event->cq ? static_cast<const void*>(event->cq)
+                                       : static_cast<const void*>(event->srq);
+      if (auto mailbox = owner(object)) mailbox->post(*event);
+    }
+  }
+
+ private:
+  std::shared_ptr<ContextMailbox> owner(const void* object) {
+    std::lock_guard lock(mu_);
+    auto it = owners_.find(object);
+    return it == owners_.end() ? nullptr : it->second;
+  }
+  std::mutex mu_;
+  std::map<const void*, std::shared_ptr<ContextMailbox>> owners_;
+};
+
+}  // namespace vib::backend
