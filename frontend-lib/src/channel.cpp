@@ -81,6 +81,15 @@ class XenChannel final : public Channel {
 
   unsigned context_id() const override { return ctxid_; }
   platform::DomId backend_domid() const override { return backend_domid_; }
+  vibif_doorbell_page& doorbell() override {
+    return *reinterpret_cast<vibif_doorbell_page*>(doorbell_->bytes().data());
+  }
+  platform::GrantSharer& sharer() override { return *sharer_; }
+  void kick() override { events_->notify(port_); }
+  int event_fd() override { return events_->fd(); }
+  void consume_notifications() override {
+    while (auto port = events_->pending()) events_->unmask(*port);
+  }
 
  private:
   template <typename Done>
@@ -126,8 +135,8 @@ class XenChannel final : public Channel {
     port_ = events_->bind_unbound(backend_domid_);
     // If this process dies, the ring's unmap clears its alive byte and
     // notifies the back-end.
-    ring_pages_ = platform::open_grant_sharer(options_.xen)
-                      ->share(backend_domid_, 1, true, platform::UnmapNotify{VIBIF_RING_ALIVE_OFFSET, port_});
+    sharer_ = platform::open_grant_sharer(options_.xen);
+    ring_pages_ = sharer_->share(backend_domid_, 1, true, platform::UnmapNotify{VIBIF_RING_ALIVE_OFFSET, port_});
     auto* shared = reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data());
     SHARED_RING_INIT(shared);
     ring_pages_->bytes()[VIBIF_RING_ALIVE_OFFSET] = std::byte{1};
@@ -162,6 +171,7 @@ class XenChannel final : public Channel {
   unsigned ctxid_ = 0;
   std::unique_ptr<platform::EventChannels> events_;
   platform::EventPort port_ = 0;
+  std::unique_ptr<platform::GrantSharer> sharer_;
   std::unique_ptr<platform::SharedPages> ring_pages_;
   vibif_ctrl_front_ring ring_{};
   std::unique_ptr<platform::GrantMapping> doorbell_;

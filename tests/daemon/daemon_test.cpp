@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "local_xen.hpp"
+#include "vibd_fixture.hpp"
 #include "vib/front/channel.hpp"
 #include "vib/platform/xenstore.hpp"
 
@@ -20,86 +21,15 @@ using namespace std::chrono_literals;
 
 namespace {
 
-class Vibd : public ::testing::Test {
+class Vibd : public vib::test::VibdFixture {
  protected:
-  void SetUp() override {
-    xen_.create_domain(5);
-    xen_.create_domain(6);
-    store_ = open_xenstore(xen_.as(0));
-  }
-  void TearDown() override { stop_vibd(); }
-
-  void start_vibd() {
-    const pid_t parent = ::getpid();
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a killed test
-      if (::getppid() != parent) ::_exit(1);
-      ::execl(VIBD, VIBD, "--local-xen", xen_.dir().c_str(), static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-  }
-  int stop_vibd() {
-    if (pid_ <= 0) return -1;
-    ::kill(pid_, SIGTERM);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return status;
-  }
-
-  static std::string be(DomId domid, unsigned devid = 0) {
-    return "/local/domain/0/backend/vib/" + std::to_string(domid) + "/" + std::to_string(devid);
-  }
-  static std::string fe(DomId domid, unsigned devid = 0) {
-    return "/local/domain/" + std::to_string(domid) + "/device/vib/" + std::to_string(devid);
-  }
-
-  // What the toolstack writes for a device, with libxl's permissions.
-  void provision(DomId domid, const std::string& hca = "soft") {
-    with_transaction(*store_, [&](TransactionId tx) {
-      store_->write(tx, be(domid) + "/frontend", fe(domid));
-      store_->write(tx, be(domid) + "/frontend-id", std::to_string(domid));
-      store_->write(tx, be(domid) + "/online", "1");
-      store_->write(tx, be(domid) + "/state", "1");
-      store_->write(tx, be(domid) + "/hca", hca);
-      store_->set_permissions(tx, be(domid), {{kDom0, Access::none}, {domid, Access::read}});
-      for (const char* key : {"/frontend", "/frontend-id", "/online", "/state", "/hca"})
-        store_->set_permissions(tx, be(domid) + key, {{kDom0, Access::none}, {domid, Access::read}});
-      store_->write(tx, fe(domid) + "/backend", be(domid));
-      store_->write(tx, fe(domid) + "/backend-id", "0");
-      store_->write(tx, fe(domid) + "/state", "1");
-      for (const char* key : {"", "/backend", "/backend-id", "/state"})
-        store_->set_permissions(tx, fe(domid) + key, {{domid, Access::none}, {kDom0, Access::read}});
-    });
-  }
-
-  // Polls xenstore (bounded) until `path` reads `want` (nullopt: is absent).
-  bool eventually(const std::string& path, std::optional<std::string> want, std::chrono::milliseconds limit = 5s) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (store_->read(kNoTransaction, path) == want) return true;
-      std::this_thread::sleep_for(10ms);
-    }
-    return false;
-  }
+  void start_vibd() { VibdFixture::start_vibd(VIBD); }
 
   std::unique_ptr<vib::front::Channel> open_channel(DomId domid) {
     vib::front::ChannelOptions options;
     options.xen = xen_.as(domid);
     return vib::front::Channel::open(options);
   }
-
-  static vibif_request request(std::uint16_t op) {
-    vibif_request req;
-    std::memset(&req, 0, sizeof(req));
-    req.hdr.op = op;
-    return req;
-  }
-
-  vib::test::LocalXen xen_;
-  std::unique_ptr<XenStore> store_;
-  pid_t pid_ = -1;
 };
 
 }  // namespace

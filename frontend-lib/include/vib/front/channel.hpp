@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "vib/platform/grants.hpp"
 #include "vib/platform/types.hpp"
 #include "vib/vibif.h"
 
@@ -30,6 +31,17 @@ class Channel {
   virtual vibif_response call(vibif_request request) = 0;
   virtual unsigned context_id() const = 0;
   virtual platform::DomId backend_domid() const = 0;
+
+  // The fast path's shared state (vibif.h, FAST PATH).
+  virtual vibif_doorbell_page& doorbell() = 0;
+  // Grants pages to the back-end (queue buffers, registered memory).
+  virtual platform::GrantSharer& sharer() = 0;
+  // Notifies the back-end (after posting, when it is not polling).
+  virtual void kick() = 0;
+  // Pollable (POLLIN) when the back-end notified this context; consume()
+  // clears it.
+  virtual int event_fd() = 0;
+  virtual void consume_notifications() = 0;
 };
 
 }  // namespace vib::front

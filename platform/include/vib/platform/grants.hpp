@@ -51,6 +51,14 @@ class SharedPages {
   virtual ~SharedPages() = default;
   virtual std::span<std::byte> bytes() = 0;
   virtual std::span<const GrantRef> refs() const = 0;
+  // Moves the pages' mapping to `address` (page-aligned), replacing whatever
+  // was mapped there, as mremap(MREMAP_FIXED) does: this is how a guest
+  // library puts granted pages under a buffer an application already has.
+  // bytes() follows. Throws std::system_error.
+  virtual void move_to(std::byte* address) = 0;
+  // The caller has mapped other memory over the pages (which unmapped
+  // them): destruction then ends the grants and unmaps nothing.
+  virtual void forget_mapping() = 0;
 };
 
 class GrantSharer {

@@ -1,0 +1,215 @@
+// libvibfront's verbs: the objects of one vib context, with rdma-core's own
+// structs (ibv_qp_attr, ibv_send_wr, ibv_wc, ...) in and out, so a verbs
+// library on top only forwards.
+//
+// Control operations (create, modify, destroy) are requests on the
+// context's ring. The data path never waits for the back-end: post_send /
+// post_recv write WQEs into granted queue pages and publish a producer
+// index in the doorbell page (kicking the event channel only when the
+// back-end is not polling); poll_cq reads CQEs the back-end wrote into
+// granted CQ pages.
+//
+// Memory registration is zero copy for any buffer, including ones the
+// application allocated itself: the pages under the buffer are replaced, at
+// the same virtual address, by granted pages holding the same bytes (one
+// copy at registration, one at deregistration). See docs/frontend.md.
+//
+// Errors throw std::system_error with the errno the back-end answered;
+// post_* and poll_cq return errno values like libibverbs.
+#pragma once
+
+#include <infiniband/verbs.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "vib/front/channel.hpp"
+
+namespace vib::front {
+
+class Pd;
+class Cq;
+class Qp;
+class Srq;
+
+// An address handle; `verbs` is what ibv_send_wr::wr.ud.ah points to.
+struct Ah {
+  ibv_ah verbs{};
+  vibif_handle_t handle = 0;
+  Pd* pd = nullptr;
+};
+
+class Device {
+ public:
+  static std::unique_ptr<Device> open(const ChannelOptions& options);
+  ~Device();
+
+  void query_device(ibv_device_attr& attr);
+  void query_port(std::uint8_t port, ibv_port_attr& attr);
+  void query_gid(std::uint8_t port, int index, ibv_gid& gid);
+  // In network byte order, as ibv_query_pkey answers.
+  void query_pkey(std::uint8_t port, int index, std::uint16_t& pkey);
+
+  std::unique_ptr<Pd> alloc_pd();
+  std::unique_ptr<Cq> create_cq(int cqe);
+
+  // The next event the back-end queued (completion or asynchronous), if any.
+  std::optional<vibif_event> next_event();
+  // Pollable when the back-end notified; consume_notifications() clears it.
+  int event_fd() { return channel_->event_fd(); }
+  void consume_notifications() { channel_->consume_notifications(); }
+
+  Channel& channel() { return *channel_; }
+  // Sends a request; throws on a non-zero status.
+  vibif_response call(const vibif_request& request, const char* what);
+
+ private:
+  friend class Pd;
+  friend class Mr;
+  explicit Device(std::unique_ptr<Channel> channel);
+
+  // Granted pages under [start, start + pages * 4096), shared by every MR
+  // that lies within them (a registration cache keyed by page range).
+  struct GrantedRange;
+  std::shared_ptr<GrantedRange> grant_range(std::uintptr_t start, std::size_t pages);
+
+  std::unique_ptr<Channel> channel_;
+  std::mutex mu_;  // the ring and the range map: verbs calls may come from any thread
+  std::map<std::uintptr_t, std::weak_ptr<GrantedRange>> ranges_;
+  std::uint32_t event_consumer_ = 0;
+};
+
+class Mr {
+ public:
+  ~Mr();
+  std::uint32_t lkey() const { return lkey_; }
+  std::uint32_t rkey() const { return rkey_; }
+  void* addr() const { return addr_; }
+  std::size_t length() const { return length_; }
+
+ private:
+  friend class Pd;
+  Mr() = default;
+  Device* device_ = nullptr;
+  std::shared_ptr<Device::GrantedRange> range_;
+  vibif_handle_t handle_ = 0;
+  std::uint32_t lkey_ = 0, rkey_ = 0;
+  void* addr_ = nullptr;
+  std::size_t length_ = 0;
+};
+
+struct QpInit {
+  Cq* send_cq = nullptr;
+  Cq* recv_cq = nullptr;
+  Srq* srq = nullptr;
+  ibv_qp_cap cap{};
+  ibv_qp_type qp_type = IBV_QPT_RC;
+  bool sq_sig_all = false;
+};
+
+class Pd {
+ public:
+  ~Pd();
+  std::unique_ptr<Mr> reg_mr(void* addr, std::size_t length, int access);
+  std::unique_ptr<Ah> create_ah(const ibv_ah_attr& attr);
+  void destroy_ah(std::unique_ptr<Ah> ah);
+  std::unique_ptr<Qp> create_qp(const QpInit& init);
+  std::unique_ptr<Srq> create_srq(const ibv_srq_init_attr& init);
+  Device& device() { return device_; }
+  vibif_handle_t handle() const { return handle_; }
+
+ private:
+  friend class Device;
+  Pd(Device& device, vibif_handle_t handle) : device_(device), handle_(handle) {}
+  Device& device_;
+  vibif_handle_t handle_;
+};
+
+// A queue in granted pages: `entries` slots of `stride` bytes, indices in a
+// doorbell slot.
+struct GuestQueue {
+  std::byte* base = nullptr;
+  std::uint32_t entries = 0, stride = 0;
+  std::uint16_t slot = 0;
+  std::uint32_t producer = 0;
+};
+
+class Cq {
+ public:
+  ~Cq();
+  // Like ibv_poll_cq: how many completions were written to out.
+  int poll(std::span<ibv_wc> out);
+  // Like ibv_req_notify_cq: a completion event for the next completion.
+  void request_notify(bool solicited_only);
+  void resize(int cqe);
+  int capacity() const { return static_cast<int>(entries_); }
+  vibif_handle_t handle() const { return handle_; }
+
+ private:
+  friend class Device;
+  Cq(Device& device) : device_(device) {}
+  void attach(const vibif_create_cq_resp& rsp, std::unique_ptr<platform::SharedPages> pages, std::uint32_t entries);
+  Device& device_;
+  std::mutex mu_;
+  std::unique_ptr<platform::SharedPages> pages_;
+  vibif_handle_t handle_ = 0;
+  std::uint32_t entries_ = 0;
+  std::uint16_t slot_ = 0;
+  std::uint32_t consumer_ = 0;
+  std::uint32_t arm_sequence_ = 0;
+};
+
+class Srq {
+ public:
+  ~Srq();
+  int post_recv(const ibv_recv_wr* wr, ibv_recv_wr** bad_wr);
+  int modify(const ibv_srq_attr& attr, int attr_mask);
+  int query(ibv_srq_attr& attr);
+  vibif_handle_t handle() const { return handle_; }
+
+ private:
+  friend class Pd;
+  Srq(Device& device) : device_(device) {}
+  Device& device_;
+  std::mutex mu_;
+  std::unique_ptr<platform::SharedPages> pages_;
+  vibif_handle_t handle_ = 0;
+  GuestQueue rq_;
+  std::uint32_t max_sge_ = 0;
+};
+
+class Qp {
+ public:
+  ~Qp();
+  std::uint32_t qp_num() const { return qp_num_; }
+  ibv_qp_type type() const { return type_; }
+  const ibv_qp_cap& cap() const { return cap_; }
+  // 0 or an errno, like ibv_modify_qp / ibv_query_qp.
+  int modify(const ibv_qp_attr& attr, int attr_mask);
+  int query(ibv_qp_attr& attr, int attr_mask, ibv_qp_init_attr& init);
+  // 0 or an errno; *bad_wr is the first request not posted.
+  int post_send(const ibv_send_wr* wr, ibv_send_wr** bad_wr);
+  int post_recv(const ibv_recv_wr* wr, ibv_recv_wr** bad_wr);
+  ibv_qp_state state() const { return state_; }
+
+ private:
+  friend class Pd;
+  Qp(Device& device) : device_(device) {}
+  Device& device_;
+  std::mutex send_mu_, recv_mu_;
+  std::unique_ptr<platform::SharedPages> pages_;
+  vibif_handle_t handle_ = 0;
+  std::uint32_t qp_num_ = 0;
+  ibv_qp_type type_ = IBV_QPT_RC;
+  ibv_qp_cap cap_{};
+  GuestQueue sq_, rq_;
+  bool has_rq_ = true;
+  ibv_qp_state state_ = IBV_QPS_RESET;
+};
+
+}  // namespace vib::front

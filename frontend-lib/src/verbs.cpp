@@ -1,0 +1,731 @@
+#include "vib/front/verbs.hpp"
+
+#include <sys/mman.h>
+
+#include <array>
+#include <cstring>
+#include <system_error>
+
+namespace vib::front {
+
+namespace {
+
+constexpr std::uintptr_t kPageMask = VIBIF_PAGE_SIZE - 1;
+
+[[noreturn]] void fail(int err, const std::string& what) {
+  throw std::system_error(err, std::generic_category(), "vib: " + what);
+}
+
+vibif_request request(std::uint16_t op) {
+  vibif_request req;
+  std::memset(&req, 0, sizeof(req));
+  req.hdr.op = op;
+  return req;
+}
+
+std::uint32_t pow2_at_least(std::uint32_t v) { return vibif_pow2_at_least(v == 0 ? 1 : v); }
+
+// Fills `list` for `refs`: inline, or through granted pages of refs (kept
+// in `indirect` until the request has been answered).
+void encode_page_list(Channel& channel, std::span<const platform::GrantRef> refs, vibif_page_list& list,
+                      std::vector<std::unique_ptr<platform::SharedPages>>& indirect) {
+  list = vibif_page_list{};
+  list.nr_pages = static_cast<std::uint32_t>(refs.size());
+  auto put_refs_in_pages = [&](std::span<const platform::GrantRef> data) {
+    const std::size_t pages = vibif_pages_for(data.size_bytes());
+    auto shared = channel.sharer().share(channel.backend_domid(), pages, /*writable=*/false);
+    std::memcpy(shared->bytes().data(), data.data(), data.size_bytes());
+    std::vector<platform::GrantRef> page_refs(shared->refs().begin(), shared->refs().end());
+    indirect.push_back(std::move(shared));
+    return page_refs;
+  };
+  std::vector<platform::GrantRef> top(refs.begin(), refs.end());
+  while (top.size() > VIBIF_PAGE_LIST_INLINE) {
+    if (list.levels == VIBIF_PAGE_LIST_MAX_LEVELS) fail(E2BIG, "region too large for a page list");
+    top = put_refs_in_pages(top);
+    ++list.levels;
+  }
+  list.nr_refs = static_cast<std::uint8_t>(top.size());
+  std::copy(top.begin(), top.end(), list.refs);
+}
+
+vibif_qp_cap to_wire(const ibv_qp_cap& c) {
+  return vibif_qp_cap{c.max_send_wr, c.max_recv_wr, c.max_send_sge, c.max_recv_sge, c.max_inline_data};
+}
+ibv_qp_cap from_wire(const vibif_qp_cap& c) {
+  return ibv_qp_cap{c.max_send_wr, c.max_recv_wr, c.max_send_sge, c.max_recv_sge, c.max_inline_data};
+}
+
+void to_wire(const ibv_ah_attr& in, vibif_ah_attr& out) {
+  out = vibif_ah_attr{};
+  std::memcpy(out.dgid, in.grh.dgid.raw, sizeof(out.dgid));
+  out.flow_label = in.grh.flow_label;
+  out.sgid_index = in.grh.sgid_index;
+  out.hop_limit = in.grh.hop_limit;
+  out.traffic_class = in.grh.traffic_class;
+  out.is_global = in.is_global;
+  out.dlid = in.dlid;
+  out.sl = in.sl;
+  out.src_path_bits = in.src_path_bits;
+  out.static_rate = in.static_rate;
+  out.port_num = in.port_num;
+}
+
+void from_wire(const vibif_ah_attr& in, ibv_ah_attr& out) {
+  out = ibv_ah_attr{};
+  std::memcpy(out.grh.dgid.raw, in.dgid, sizeof(in.dgid));
+  out.grh.flow_label = in.flow_label;
+  out.grh.sgid_index = in.sgid_index;
+  out.grh.hop_limit = in.hop_limit;
+  out.grh.traffic_class = in.traffic_class;
+  out.is_global = in.is_global;
+  out.dlid = in.dlid;
+  out.sl = in.sl;
+  out.src_path_bits = in.src_path_bits;
+  out.static_rate = in.static_rate;
+  out.port_num = in.port_num;
+}
+
+std::uint32_t load_acquire(const std::uint32_t& v) { return __atomic_load_n(&v, __ATOMIC_ACQUIRE); }
+void store_release(std::uint32_t& v, std::uint32_t value) { __atomic_store_n(&v, value, __ATOMIC_RELEASE); }
+
+// Publishes a queue's producer and kicks the back-end only if it sleeps.
+void ring_doorbell(Channel& channel, GuestQueue& q) {
+  auto& db = channel.doorbell();
+  store_release(db.slots[q.slot].producer, q.producer);
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&db.backend_polling, __ATOMIC_SEQ_CST) == 0) {
+    __atomic_fetch_add(&db.guest_kicks, 1u, __ATOMIC_RELAXED);
+    channel.kick();
+  }
+}
+
+bool queue_full(Channel& channel, const GuestQueue& q) {
+  return q.producer - load_acquire(channel.doorbell().slots[q.slot].consumer) >= q.entries;
+}
+
+}  // namespace
+
+// ---- Device -----------------------------------------------------------------
+
+struct Device::GrantedRange {
+  std::uintptr_t start = 0;
+  std::size_t pages = 0;
+  std::unique_ptr<platform::SharedPages> shared;
+
+  // Puts private pages with the same bytes back under the application's
+  // buffer; replacing the mapping in one mremap leaves no hole.
+  ~GrantedRange() {
+    const std::size_t size = pages * VIBIF_PAGE_SIZE;
+    void* copy = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (copy == MAP_FAILED) return;  // the granted pages stay: nothing is lost
+    std::memcpy(copy, reinterpret_cast<void*>(start), size);
+    if (::mremap(copy, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, reinterpret_cast<void*>(start)) == MAP_FAILED) {
+      ::munmap(copy, size);
+      return;
+    }
+    shared->forget_mapping();
+  }
+};
+
+Device::Device(std::unique_ptr<Channel> channel) : channel_(std::move(channel)) {}
+Device::~Device() = default;
+
+std::unique_ptr<Device> Device::open(const ChannelOptions& options) {
+  return std::unique_ptr<Device>(new Device(Channel::open(options)));
+}
+
+vibif_response Device::call(const vibif_request& req, const char* what) {
+  vibif_response rsp;
+  {
+    std::lock_guard lock(mu_);
+    rsp = channel_->call(req);
+  }
+  if (rsp.hdr.status != VIBIF_OK) fail(-rsp.hdr.status, what);
+  return rsp;
+}
+
+void Device::query_device(ibv_device_attr& attr) {
+  const auto d = call(request(VIBIF_OP_QUERY_DEVICE), "query device").u.query_device;
+  attr = ibv_device_attr{};
+  std::memcpy(attr.fw_ver, d.fw_ver, sizeof(attr.fw_ver));
+  attr.node_guid = d.node_guid;
+  attr.sys_image_guid = d.sys_image_guid;
+  attr.max_mr_size = d.max_mr_size;
+  attr.page_size_cap = d.page_size_cap;
+  attr.vendor_id = d.vendor_id;
+  attr.vendor_part_id = d.vendor_part_id;
+  attr.hw_ver = d.hw_ver;
+  attr.max_qp = static_cast<int>(d.max_qp);
+  attr.max_qp_wr = static_cast<int>(d.max_qp_wr);
+  attr.device_cap_flags = d.device_cap_flags;
+  attr.max_sge = static_cast<int>(d.max_sge);
+  attr.max_cq = static_cast<int>(d.max_cq);
+  attr.max_cqe = static_cast<int>(d.max_cqe);
+  attr.max_mr = static_cast<int>(d.max_mr);
+  attr.max_pd = static_cast<int>(d.max_pd);
+  attr.max_qp_rd_atom = static_cast<int>(d.max_qp_rd_atom);
+  attr.max_qp_init_rd_atom = static_cast<int>(d.max_qp_init_rd_atom);
+  attr.atomic_cap = static_cast<ibv_atomic_cap>(d.atomic_cap);
+  attr.max_ah = static_cast<int>(d.max_ah);
+  attr.max_srq = static_cast<int>(d.max_srq);
+  attr.max_srq_wr = static_cast<int>(d.max_srq_wr);
+  attr.max_srq_sge = static_cast<int>(d.max_srq_sge);
+  attr.max_pkeys = static_cast<std::uint16_t>(d.max_pkeys);
+  attr.phys_port_cnt = d.phys_port_cnt;
+  attr.local_ca_ack_delay = d.local_ca_ack_delay;
+}
+
+void Device::query_port(std::uint8_t port, ibv_port_attr& attr) {
+  auto req = request(VIBIF_OP_QUERY_PORT);
+  req.u.query_port.port = port;
+  const auto p = call(req, "query port").u.query_port;
+  attr = ibv_port_attr{};
+  attr.state = static_cast<ibv_port_state>(p.state);
+  attr.max_mtu = static_cast<ibv_mtu>(p.max_mtu);
+  attr.active_mtu = static_cast<ibv_mtu>(p.active_mtu);
+  attr.gid_tbl_len = static_cast<int>(p.gid_tbl_len);
+  attr.port_cap_flags = p.port_cap_flags;
+  attr.max_msg_sz = p.max_msg_sz;
+  attr.bad_pkey_cntr = p.bad_pkey_cntr;
+  attr.qkey_viol_cntr = p.qkey_viol_cntr;
+  attr.pkey_tbl_len = p.pkey_tbl_len;
+  attr.lid = p.lid;
+  attr.sm_lid = p.sm_lid;
+  attr.lmc = p.lmc;
+  attr.max_vl_num = p.max_vl_num;
+  attr.sm_sl = p.sm_sl;
+  attr.subnet_timeout = p.subnet_timeout;
+  attr.init_type_reply = p.init_type_reply;
+  attr.active_width = p.active_width;
+  attr.active_speed = p.active_speed;
+  attr.phys_state = p.phys_state;
+  attr.link_layer = p.link_layer;
+  attr.flags = p.flags;
+}
+
+void Device::query_gid(std::uint8_t port, int index, ibv_gid& gid) {
+  auto req = request(VIBIF_OP_QUERY_GID);
+  req.u.query_gid.port = port;
+  req.u.query_gid.index = static_cast<std::uint32_t>(index);
+  std::memcpy(gid.raw, call(req, "query GID").u.query_gid.gid, sizeof(gid.raw));
+}
+
+void Device::query_pkey(std::uint8_t port, int index, std::uint16_t& pkey) {
+  auto req = request(VIBIF_OP_QUERY_PKEY);
+  req.u.query_pkey.port = port;
+  req.u.query_pkey.index = static_cast<std::uint32_t>(index);
+  const std::uint16_t host = call(req, "query P_Key").u.query_pkey.pkey;
+  pkey = static_cast<std::uint16_t>((host >> 8) | (host << 8));
+}
+
+std::unique_ptr<Pd> Device::alloc_pd() {
+  const auto rsp = call(request(VIBIF_OP_ALLOC_PD), "allocate PD");
+  return std::unique_ptr<Pd>(new Pd(*this, rsp.u.handle.handle));
+}
+
+std::optional<vibif_event> Device::next_event() {
+  std::lock_guard lock(mu_);
+  auto& db = channel_->doorbell();
+  const std::uint32_t producer = load_acquire(db.event_producer);
+  if (producer == event_consumer_) return std::nullopt;
+  const vibif_event e = db.events[event_consumer_ % VIBIF_EVENT_QUEUE_LEN];
+  ++event_consumer_;
+  store_release(db.event_consumer, event_consumer_);
+  return e;
+}
+
+std::shared_ptr<Device::GrantedRange> Device::grant_range(std::uintptr_t start, std::size_t pages) {
+  std::lock_guard lock(mu_);
+  const std::uintptr_t end = start + pages * VIBIF_PAGE_SIZE;
+  for (auto it = ranges_.begin(); it != ranges_.end();) {
+    auto range = it->second.lock();
+    if (!range) {
+      it = ranges_.erase(it);
+      continue;
+    }
+    const std::uintptr_t r_end = range->start + range->pages * VIBIF_PAGE_SIZE;
+    if (range->start <= start && end <= r_end) return range;
+    if (start < r_end && range->start < end)
+      fail(EBUSY, "memory region overlaps part of another registration");
+    ++it;
+  }
+  auto range = std::make_shared<GrantedRange>();
+  range->start = start;
+  range->pages = pages;
+  range->shared = channel_->sharer().share(channel_->backend_domid(), pages, /*writable=*/true);
+  // The application's bytes move into the granted pages, which then take
+  // the buffer's place at the same address.
+  std::memcpy(range->shared->bytes().data(), reinterpret_cast<const void*>(start), pages * VIBIF_PAGE_SIZE);
+  range->shared->move_to(reinterpret_cast<std::byte*>(start));
+  ranges_[start] = range;
+  return range;
+}
+
+// ---- PD, MR, AH ---------------------------------------------------------------
+
+Pd::~Pd() {
+  auto req = request(VIBIF_OP_DEALLOC_PD);
+  req.u.handle.handle = handle_;
+  try {
+    device_.call(req, "deallocate PD");
+  } catch (const std::exception&) {
+    // Freed with the context at the latest.
+  }
+}
+
+std::unique_ptr<Mr> Pd::reg_mr(void* addr, std::size_t length, int access) {
+  if (length == 0 || !addr) fail(EINVAL, "register memory: empty region");
+  const auto first = reinterpret_cast<std::uintptr_t>(addr);
+  const std::uintptr_t start = first & ~kPageMask;
+  const std::uintptr_t end = (first + length + kPageMask) & ~kPageMask;
+  const std::size_t pages = (end - start) / VIBIF_PAGE_SIZE;
+  auto mr = std::unique_ptr<Mr>(new Mr());
+  mr->device_ = &device_;
+  mr->range_ = device_.grant_range(start, pages);
+  const auto all = mr->range_->shared->refs();
+  const auto refs = all.subspan((start - mr->range_->start) / VIBIF_PAGE_SIZE, pages);
+  auto req = request(VIBIF_OP_REG_MR);
+  auto& r = req.u.reg_mr;
+  r.pd = handle_;
+  r.access = static_cast<std::uint32_t>(access);
+  r.iova = first;
+  r.length = length;
+  r.first_offset = static_cast<std::uint32_t>(first & kPageMask);
+  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
+  encode_page_list(device_.channel(), refs, r.pages, indirect);
+  const auto rsp = device_.call(req, "register memory");
+  mr->handle_ = rsp.u.reg_mr.mr;
+  mr->lkey_ = rsp.u.reg_mr.lkey;
+  mr->rkey_ = rsp.u.reg_mr.rkey;
+  mr->addr_ = addr;
+  mr->length_ = length;
+  return mr;
+}
+
+Mr::~Mr() {
+  auto req = request(VIBIF_OP_DEREG_MR);
+  req.u.handle.handle = handle_;
+  try {
+    device_->call(req, "deregister memory");
+  } catch (const std::exception&) {
+  }
+}
+
+std::unique_ptr<Ah> Pd::create_ah(const ibv_ah_attr& attr) {
+  auto req = request(VIBIF_OP_CREATE_AH);
+  req.u.create_ah.pd = handle_;
+  to_wire(attr, req.u.create_ah.attr);
+  auto ah = std::make_unique<Ah>();
+  ah->handle = device_.call(req, "create AH").u.handle.handle;
+  ah->pd = this;
+  return ah;
+}
+
+void Pd::destroy_ah(std::unique_ptr<Ah> ah) {
+  auto req = request(VIBIF_OP_DESTROY_AH);
+  req.u.handle.handle = ah->handle;
+  device_.call(req, "destroy AH");
+}
+
+// ---- CQ ---------------------------------------------------------------------
+
+std::unique_ptr<Cq> Device::create_cq(int cqe) {
+  if (cqe <= 0 || static_cast<std::uint32_t>(cqe) > VIBIF_MAX_CQE) fail(EINVAL, "create CQ: bad size");
+  const std::uint32_t entries = pow2_at_least(static_cast<std::uint32_t>(cqe));
+  auto pages = channel_->sharer().share(channel_->backend_domid(),
+                                        vibif_pages_for(std::uint64_t{entries} * sizeof(vibif_cqe)), true);
+  auto req = request(VIBIF_OP_CREATE_CQ);
+  req.u.create_cq.cqe = entries;
+  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
+  encode_page_list(*channel_, pages->refs(), req.u.create_cq.pages, indirect);
+  const auto rsp = call(req, "create CQ");
+  auto cq = std::unique_ptr<Cq>(new Cq(*this));
+  cq->attach(rsp.u.create_cq, std::move(pages), entries);
+  return cq;
+}
+
+void Cq::attach(const vibif_create_cq_resp& rsp, std::unique_ptr<platform::SharedPages> pages,
+                std::uint32_t entries) {
+  pages_ = std::move(pages);
+  handle_ = rsp.cq;
+  entries_ = entries;
+  slot_ = rsp.doorbell_slot;
+}
+
+Cq::~Cq() {
+  auto req = request(VIBIF_OP_DESTROY_CQ);
+  req.u.handle.handle = handle_;
+  try {
+    device_.call(req, "destroy CQ");
+  } catch (const std::exception&) {
+  }
+}
+
+int Cq::poll(std::span<ibv_wc> out) {
+  std::lock_guard lock(mu_);
+  auto* ring = reinterpret_cast<const vibif_cqe*>(pages_->bytes().data());
+  int n = 0;
+  for (auto& wc : out) {
+    const vibif_cqe& e = ring[consumer_ & (entries_ - 1)];
+    if (__atomic_load_n(&e.owner, __ATOMIC_ACQUIRE) != vibif_cqe_owner(consumer_, entries_)) break;
+    wc = ibv_wc{};
+    wc.wr_id = e.wr_id;
+    wc.status = static_cast<ibv_wc_status>(e.status);
+    wc.opcode = static_cast<ibv_wc_opcode>(e.opcode);
+    wc.vendor_err = e.vendor_err;
+    wc.byte_len = e.byte_len;
+    wc.imm_data = e.imm_data;
+    wc.qp_num = e.qp_num;
+    wc.src_qp = e.src_qp;
+    wc.wc_flags = e.wc_flags;
+    wc.pkey_index = e.pkey_index;
+    wc.slid = e.slid;
+    wc.sl = e.sl;
+    wc.dlid_path_bits = e.dlid_path_bits;
+    ++consumer_;
+    ++n;
+  }
+  if (n) store_release(device_.channel().doorbell().slots[slot_].consumer, consumer_);
+  return n;
+}
+
+void Cq::request_notify(bool solicited_only) {
+  std::lock_guard lock(mu_);
+  arm_sequence_ = (arm_sequence_ + 1) & 0x7fffffffu;
+  const std::uint32_t value = arm_sequence_ | (solicited_only ? 0x80000000u : 0u);
+  __atomic_store_n(&device_.channel().doorbell().slots[slot_].arm_sequence, value, __ATOMIC_SEQ_CST);
+}
+
+void Cq::resize(int cqe) {
+  std::lock_guard lock(mu_);
+  if (cqe <= 0 || static_cast<std::uint32_t>(cqe) > VIBIF_MAX_CQE) fail(EINVAL, "resize CQ: bad size");
+  const std::uint32_t entries = pow2_at_least(static_cast<std::uint32_t>(cqe));
+  auto pages = device_.channel().sharer().share(device_.channel().backend_domid(),
+                                                vibif_pages_for(std::uint64_t{entries} * sizeof(vibif_cqe)), true);
+  auto req = request(VIBIF_OP_RESIZE_CQ);
+  req.u.resize_cq.cq = handle_;
+  req.u.resize_cq.cqe = entries;
+  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
+  encode_page_list(device_.channel(), pages->refs(), req.u.resize_cq.pages, indirect);
+  device_.call(req, "resize CQ");
+  // The back-end moved what we had not polled to the start of the new buffer.
+  pages_ = std::move(pages);
+  entries_ = entries;
+  consumer_ = 0;
+}
+
+// ---- SRQ --------------------------------------------------------------------
+
+std::unique_ptr<Srq> Pd::create_srq(const ibv_srq_init_attr& init) {
+  const std::uint32_t max_wr = pow2_at_least(init.attr.max_wr);
+  const std::uint32_t max_sge = std::max<std::uint32_t>(init.attr.max_sge, 1);
+  const std::uint32_t stride = vibif_recv_wqe_stride(max_sge);
+  auto& channel = device_.channel();
+  auto pages = channel.sharer().share(channel.backend_domid(), vibif_pages_for(std::uint64_t{max_wr} * stride), false);
+  auto req = request(VIBIF_OP_CREATE_SRQ);
+  auto& r = req.u.create_srq;
+  r.pd = handle_;
+  r.max_wr = max_wr;
+  r.max_sge = max_sge;
+  r.srq_limit = init.attr.srq_limit;
+  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
+  encode_page_list(channel, pages->refs(), r.pages, indirect);
+  const auto rsp = device_.call(req, "create SRQ").u.create_srq;
+  auto srq = std::unique_ptr<Srq>(new Srq(device_));
+  srq->pages_ = std::move(pages);
+  srq->handle_ = rsp.srq;
+  srq->rq_ = GuestQueue{srq->pages_->bytes().data(), max_wr, rsp.wqe_stride, rsp.doorbell_slot, 0};
+  srq->max_sge_ = max_sge;
+  return srq;
+}
+
+Srq::~Srq() {
+  auto req = request(VIBIF_OP_DESTROY_SRQ);
+  req.u.handle.handle = handle_;
+  try {
+    device_.call(req, "destroy SRQ");
+  } catch (const std::exception&) {
+  }
+}
+
+namespace {
+
+// Writes receive WQEs into `q`; 0 or an errno with *bad_wr set.
+int write_recv_wqes(Channel& channel, GuestQueue& q, std::uint32_t max_sge, const ibv_recv_wr* wr,
+                    ibv_recv_wr** bad_wr) {
+  int err = 0;
+  bool posted = false;
+  for (; wr; wr = wr->next) {
+    if (wr->num_sge < 0 || static_cast<std::uint32_t>(wr->num_sge) > max_sge) {
+      err = EINVAL;
+      break;
+    }
+    if (queue_full(channel, q)) {
+      err = ENOMEM;
+      break;
+    }
+    std::array<std::byte, 1024> wqe{};
+    vibif_recv_wqe h{wr->wr_id, static_cast<std::uint32_t>(wr->num_sge), 0};
+    std::memcpy(wqe.data(), &h, sizeof(h));
+    for (int i = 0; i < wr->num_sge; ++i) {
+      const vibif_sge g{wr->sg_list[i].addr, wr->sg_list[i].length, wr->sg_list[i].lkey};
+      std::memcpy(wqe.data() + sizeof(h) + static_cast<std::size_t>(i) * sizeof(g), &g, sizeof(g));
+    }
+    std::memcpy(q.base + std::size_t{q.producer & (q.entries - 1)} * q.stride, wqe.data(), q.stride);
+    ++q.producer;
+    posted = true;
+  }
+  if (err && bad_wr) *bad_wr = const_cast<ibv_recv_wr*>(wr);
+  if (posted) ring_doorbell(channel, q);
+  return err;
+}
+
+}  // namespace
+
+int Srq::post_recv(const ibv_recv_wr* wr, ibv_recv_wr** bad_wr) {
+  std::lock_guard lock(mu_);
+  return write_recv_wqes(device_.channel(), rq_, max_sge_, wr, bad_wr);
+}
+
+int Srq::modify(const ibv_srq_attr& attr, int attr_mask) {
+  auto req = request(VIBIF_OP_MODIFY_SRQ);
+  req.u.modify_srq.srq = handle_;
+  req.u.modify_srq.attr_mask = static_cast<std::uint32_t>(attr_mask);
+  req.u.modify_srq.max_wr = attr.max_wr;
+  req.u.modify_srq.srq_limit = attr.srq_limit;
+  try {
+    device_.call(req, "modify SRQ");
+  } catch (const std::system_error& e) {
+    return e.code().value();
+  }
+  return 0;
+}
+
+int Srq::query(ibv_srq_attr& attr) {
+  auto req = request(VIBIF_OP_QUERY_SRQ);
+  req.u.handle.handle = handle_;
+  try {
+    const auto q = device_.call(req, "query SRQ").u.query_srq;
+    attr = ibv_srq_attr{q.max_wr, q.max_sge, q.srq_limit};
+  } catch (const std::system_error& e) {
+    return e.code().value();
+  }
+  return 0;
+}
+
+// ---- QP ---------------------------------------------------------------------
+
+std::unique_ptr<Qp> Pd::create_qp(const QpInit& init) {
+  if (!init.send_cq || !init.recv_cq) fail(EINVAL, "create QP: no CQ");
+  const bool has_rq = init.srq == nullptr;
+  vibif_qp_cap cap{};
+  cap.max_send_wr = pow2_at_least(init.cap.max_send_wr);
+  cap.max_send_sge = std::max<std::uint32_t>(init.cap.max_send_sge, 1);
+  cap.max_inline_data = init.cap.max_inline_data;
+  if (has_rq) {
+    cap.max_recv_wr = pow2_at_least(init.cap.max_recv_wr);
+    cap.max_recv_sge = std::max<std::uint32_t>(init.cap.max_recv_sge, 1);
+  }
+  const std::uint32_t send_stride = vibif_send_wqe_stride(cap.max_send_sge, cap.max_inline_data);
+  const std::uint32_t recv_stride = has_rq ? vibif_recv_wqe_stride(cap.max_recv_sge) : 0;
+  auto& channel = device_.channel();
+  auto pages = channel.sharer().share(
+      channel.backend_domid(), vibif_qp_buffer_pages(cap.max_send_wr, send_stride, cap.max_recv_wr, recv_stride), false);
+  auto req = request(VIBIF_OP_CREATE_QP);
+  auto& r = req.u.create_qp;
+  r.pd = handle_;
+  r.send_cq = init.send_cq->handle();
+  r.recv_cq = init.recv_cq->handle();
+  r.srq = init.srq ? init.srq->handle() : VIBIF_HANDLE_NONE;
+  r.qp_type = static_cast<std::uint8_t>(init.qp_type);
+  r.sq_sig_all = init.sq_sig_all ? 1 : 0;
+  r.cap = cap;
+  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
+  encode_page_list(channel, pages->refs(), r.pages, indirect);
+  const auto rsp = device_.call(req, "create QP").u.create_qp;
+  auto qp = std::unique_ptr<Qp>(new Qp(device_));
+  qp->pages_ = std::move(pages);
+  std::byte* base = qp->pages_->bytes().data();
+  qp->handle_ = rsp.qp;
+  qp->qp_num_ = rsp.qp_num;
+  qp->type_ = init.qp_type;
+  qp->cap_ = from_wire(rsp.cap);
+  qp->has_rq_ = has_rq;
+  qp->sq_ = GuestQueue{base, cap.max_send_wr, rsp.send_wqe_stride, rsp.sq_doorbell_slot, 0};
+  if (has_rq)
+    qp->rq_ = GuestQueue{base + rsp.recv_queue_offset, cap.max_recv_wr, rsp.recv_wqe_stride, rsp.rq_doorbell_slot, 0};
+  return qp;
+}
+
+Qp::~Qp() {
+  auto req = request(VIBIF_OP_DESTROY_QP);
+  req.u.handle.handle = handle_;
+  try {
+    device_.call(req, "destroy QP");
+  } catch (const std::exception&) {
+  }
+}
+
+int Qp::modify(const ibv_qp_attr& a, int mask) {
+  auto req = request(VIBIF_OP_MODIFY_QP);
+  auto& r = req.u.modify_qp;
+  r.qp = handle_;
+  r.attr_mask = static_cast<std::uint32_t>(mask);
+  auto& w = r.attr;
+  w.qp_state = a.qp_state;
+  w.cur_qp_state = a.cur_qp_state;
+  w.path_mtu = a.path_mtu;
+  w.path_mig_state = a.path_mig_state;
+  w.qkey = a.qkey;
+  w.rq_psn = a.rq_psn;
+  w.sq_psn = a.sq_psn;
+  w.dest_qp_num = a.dest_qp_num;
+  w.qp_access_flags = static_cast<std::uint32_t>(a.qp_access_flags);
+  w.cap = to_wire(a.cap);
+  to_wire(a.ah_attr, w.ah_attr);
+  to_wire(a.alt_ah_attr, w.alt_ah_attr);
+  w.pkey_index = a.pkey_index;
+  w.alt_pkey_index = a.alt_pkey_index;
+  w.en_sqd_async_notify = a.en_sqd_async_notify;
+  w.sq_draining = a.sq_draining;
+  w.max_rd_atomic = a.max_rd_atomic;
+  w.max_dest_rd_atomic = a.max_dest_rd_atomic;
+  w.min_rnr_timer = a.min_rnr_timer;
+  w.port_num = a.port_num;
+  w.timeout = a.timeout;
+  w.retry_cnt = a.retry_cnt;
+  w.rnr_retry = a.rnr_retry;
+  w.alt_port_num = a.alt_port_num;
+  w.alt_timeout = a.alt_timeout;
+  w.rate_limit = a.rate_limit;
+  try {
+    device_.call(req, "modify QP");
+  } catch (const std::system_error& e) {
+    return e.code().value();
+  }
+  if (mask & IBV_QP_STATE) state_ = a.qp_state;
+  return 0;
+}
+
+int Qp::query(ibv_qp_attr& a, int, ibv_qp_init_attr& init) {
+  auto req = request(VIBIF_OP_QUERY_QP);
+  req.u.handle.handle = handle_;
+  vibif_query_qp_resp q;
+  try {
+    q = device_.call(req, "query QP").u.query_qp;
+  } catch (const std::system_error& e) {
+    return e.code().value();
+  }
+  const auto& w = q.attr;
+  a = ibv_qp_attr{};
+  a.qp_state = static_cast<ibv_qp_state>(w.qp_state);
+  a.cur_qp_state = static_cast<ibv_qp_state>(w.cur_qp_state);
+  a.path_mtu = static_cast<ibv_mtu>(w.path_mtu);
+  a.path_mig_state = static_cast<ibv_mig_state>(w.path_mig_state);
+  a.qkey = w.qkey;
+  a.rq_psn = w.rq_psn;
+  a.sq_psn = w.sq_psn;
+  a.dest_qp_num = w.dest_qp_num;
+  a.qp_access_flags = static_cast<int>(w.qp_access_flags);
+  a.cap = from_wire(w.cap);
+  from_wire(w.ah_attr, a.ah_attr);
+  a.pkey_index = w.pkey_index;
+  a.en_sqd_async_notify = w.en_sqd_async_notify;
+  a.sq_draining = w.sq_draining;
+  a.max_rd_atomic = w.max_rd_atomic;
+  a.max_dest_rd_atomic = w.max_dest_rd_atomic;
+  a.min_rnr_timer = w.min_rnr_timer;
+  a.port_num = w.port_num;
+  a.timeout = w.timeout;
+  a.retry_cnt = w.retry_cnt;
+  a.rnr_retry = w.rnr_retry;
+  init = ibv_qp_init_attr{};
+  init.cap = from_wire(q.init_cap);
+  init.qp_type = static_cast<ibv_qp_type>(q.qp_type);
+  init.sq_sig_all = q.sq_sig_all;
+  state_ = a.qp_state;
+  return 0;
+}
+
+int Qp::post_send(const ibv_send_wr* wr, ibv_send_wr** bad_wr) {
+  std::lock_guard lock(send_mu_);
+  auto& channel = device_.channel();
+  // As a hardware provider does: a QP that cannot send refuses at once.
+  if (state_ == IBV_QPS_RESET || state_ == IBV_QPS_INIT || state_ == IBV_QPS_RTR) {
+    if (bad_wr) *bad_wr = const_cast<ibv_send_wr*>(wr);
+    return EINVAL;
+  }
+  int err = 0;
+  bool posted = false;
+  for (; wr; wr = wr->next) {
+    const bool is_inline = (wr->send_flags & IBV_SEND_INLINE) != 0;
+    if (wr->num_sge < 0 || (!is_inline && static_cast<std::uint32_t>(wr->num_sge) > cap_.max_send_sge) ||
+        (type_ == IBV_QPT_UD && !wr->wr.ud.ah)) {
+      err = EINVAL;
+      break;
+    }
+    if (queue_full(channel, sq_)) {
+      err = ENOMEM;
+      break;
+    }
+    std::array<std::byte, 1024> wqe{};
+    vibif_send_wqe h{};
+    h.wr_id = wr->wr_id;
+    h.opcode = static_cast<std::uint8_t>(wr->opcode);
+    h.send_flags = wr->send_flags;
+    h.imm_data = wr->imm_data;
+    if (wr->opcode == IBV_WR_ATOMIC_CMP_AND_SWP || wr->opcode == IBV_WR_ATOMIC_FETCH_AND_ADD) {
+      h.remote_addr = wr->wr.atomic.remote_addr;
+      h.rkey = wr->wr.atomic.rkey;
+      h.compare_add = wr->wr.atomic.compare_add;
+      h.swap = wr->wr.atomic.swap;
+    } else if (type_ == IBV_QPT_UD) {
+      h.ud_ah = reinterpret_cast<const Ah*>(wr->wr.ud.ah)->handle;
+      h.ud_remote_qpn = wr->wr.ud.remote_qpn;
+      h.ud_remote_qkey = wr->wr.ud.remote_qkey;
+    } else {
+      h.remote_addr = wr->wr.rdma.remote_addr;
+      h.rkey = wr->wr.rdma.rkey;
+    }
+    if (is_inline) {
+      // The data goes into the WQE now: the caller may reuse its buffers.
+      std::size_t total = 0;
+      for (int i = 0; i < wr->num_sge; ++i) total += wr->sg_list[i].length;
+      if (total > cap_.max_inline_data) {
+        err = EINVAL;
+        break;
+      }
+      std::size_t at = sizeof(h);
+      for (int i = 0; i < wr->num_sge; ++i) {
+        std::memcpy(wqe.data() + at, reinterpret_cast<const void*>(wr->sg_list[i].addr), wr->sg_list[i].length);
+        at += wr->sg_list[i].length;
+      }
+      h.inline_length = static_cast<std::uint32_t>(total);
+    } else {
+      h.num_sge = static_cast<std::uint8_t>(wr->num_sge);
+      for (int i = 0; i < wr->num_sge; ++i) {
+        const vibif_sge g{wr->sg_list[i].addr, wr->sg_list[i].length, wr->sg_list[i].lkey};
+        std::memcpy(wqe.data() + sizeof(h) + static_cast<std::size_t>(i) * sizeof(g), &g, sizeof(g));
+      }
+    }
+    std::memcpy(wqe.data(), &h, sizeof(h));
+    std::memcpy(sq_.base + std::size_t{sq_.producer & (sq_.entries - 1)} * sq_.stride, wqe.data(), sq_.stride);
+    ++sq_.producer;
+    posted = true;
+  }
+  if (err && bad_wr) *bad_wr = const_cast<ibv_send_wr*>(wr);
+  if (posted) ring_doorbell(channel, sq_);
+  return err;
+}
+
+int Qp::post_recv(const ibv_recv_wr* wr, ibv_recv_wr** bad_wr) {
+  std::lock_guard lock(recv_mu_);
+  if (!has_rq_ || state_ == IBV_QPS_RESET) {
+    if (bad_wr) *bad_wr = const_cast<ibv_recv_wr*>(wr);
+    return EINVAL;
+  }
+  return write_recv_wqes(device_.channel(), rq_, cap_.max_recv_sge, wr, bad_wr);
+}
+
+}  // namespace vib::front

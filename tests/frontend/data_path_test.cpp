@@ -1,0 +1,360 @@
+// The whole data path, end to end: libvibfront in the "guest" (this test
+// process, as domains 5 and 6 of the host-local Xen) -> granted queues and
+// doorbell page -> vibd (a real process) -> the soft HCA -> completions
+// written back into guest CQs. Objects are freed when a context dies or its
+// domain does, and a guest's garbage hurts only that guest.
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/wait.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "vib/front/verbs.hpp"
+#include "vibd_fixture.hpp"
+
+using namespace std::chrono_literals;
+using vib::front::Device;
+
+namespace {
+
+constexpr int kAccess =
+    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_ATOMIC;
+
+// One side of an RC connection: PD, CQ, QP and a registered buffer the
+// application allocated itself (not page aligned).
+struct Endpoint {
+  std::unique_ptr<Device> device;
+  std::unique_ptr<vib::front::Pd> pd;
+  std::unique_ptr<vib::front::Cq> cq;
+  std::unique_ptr<vib::front::Qp> qp;
+  std::vector<char> storage = std::vector<char>(3 * 4096);
+  char* buf = storage.data() + 100;
+  std::unique_ptr<vib::front::Mr> mr;
+  std::uint16_t lid = 0;
+
+  explicit Endpoint(vib::platform::XenTarget xen, std::chrono::milliseconds timeout = 5s) {
+    vib::front::ChannelOptions options;
+    options.xen = xen;
+    options.timeout = timeout;
+    device = Device::open(options);
+    pd = device->alloc_pd();
+    cq = device->create_cq(16);
+    vib::front::QpInit init;
+    init.send_cq = init.recv_cq = cq.get();
+    init.cap = ibv_qp_cap{16, 16, 2, 2, 64};
+    qp = pd->create_qp(init);
+    std::strcpy(buf, "original");
+    mr = pd->reg_mr(buf, 8192, kAccess);
+    ibv_port_attr port;
+    device->query_port(1, port);
+    lid = port.lid;
+  }
+
+  void connect(const Endpoint& peer) {
+    ibv_qp_attr a{};
+    a.qp_state = IBV_QPS_INIT;
+    a.pkey_index = 0;
+    a.port_num = 1;
+    a.qp_access_flags = kAccess;
+    ASSERT_EQ(qp->modify(a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS), 0);
+    a = ibv_qp_attr{};
+    a.qp_state = IBV_QPS_RTR;
+    a.path_mtu = IBV_MTU_1024;
+    a.dest_qp_num = peer.qp->qp_num();
+    a.rq_psn = 0;
+    a.max_dest_rd_atomic = 1;
+    a.min_rnr_timer = 12;
+    a.ah_attr.dlid = peer.lid;
+    a.ah_attr.port_num = 1;
+    ASSERT_EQ(qp->modify(a, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
+                                IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER),
+              0);
+    a = ibv_qp_attr{};
+    a.qp_state = IBV_QPS_RTS;
+    a.timeout = 14;
+    a.retry_cnt = 7;
+    a.rnr_retry = 7;
+    a.sq_psn = 0;
+    a.max_rd_atomic = 1;
+    ASSERT_EQ(qp->modify(a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
+                                IBV_QP_MAX_QP_RD_ATOMIC),
+              0);
+  }
+
+  // Waits (bounded) for one completion.
+  ibv_wc wait_completion() {
+    ibv_wc wc{};
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (cq->poll(std::span<ibv_wc>(&wc, 1)) == 1) return wc;
+      std::this_thread::yield();
+    }
+    ADD_FAILURE() << "no completion within 5 s";
+    wc.status = IBV_WC_GENERAL_ERR;
+    return wc;
+  }
+
+  int post_recv(std::uint64_t id, std::size_t offset, std::uint32_t length) {
+    ibv_sge sge{reinterpret_cast<std::uintptr_t>(buf + offset), length, mr->lkey()};
+    ibv_recv_wr wr{};
+    wr.wr_id = id;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    ibv_recv_wr* bad = nullptr;
+    return qp->post_recv(&wr, &bad);
+  }
+
+  int post(ibv_wr_opcode opcode, std::uint64_t id, std::size_t offset, std::uint32_t length,
+           const Endpoint* remote = nullptr, std::size_t remote_offset = 0, unsigned flags = IBV_SEND_SIGNALED) {
+    ibv_sge sge{reinterpret_cast<std::uintptr_t>(buf + offset), length, mr->lkey()};
+    ibv_send_wr wr{};
+    wr.wr_id = id;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = opcode;
+    wr.send_flags = flags;
+    if (remote) {
+      const auto addr = reinterpret_cast<std::uintptr_t>(remote->buf + remote_offset);
+      // wr.wr is a union: fill only the member the opcode uses.
+      if (opcode == IBV_WR_ATOMIC_FETCH_AND_ADD) {
+        wr.wr.atomic.remote_addr = addr;
+        wr.wr.atomic.rkey = remote->mr->rkey();
+        wr.wr.atomic.compare_add = 5;
+      } else {
+        wr.wr.rdma.remote_addr = addr;
+        wr.wr.rdma.rkey = remote->mr->rkey();
+      }
+    }
+    ibv_send_wr* bad = nullptr;
+    return qp->post_send(&wr, &bad);
+  }
+};
+
+class DataPath : public vib::test::VibdFixture {
+ protected:
+  void SetUp() override {
+    VibdFixture::SetUp();
+    log_ = xen_.dir() + "/vibd.log";
+    provision(5);
+    provision(6);
+    start_vibd(VIBD, log_);
+    ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+    ASSERT_TRUE(eventually(be(6) + "/state", "2"));
+  }
+  std::string vibd_log() {
+    std::ifstream in(log_);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  }
+  bool log_eventually_has(const std::string& text) {
+    for (int i = 0; i < 500; ++i) {
+      if (vibd_log().find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  }
+  std::string log_;
+};
+
+TEST_F(DataPath, TwoContextsExchangeDataOverRcThroughVibd) {
+  Endpoint a(xen_.as(5)), b(xen_.as(5));  // two processes' contexts of one device
+  a.connect(b);
+  b.connect(a);
+
+  // SEND/RECV: bytes land in b's own (remapped, not page-aligned) buffer.
+  ASSERT_EQ(b.post_recv(7, 1000, 64), 0);
+  std::strcpy(a.buf, "hello through vib");
+  ASSERT_EQ(a.post(IBV_WR_SEND, 1, 0, 18), 0);
+  ibv_wc wc = a.wait_completion();
+  EXPECT_EQ(wc.status, IBV_WC_SUCCESS);
+  EXPECT_EQ(wc.opcode, IBV_WC_SEND);
+  EXPECT_EQ(wc.wr_id, 1u);
+  wc = b.wait_completion();
+  EXPECT_EQ(wc.status, IBV_WC_SUCCESS);
+  EXPECT_EQ(wc.opcode, IBV_WC_RECV);
+  EXPECT_EQ(wc.wr_id, 7u);
+  EXPECT_EQ(wc.byte_len, 18u);
+  EXPECT_EQ(wc.qp_num, b.qp->qp_num());
+  EXPECT_STREQ(b.buf + 1000, "hello through vib");
+
+  // RDMA WRITE into b at b's own virtual address, with its real rkey.
+  std::strcpy(a.buf + 200, "written remotely");
+  ASSERT_EQ(a.post(IBV_WR_RDMA_WRITE, 2, 200, 17, &b, 5000), 0);
+  EXPECT_EQ(a.wait_completion().status, IBV_WC_SUCCESS);
+  EXPECT_STREQ(b.buf + 5000, "written remotely");
+
+  // RDMA READ from b.
+  std::strcpy(b.buf + 6000, "read me");
+  ASSERT_EQ(a.post(IBV_WR_RDMA_READ, 3, 300, 8, &b, 6000), 0);
+  wc = a.wait_completion();
+  EXPECT_EQ(wc.status, IBV_WC_SUCCESS);
+  EXPECT_EQ(wc.opcode, IBV_WC_RDMA_READ);
+  EXPECT_STREQ(a.buf + 300, "read me");
+
+  // Fetch-and-add on an 8-byte word of b (its address is 8-byte aligned).
+  const std::size_t word = 7000 - (reinterpret_cast<std::uintptr_t>(b.buf + 7000) % 8);
+  std::uint64_t before = 40;
+  std::memcpy(b.buf + word, &before, 8);
+  ASSERT_EQ(a.post(IBV_WR_ATOMIC_FETCH_AND_ADD, 4, 400 - (reinterpret_cast<std::uintptr_t>(a.buf + 400) % 8), 8, &b,
+                   word),
+            0);
+  wc = a.wait_completion();
+  EXPECT_EQ(wc.status, IBV_WC_SUCCESS);
+  EXPECT_EQ(wc.opcode, IBV_WC_FETCH_ADD);
+  std::uint64_t after = 0;
+  std::memcpy(&after, b.buf + word, 8);
+  EXPECT_EQ(after, 45u);
+
+  // Inline send: the source buffer may change right after posting.
+  ASSERT_EQ(b.post_recv(8, 2000, 64), 0);
+  std::strcpy(a.buf + 500, "inline!");
+  ASSERT_EQ(a.post(IBV_WR_SEND, 5, 500, 8, nullptr, 0, IBV_SEND_SIGNALED | IBV_SEND_INLINE), 0);
+  std::strcpy(a.buf + 500, "changed");
+  EXPECT_EQ(a.wait_completion().status, IBV_WC_SUCCESS);
+  EXPECT_EQ(b.wait_completion().wr_id, 8u);
+  EXPECT_STREQ(b.buf + 2000, "inline!");
+
+  // A completion event for an armed CQ, through the event channel.
+  b.cq->request_notify(false);
+  ASSERT_EQ(b.post_recv(9, 3000, 64), 0);
+  ASSERT_EQ(a.post(IBV_WR_SEND, 6, 0, 4), 0);
+  EXPECT_EQ(a.wait_completion().status, IBV_WC_SUCCESS);
+  std::optional<vibif_event> event;
+  for (int i = 0; i < 500 && !(event && event->type == VIBIF_EVENT_COMPLETION); ++i) {
+    pollfd p{b.device->event_fd(), POLLIN, 0};
+    ::poll(&p, 1, 10);
+    b.device->consume_notifications();
+    // Asynchronous events (the QP's communication-established) may come first.
+    event = b.device->next_event();
+  }
+  ASSERT_TRUE(event) << "no completion event";
+  EXPECT_EQ(event->type, VIBIF_EVENT_COMPLETION);
+  EXPECT_EQ(event->handle, b.cq->handle());
+  EXPECT_EQ(b.wait_completion().wr_id, 9u);
+}
+
+TEST_F(DataPath, QueueFullIsAnErrorAndNothingIsOverwritten) {
+  Endpoint a(xen_.as(5)), b(xen_.as(6));
+  a.connect(b);
+  b.connect(a);
+  // 16 receive slots: the 17th post is refused, like hardware's ENOMEM.
+  for (int i = 0; i < 16; ++i) ASSERT_EQ(b.post_recv(static_cast<std::uint64_t>(i), 64 * static_cast<unsigned>(i), 64), 0);
+  EXPECT_EQ(b.post_recv(99, 0, 64), ENOMEM);
+  // The CQ has 16 entries; 16 sends fill b's CQ, and they all arrive intact.
+  for (int i = 0; i < 16; ++i) {
+    ASSERT_EQ(a.post(IBV_WR_SEND, 100 + static_cast<unsigned>(i), 0, 4), 0);
+    EXPECT_EQ(a.wait_completion().status, IBV_WC_SUCCESS);
+  }
+  for (int i = 0; i < 16; ++i) {
+    const ibv_wc wc = b.wait_completion();
+    EXPECT_EQ(wc.wr_id, static_cast<std::uint64_t>(i)) << "completions in order, none lost";
+  }
+}
+
+TEST_F(DataPath, AGuestCannotUseAnotherGuestsKeysOrHandles) {
+  Endpoint a(xen_.as(5)), b(xen_.as(6));
+  a.connect(b);
+  b.connect(a);
+  // b names a's lkey in its own send: a's MR is in another PD, so the HCA
+  // refuses it (a local protection error), and b's QP alone goes to error.
+  ibv_sge sge{reinterpret_cast<std::uintptr_t>(a.buf), 8, a.mr->lkey()};
+  ibv_send_wr wr{};
+  wr.wr_id = 1;
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.opcode = IBV_WR_SEND;
+  wr.send_flags = IBV_SEND_SIGNALED;
+  ibv_send_wr* bad = nullptr;
+  ASSERT_EQ(b.qp->post_send(&wr, &bad), 0);
+  const ibv_wc wc = b.wait_completion();
+  EXPECT_NE(wc.status, IBV_WC_SUCCESS);
+
+  // a's handles mean nothing in b's context.
+  auto req = request(VIBIF_OP_DESTROY_QP);
+  req.u.handle.handle = 1u << 16;  // the first handle of a context
+  const auto rsp = b.device->channel().call(req);
+  EXPECT_TRUE(rsp.hdr.status == VIBIF_ENOENT || rsp.hdr.status == VIBIF_OK);
+  ibv_qp_attr attr;
+  ibv_qp_init_attr init;
+  ASSERT_EQ(a.qp->query(attr, 0, init), 0);
+  EXPECT_EQ(attr.qp_state, IBV_QPS_RTS) << "a's QP is untouched";
+}
+
+TEST_F(DataPath, GarbageInAQueueBreaksOnlyThatQp) {
+  Endpoint a(xen_.as(5)), b(xen_.as(6));
+  a.connect(b);
+  b.connect(a);
+  // Another pair of the same guests keeps working while one is broken.
+  Endpoint c(xen_.as(5)), d(xen_.as(6));
+  c.connect(d);
+  d.connect(c);
+  // a's guest overruns its send queue's producer index by far.
+  auto& db = a.device->channel().doorbell();
+  for (auto& slot : db.slots) slot.producer += 1000;
+  ibv_qp_attr attr;
+  ibv_qp_init_attr init;
+  bool broken = false;
+  for (int i = 0; i < 500 && !broken; ++i) {
+    ASSERT_EQ(a.qp->query(attr, 0, init), 0);
+    broken = attr.qp_state == IBV_QPS_ERR;
+    if (!broken) std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_TRUE(broken) << "the overrun QP is in the error state";
+  ASSERT_EQ(d.post_recv(1, 0, 64), 0);
+  ASSERT_EQ(c.post(IBV_WR_SEND, 2, 0, 4), 0);
+  EXPECT_EQ(c.wait_completion().status, IBV_WC_SUCCESS);
+  EXPECT_EQ(d.wait_completion().status, IBV_WC_SUCCESS);
+}
+
+TEST_F(DataPath, AContextCrashAndADomainDeathFreeEverything) {
+  // A guest process with a connected QP pair, killed without any cleanup.
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(ready[0]);
+    Endpoint a(xen_.as(5)), b(xen_.as(5));
+    a.connect(b);
+    b.connect(a);
+    [[maybe_unused]] auto n = ::write(ready[1], "r", 1);
+    ::pause();
+    std::_Exit(0);
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the guest process failed to set up";
+  ::close(ready[0]);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_TRUE(log_eventually_has("freed: 1 QPs, 1 CQs, 0 SRQs, 1 MRs, 0 AHs, 1 PDs")) << vibd_log();
+  bool removed = false;
+  for (int i = 0; i < 500 && !removed; ++i) {
+    removed = store_->directory(vib::platform::kNoTransaction, be(5) + "/ctx").value_or(std::vector<std::string>{}).empty();
+    if (!removed) std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_TRUE(removed) << "the back-end removed both contexts' nodes";
+
+  // A domain that dies with its objects: everything goes at once.
+  {
+    Endpoint c(xen_.as(6), 300ms), d(xen_.as(6), 300ms);
+    c.connect(d);
+    d.connect(c);
+    xen_.destroy_domain(6);
+    // vibd learns it from @releaseDomain or from the guest's vanished
+    // nodes, whichever it sees first; either way everything goes.
+    const std::string freed = "freed: 1 QPs, 1 CQs, 0 SRQs, 1 MRs, 0 AHs, 1 PDs";
+    auto count = [&] {
+      const std::string log = vibd_log();
+      std::size_t n = 0;
+      for (std::size_t at = 0; (at = log.find(freed, at)) != std::string::npos; ++at) ++n;
+      return n;
+    };
+    for (int i = 0; i < 500 && count() < 4; ++i) std::this_thread::sleep_for(10ms);
+    EXPECT_EQ(count(), 4u) << "two contexts of the crashed process, two of the dead domain\n" << vibd_log();
+  }
+}
+
+}  // namespace
