@@ -1,0 +1,198 @@
+// libxl-ib: the toolstack side of vib devices. It parses `vib=` specs, and
+// adds, removes and lists vib devices in xenstore the way libxl does for its
+// own split devices (libxl_device.c): one transaction for the back-end and
+// front-end directories, libxl's permissions, a trusted record under
+// /libxl/<domid>, the back-end's state as the only signal of progress, and a
+// forced removal when a back-end does not close in time.
+//
+// libxl itself is not used: libxl_ctx_alloc needs a hypervisor, and vib must
+// work on the host-local Xen too. Everything goes through vib's XenStore
+// interface, so the same code drives xenstored and vib-localxen.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "vib/platform/types.hpp"
+#include "vib/platform/xenstore.hpp"
+
+namespace vib::toolstack {
+
+// Error classes, shared with the C API (libxl_ib.h gives them numbers).
+enum class ErrorCode {
+  invalid,    // bad spec, bad argument, bad config file
+  not_found,  // no such domain, device or file
+  exists,     // the device id is taken
+  timed_out,  // the back-end did not answer in time
+  backend,    // the back-end or the hotplug script reported an error
+  xenstore,   // the store refused an operation
+  failed,     // anything else
+};
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorCode code, const std::string& what) : std::runtime_error(what), code_(code) {}
+  ErrorCode code() const { return code_; }
+
+ private:
+  ErrorCode code_;
+};
+
+// One `vib=` item. Absent optionals are left out of xenstore, so the
+// back-end applies its defaults (VIBIF_DEFAULT_* in vibif.h; the HCA is
+// vibd's --hca, "soft" unless configured otherwise).
+struct DeviceSpec {
+  std::optional<std::string> hca;
+  unsigned port = 1;                      // always written
+  std::optional<unsigned> devid;          // default: lowest free
+  std::string backend = "0";              // domain name or id
+  std::vector<std::uint16_t> pkeys;       // empty: back-end default (0xffff)
+  std::vector<std::uint8_t> gid_indices;  // empty: back-end default (0)
+  std::optional<std::uint32_t> max_pds, max_cqs, max_qps, max_srqs, max_mrs, max_ahs;
+  std::optional<std::uint64_t> max_pinned_pages;
+  std::optional<std::string> script;  // relative names are under the scripts dir
+
+  // The back-end keys this spec sets, in the order they are written.
+  std::vector<std::pair<std::string, std::string>> backend_keys() const;
+  // The spec again, normalised (what `xl vib-list` would need to recreate it).
+  std::string to_string() const;
+};
+
+// Parses "key=value,key=value". Throws Error(invalid) naming the key and
+// the item. pkeys and gid-indices take several values separated by ':' (a
+// bare number after them continues the list: "pkeys=0xffff,0x8001").
+DeviceSpec parse_spec(std::string_view item);
+
+// Every `vib = [ ... ]` item of an xl domain config, parsed with libxlutil.
+// No vib= line gives an empty list. Throws Error(invalid) with libxlutil's
+// report or the bad item.
+std::vector<DeviceSpec> parse_config(std::string_view config_text, const std::string& filename = "config");
+
+struct Options {
+  // Where relative `script=` names live (libxl: /etc/xen/scripts).
+  std::string scripts_dir = "/etc/xen/scripts";
+  // How long a hotplug script may run.
+  std::chrono::milliseconds script_timeout{30000};
+};
+
+struct AttachOptions {
+  // Wait for the back-end to reach InitWait (and for the hotplug script to
+  // report "connected"). Provisioning at domain creation does not wait.
+  bool wait = true;
+  std::chrono::milliseconds timeout{10000};
+};
+
+struct AttachedDevice {
+  platform::DomId domid = 0;
+  unsigned devid = 0;
+  platform::DomId backend_domid = 0;
+  std::string backend_path;
+  std::string frontend_path;
+};
+
+struct DetachOptions {
+  bool force = false;  // remove at once, do not ask the back-end
+  // libxl's LIBXL_DESTROY_TIMEOUT: after this the device is removed anyway.
+  std::chrono::milliseconds timeout{10000};
+};
+
+struct DetachResult {
+  bool forced = false;  // the back-end did not close the device (or --force)
+  std::string note;     // why it was forced, for the administrator
+};
+
+struct DeviceInfo {
+  platform::DomId domid = 0;
+  unsigned devid = 0;
+  platform::DomId backend_domid = 0;
+  std::string backend_path;
+  std::string frontend_path;
+  int state = 0;           // back-end XenbusState (0 when unreadable)
+  int frontend_state = 0;  // front-end XenbusState
+  std::string hca;         // empty: the back-end's default
+  unsigned port = 1;
+  unsigned contexts = 0;  // live per-process contexts
+  bool online = false;
+  std::string hotplug_status;
+  std::string error;
+};
+
+// Output of `xl vib-list --json`: a JSON array of the devices (yajl_gen).
+std::string devices_to_json(const std::vector<DeviceInfo>& devices, bool beautify = true);
+
+struct ProvisionResult {
+  std::vector<AttachedDevice> devices;
+  bool already_provisioned = false;  // a previous call did it: nothing done
+  std::vector<std::string> warnings;
+};
+
+class Toolstack {
+ public:
+  // Opens the store of `target`; the toolstack acts as target's domain
+  // (dom0, or local_domid on the host-local Xen).
+  explicit Toolstack(const platform::XenTarget& target, Options options = {});
+  Toolstack(const Toolstack&) = delete;
+  Toolstack& operator=(const Toolstack&) = delete;
+  ~Toolstack();
+
+  // "5", or a domain name (scanning /local/domain/*/name; "Domain-0" is 0).
+  platform::DomId resolve_domain(std::string_view name_or_id);
+  // Whether /local/domain/<domid> exists (libxl removes it when a domain dies).
+  bool domain_exists(platform::DomId domid);
+
+  AttachedDevice attach(platform::DomId domid, const DeviceSpec& spec, const AttachOptions& options = {});
+  DetachResult detach(platform::DomId domid, unsigned devid, const DetachOptions& options = {});
+  std::vector<DeviceInfo> list(platform::DomId domid);
+
+  // Attaches every vib= device of an xl config to a domain that was just
+  // created, in one transaction and without waiting for the back-end.
+  // Idempotent: a domain already provisioned is left alone. All or nothing:
+  // one bad item attaches none.
+  ProvisionResult provision_from_config(platform::DomId domid, std::string_view config_text);
+  // The same from the config xl saved for the domain (see find_userdata).
+  ProvisionResult provision_domain(platform::DomId domid, const std::string& userdata_dir = "/var/lib/xen",
+                                   std::chrono::milliseconds wait_for_file = std::chrono::milliseconds(0));
+  // The path of the config file xl saved for `domid` (libxl userdata "xl":
+  // <dir>/userdata-d.<domid>.<uuid>.xl, uuid from /local/domain/<domid>/vm);
+  // nullopt when the domain has no vm node or the file does not exist.
+  std::optional<std::string> find_userdata(platform::DomId domid, const std::string& userdata_dir = "/var/lib/xen");
+
+  // Removes the vib devices of domains that no longer exist (libxl leaves
+  // back-end directories of device kinds it does not know). Returns how many
+  // devices were removed.
+  unsigned cleanup_dead_domains();
+
+  // Runs the device's hotplug script (`add` or `remove`) if it has one and
+  // its back-end is this domain, as libxl does for back-ends in dom0.
+  // Returns false when there is no script to run. Throws Error(backend) when
+  // the script failed, with its error text.
+  bool run_hotplug(const std::string& backend_path, const std::string& action);
+
+  platform::XenStore& store() { return *store_; }
+  platform::DomId self() const { return self_; }
+
+ private:
+  struct Located;
+  std::optional<Located> locate(platform::DomId domid, unsigned devid);
+  void write_device(platform::TransactionId tx, const AttachedDevice& dev, const DeviceSpec& spec);
+  std::vector<unsigned> used_devids(platform::TransactionId tx, platform::DomId domid, platform::DomId backend);
+  void remove_device(const Located& where);
+  void wait_attached(const AttachedDevice& dev, bool has_script, std::chrono::milliseconds timeout);
+
+  platform::XenTarget target_;
+  Options options_;
+  std::unique_ptr<platform::XenStore> store_;
+  platform::DomId self_ = platform::kDom0;
+};
+
+// "Initialising", "InitWait", ... for a XenbusState number.
+std::string state_name(int state);
+
+}  // namespace vib::toolstack

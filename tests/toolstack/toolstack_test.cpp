@@ -1,0 +1,590 @@
+// The toolstack on the host-local Xen with a real vibd process: attach,
+// list, detach (graceful and forced), provisioning from an xl config, the
+// cleanup after a domain dies, the hotplug script, and the xl-vib command.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "vib/front/channel.hpp"
+#include "vib/libxl_ib.h"
+#include "vib/libxl_ib.hpp"
+#include "vib/platform/xenstore.hpp"
+#include "vibd_fixture.hpp"
+
+using namespace vib::platform;
+using namespace vib::toolstack;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Ran {
+  int status = -1;  // exit status
+  std::string out;  // stdout and stderr
+};
+
+Ran run(const std::string& command) {
+  Ran r;
+  FILE* p = ::popen(("timeout 30 " + command + " 2>&1").c_str(), "r");
+  if (!p) return r;
+  std::array<char, 512> buf;
+  while (std::size_t n = std::fread(buf.data(), 1, buf.size(), p)) r.out.append(buf.data(), n);
+  const int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/vib-toolstack-XXXXXX";
+    if (!::mkdtemp(tmpl)) throw std::runtime_error("mkdtemp");
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  const std::string& path() const { return path_; }
+  void write(const std::string& name, const std::string& text, bool executable = false) const {
+    std::filesystem::create_directories(std::filesystem::path(path_ + "/" + name).parent_path());
+    std::ofstream(path_ + "/" + name) << text;
+    if (executable) ::chmod((path_ + "/" + name).c_str(), 0755);
+  }
+
+ private:
+  std::string path_;
+};
+
+class VibToolstack : public vib::test::VibdFixture {
+ protected:
+  void SetUp() override {
+    VibdFixture::SetUp();
+    Options options;
+    options.scripts_dir = HOTPLUG_DIR;
+    options.script_timeout = 10s;
+    ts_ = std::make_unique<Toolstack>(xen_.as(0), options);
+  }
+  void start_vibd() { VibdFixture::start_vibd(VIBD, log_.path() + "/vibd.log"); }
+  std::string vibd_log() const {
+    std::ifstream in(log_.path() + "/vibd.log");
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+
+  std::optional<std::string> read(const std::string& path) { return store_->read(kNoTransaction, path); }
+  bool exists(const std::string& path) { return store_->directory(kNoTransaction, path).has_value(); }
+  static std::string lx(DomId domid, unsigned devid = 0) {
+    return "/libxl/" + std::to_string(domid) + "/device/vib/" + std::to_string(devid);
+  }
+  void expect_gone(DomId domid, unsigned devid) {
+    EXPECT_FALSE(exists(be(domid, devid))) << be(domid, devid);
+    EXPECT_FALSE(exists(fe(domid, devid))) << fe(domid, devid);
+    EXPECT_FALSE(exists(lx(domid, devid))) << lx(domid, devid);
+  }
+
+  // The Error an operation throws.
+  template <typename F>
+  static std::optional<Error> error_of(F&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return e;
+    }
+    return std::nullopt;
+  }
+
+  // Waits until vibd has logged letting device (domid, devid) go `times`
+  // times. A device id reused before vibd noticed the old device's removal
+  // is not served (vibd keeps the old Device object; see the report to the
+  // back-end's owner), so tests that reuse an id wait for this first.
+  bool vibd_forgot(DomId domid, unsigned devid, std::size_t times = 1) {
+    const std::string needle = "dom" + std::to_string(domid) + "/vib" + std::to_string(devid) + ": removed";
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    for (;;) {
+      const std::string log = vibd_log();
+      std::size_t n = 0;
+      for (auto at = log.find(needle); at != std::string::npos; at = log.find(needle, at + 1)) ++n;
+      if (n >= times) return true;
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::sleep_for(10ms);
+    }
+  }
+
+  std::string xl(const std::string& args) { return std::string(XL_VIB) + " --local-xen " + xen_.dir() + " " + args; }
+
+  TempDir log_;
+  std::unique_ptr<Toolstack> ts_;
+};
+
+}  // namespace
+
+TEST_F(VibToolstack, AttachListAndGracefulDetachWithVibd) {
+  start_vibd();
+  auto a = ts_->attach(5, parse_spec("hca=soft,pkeys=0x8001:0xffff,max-qps=8"));
+  EXPECT_EQ(a.devid, 0u);
+  EXPECT_EQ(a.backend_path, be(5, 0));
+  EXPECT_EQ(a.frontend_path, fe(5, 0));
+  EXPECT_EQ(read(be(5) + "/state"), "2") << "attach returns once the back-end is in InitWait";
+  auto b = ts_->attach(ts_->resolve_domain("guest5"), parse_spec("hca=soft"));
+  EXPECT_EQ(b.devid, 1u) << "lowest free";
+
+  // The guest uses device 0: vibd accepted what the toolstack wrote.
+  vib::front::ChannelOptions options;
+  options.xen = xen_.as(5);
+  auto channel = vib::front::Channel::open(options);
+  vibif_request req{};
+  req.hdr.op = VIBIF_OP_QUERY_DEVICE;
+  auto rsp = channel->call(req);
+  ASSERT_EQ(rsp.hdr.status, VIBIF_OK);
+  EXPECT_EQ(rsp.u.query_device.max_qp, 8u) << "the quota reached the guest";
+
+  auto list = ts_->list(5);
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_EQ(list[0].devid, 0u);
+  EXPECT_EQ(list[0].state, 4) << "Connected";
+  EXPECT_EQ(list[0].frontend_state, 4);
+  EXPECT_EQ(list[0].hca, "soft");
+  EXPECT_EQ(list[0].port, 1u);
+  EXPECT_EQ(list[0].contexts, 1u);
+  EXPECT_TRUE(list[0].online);
+  EXPECT_EQ(list[1].state, 2);
+  EXPECT_EQ(list[1].contexts, 0u);
+  EXPECT_TRUE(ts_->list(6).empty());
+
+  // Graceful: vibd closes the device (and the open context) itself.
+  auto result = ts_->detach(5, 0);
+  EXPECT_FALSE(result.forced) << result.note;
+  expect_gone(5, 0);
+  EXPECT_TRUE(exists(be(5, 1)));
+  EXPECT_TRUE(contains(vibd_log(), "dom5/vib0: InitWait -> Connected"));
+  EXPECT_TRUE(eventually(be(5, 0) + "/state", std::nullopt));
+  channel.reset();
+  EXPECT_FALSE(ts_->detach(5, 1).forced);
+  EXPECT_FALSE(exists("/local/domain/0/backend/vib/5")) << "empty per-domain directories go too";
+  EXPECT_FALSE(exists("/libxl/5/device/vib"));
+  EXPECT_TRUE(ts_->list(5).empty());
+  EXPECT_EQ(stop_vibd(), 0);
+}
+
+TEST_F(VibToolstack, XenstoreLsShowsLibxlsLayoutAndPermissions) {
+  start_vibd();
+  ts_->attach(5, parse_spec("hca=soft,max-pds=4"));
+  int status = 0;
+  const std::string tree = xen_.xenstore_tool("xenstore-ls -fp /local/domain/0/backend/vib/5/0", &status);
+  ASSERT_EQ(status, 0) << tree;
+  for (const char* line : {
+           "/local/domain/0/backend/vib/5/0/frontend = \"/local/domain/5/device/vib/0\"   (n0,r5)",
+           "/local/domain/0/backend/vib/5/0/frontend-id = \"5\"   (n0,r5)",
+           "/local/domain/0/backend/vib/5/0/online = \"1\"   (n0,r5)",
+           "/local/domain/0/backend/vib/5/0/handle = \"0\"   (n0,r5)",
+           "/local/domain/0/backend/vib/5/0/hca = \"soft\"   (n0,r5)",
+           "/local/domain/0/backend/vib/5/0/port = \"1\"   (n0,r5)",
+           "/local/domain/0/backend/vib/5/0/max-pds = \"4\"   (n0,r5)",
+           "/local/domain/0/backend/vib/5/0/state = \"2\"   (n0,r5)",
+       })
+    EXPECT_TRUE(contains(tree, line)) << line << "\n" << tree;
+  const std::string front = xen_.xenstore_tool("xenstore-ls -fp /local/domain/5/device/vib/0");
+  for (const char* line : {
+           "/local/domain/5/device/vib/0/backend = \"/local/domain/0/backend/vib/5/0\"   (n5,r0)",
+           "/local/domain/5/device/vib/0/backend-id = \"0\"   (n5,r0)",
+           "/local/domain/5/device/vib/0/state = \"1\"   (n5,r0)",
+           "/local/domain/5/device/vib/0/handle = \"0\"   (n5,r0)",
+       })
+    EXPECT_TRUE(contains(front, line)) << line << "\n" << front;
+  const std::string record = xen_.xenstore_tool("xenstore-ls -fp /libxl/5/device/vib/0");
+  EXPECT_TRUE(contains(record, "/libxl/5/device/vib/0/backend = \"/local/domain/0/backend/vib/5/0\"   (n0)")) << record;
+
+  // What the permissions mean: the guest reads its back-end but cannot
+  // change it; another guest sees nothing of either side.
+  auto guest = open_xenstore(xen_.as(5));
+  EXPECT_EQ(guest->read(kNoTransaction, be(5) + "/hca"), "soft");
+  EXPECT_THROW(guest->write(kNoTransaction, be(5) + "/hca", "mlx5_0"), std::system_error);
+  EXPECT_THROW(guest->read(kNoTransaction, lx(5) + "/backend"), std::system_error);
+  auto other = open_xenstore(xen_.as(6));
+  EXPECT_THROW(other->read(kNoTransaction, be(5) + "/hca"), std::system_error);
+  EXPECT_THROW(other->read(kNoTransaction, fe(5) + "/state"), std::system_error);
+}
+
+TEST_F(VibToolstack, DeviceIdsAndRefusals) {
+  start_vibd();
+  EXPECT_EQ(ts_->attach(5, parse_spec("hca=soft,devid=7")).devid, 7u);
+  auto taken = error_of([&] { ts_->attach(5, parse_spec("hca=soft,devid=7")); });
+  ASSERT_TRUE(taken);
+  EXPECT_EQ(taken->code(), ErrorCode::exists);
+  EXPECT_TRUE(contains(taken->what(), "vib device 7 of domain 5 already exists")) << taken->what();
+  EXPECT_EQ(ts_->attach(5, parse_spec("hca=soft")).devid, 0u);
+  EXPECT_EQ(ts_->attach(5, parse_spec("hca=soft,backend=Domain-0")).devid, 1u);
+
+  struct Case {
+    DomId domid;
+    const char* spec;
+    ErrorCode code;
+    const char* says;
+  } cases[] = {
+      {0, "hca=soft", ErrorCode::invalid, "not domain 0"},
+      {9, "hca=soft", ErrorCode::not_found, "domain 9 does not exist"},
+      {5, "backend=guest5", ErrorCode::invalid, "its own back-end"},
+      {5, "backend=99", ErrorCode::not_found, "back-end domain 99 does not exist"},
+      {5, "backend=nosuchdomain", ErrorCode::not_found, "no domain named 'nosuchdomain'"},
+  };
+  for (const auto& c : cases) {
+    auto e = error_of([&] { ts_->attach(c.domid, parse_spec(c.spec)); });
+    ASSERT_TRUE(e) << c.spec;
+    EXPECT_EQ(e->code(), c.code) << c.spec;
+    EXPECT_TRUE(contains(e->what(), c.says)) << e->what();
+  }
+  EXPECT_EQ(ts_->resolve_domain("guest6"), 6);
+  EXPECT_EQ(ts_->resolve_domain("6"), 6);
+  EXPECT_EQ(error_of([&] { ts_->resolve_domain("99999"); })->code(), ErrorCode::invalid);
+  auto missing = error_of([&] { ts_->detach(5, 3); });
+  ASSERT_TRUE(missing);
+  EXPECT_EQ(missing->code(), ErrorCode::not_found);
+  EXPECT_EQ(ts_->list(5).size(), 3u);
+}
+
+TEST_F(VibToolstack, ABackendErrorFailsTheAttachAndLeavesNothing) {
+  start_vibd();
+  auto e = error_of([&] { ts_->attach(5, parse_spec("hca=mlx5_nonexistent")); });
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->code(), ErrorCode::backend);
+  EXPECT_TRUE(contains(e->what(), "mlx5_nonexistent")) << "vibd's error text: " << e->what();
+  expect_gone(5, 0);
+  ASSERT_TRUE(vibd_forgot(5, 0));
+  EXPECT_EQ(ts_->attach(5, parse_spec("hca=soft")).devid, 0u) << "the id is free again";
+}
+
+TEST_F(VibToolstack, AttachTimesOutWithoutVibdAndLeavesNothing) {
+  AttachOptions options;
+  options.timeout = 300ms;
+  auto e = error_of([&] { ts_->attach(5, parse_spec("hca=soft"), options); });
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->code(), ErrorCode::timed_out);
+  EXPECT_TRUE(contains(e->what(), "did not reach InitWait within 0.3 s (is vibd running there?)")) << e->what();
+  expect_gone(5, 0);
+}
+
+TEST_F(VibToolstack, ForcedDetachWithoutVibd) {
+  AttachOptions no_wait;
+  no_wait.wait = false;
+  ts_->attach(5, parse_spec("hca=soft"), no_wait);
+  ts_->attach(5, parse_spec("hca=soft"), no_wait);
+  ASSERT_EQ(read(be(5, 0) + "/state"), "1");
+  ASSERT_EQ(ts_->list(5).size(), 2u);
+  EXPECT_EQ(ts_->list(5)[0].state, 1);
+
+  // Nobody answers the Closing: removed anyway after the timeout, and said so.
+  DetachOptions graceful;
+  graceful.timeout = 300ms;
+  const auto start = std::chrono::steady_clock::now();
+  auto result = ts_->detach(5, 0, graceful);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 300ms);
+  EXPECT_TRUE(result.forced);
+  EXPECT_TRUE(contains(result.note, "did not close the device within 0.3 s; removed it forcibly")) << result.note;
+  expect_gone(5, 0);
+
+  // --force: not even asked.
+  DetachOptions force;
+  force.force = true;
+  force.timeout = 60s;
+  const auto start2 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(ts_->detach(5, 1, force).forced);
+  EXPECT_LT(std::chrono::steady_clock::now() - start2, 5s);
+  expect_gone(5, 1);
+}
+
+TEST_F(VibToolstack, ProvisionFromConfigAtDomainCreation) {
+  start_vibd();
+  const std::string config =
+      "name = \"guest5\"\n"
+      "memory = 1024\n"
+      "vib = [ 'hca=soft,port=1,pkeys=0x8001', 'hca=soft,devid=3', '' ]\n";
+  auto result = ts_->provision_from_config(5, config);
+  EXPECT_FALSE(result.already_provisioned);
+  ASSERT_EQ(result.devices.size(), 3u);
+  EXPECT_EQ(result.devices[0].devid, 0u);
+  EXPECT_EQ(result.devices[1].devid, 3u) << "explicit ids are kept";
+  EXPECT_EQ(result.devices[2].devid, 1u) << "the others take the lowest free ids";
+  EXPECT_EQ(read(be(5, 0) + "/pkeys"), "0x8001");
+  EXPECT_FALSE(read(be(5, 1) + "/hca")) << "'' leaves the HCA to vibd's default";
+  // Nothing waited; vibd takes them from here.
+  for (unsigned devid : {0u, 1u, 3u}) EXPECT_TRUE(eventually(be(5, devid) + "/state", "2")) << devid;
+
+  // Again (a second @introduceDomain, a restarted vibd): nothing happens,
+  // even after the administrator removed a device.
+  ts_->detach(5, 3);
+  auto again = ts_->provision_from_config(5, config);
+  EXPECT_TRUE(again.already_provisioned);
+  EXPECT_TRUE(again.devices.empty());
+  EXPECT_EQ(ts_->list(5).size(), 2u);
+
+  // All or nothing: one bad item and no device appears.
+  auto bad = error_of([&] { ts_->provision_from_config(6, "vib = [ 'hca=soft', 'hca=soft,max-qps=lots' ]\n"); });
+  ASSERT_TRUE(bad);
+  EXPECT_EQ(bad->code(), ErrorCode::invalid);
+  EXPECT_TRUE(contains(bad->what(), "bad max-qps 'lots'")) << bad->what();
+  EXPECT_TRUE(contains(bad->what(), "'hca=soft,max-qps=lots'")) << bad->what();
+  auto twice = error_of([&] { ts_->provision_from_config(6, "vib = [ 'devid=2', 'devid=2' ]\n"); });
+  ASSERT_TRUE(twice);
+  EXPECT_TRUE(contains(twice->what(), "devid 2 is given to two devices")) << twice->what();
+  EXPECT_TRUE(ts_->list(6).empty());
+  EXPECT_FALSE(read("/libxl/6/vib-provisioned"));
+  // A config without vib= is fine and marks nothing.
+  EXPECT_TRUE(ts_->provision_from_config(6, "name = \"guest6\"\n").devices.empty());
+  // A lowered grant table limit is worth a warning.
+  auto warned = ts_->provision_from_config(6, "max_grant_frames = 8\nvib = [ 'hca=soft' ]\n");
+  ASSERT_EQ(warned.warnings.size(), 1u);
+  EXPECT_TRUE(contains(warned.warnings[0], "max_grant_frames=8")) << warned.warnings[0];
+}
+
+TEST_F(VibToolstack, ProvisionFromTheConfigXlSaved) {
+  start_vibd();
+  TempDir userdata;
+  const std::string uuid = "6f2c5d8e-93a1-4b7e-8d0a-1c2b3d4e5f60";
+  EXPECT_FALSE(ts_->find_userdata(5, userdata.path())) << "no vm node yet";
+  store_->write(kNoTransaction, "/local/domain/5/vm", "/vm/" + uuid);
+  EXPECT_FALSE(ts_->find_userdata(5, userdata.path())) << "no file yet";
+  auto missing = error_of([&] { ts_->provision_domain(5, userdata.path(), 200ms); });
+  ASSERT_TRUE(missing);
+  EXPECT_EQ(missing->code(), ErrorCode::not_found);
+
+  const std::string file = "userdata-d.5." + uuid + ".xl";
+  userdata.write(file, "name = \"guest5\"\nvib = [ 'hca=soft', 'hca=soft,max-pds=2' ]\n");
+  EXPECT_EQ(ts_->find_userdata(5, userdata.path()), userdata.path() + "/" + file);
+  auto result = ts_->provision_domain(5, userdata.path());
+  ASSERT_EQ(result.devices.size(), 2u);
+  EXPECT_EQ(read(be(5, 1) + "/max-pds"), "2");
+  EXPECT_TRUE(eventually(be(5, 1) + "/state", "2"));
+
+  // The same through the command, for domain 6 (hidden subcommand).
+  store_->write(kNoTransaction, "/local/domain/6/vm", "/vm/" + uuid);
+  userdata.write("userdata-d.6." + uuid + ".xl", "vib = [ 'hca=soft,devid=4' ]\n");
+  auto ran = run(xl("vib-provision --userdata-dir " + userdata.path() + " guest6"));
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "domain 6: vib device 4 on back-end domain 0")) << ran.out;
+  ran = run(xl("vib-provision --userdata-dir " + userdata.path() + " 6"));
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "already provisioned")) << ran.out;
+
+  store_->write(kNoTransaction, "/local/domain/5/vm", "/vm/not-a-uuid");
+  EXPECT_EQ(error_of([&] { ts_->find_userdata(5, userdata.path()); })->code(), ErrorCode::invalid);
+}
+
+TEST_F(VibToolstack, CleanupAfterDomainDeath) {
+  start_vibd();
+  ts_->attach(5, parse_spec("hca=soft"));
+  ts_->attach(5, parse_spec("hca=soft"));
+  ts_->attach(6, parse_spec("hca=soft"));
+  ts_->provision_from_config(5, "vib = [ 'hca=soft' ]\n");
+  EXPECT_EQ(ts_->cleanup_dead_domains(), 0u) << "nobody died";
+  xen_.destroy_domain(5);
+  EXPECT_EQ(ts_->cleanup_dead_domains(), 3u);
+  EXPECT_FALSE(exists("/local/domain/0/backend/vib/5"));
+  EXPECT_FALSE(exists("/libxl/5"));
+  ASSERT_EQ(ts_->list(6).size(), 1u) << "other domains keep theirs";
+  EXPECT_EQ(ts_->list(6)[0].state, 2);
+  EXPECT_TRUE(eventually("/local/domain/0/backend/vib/5", std::nullopt));
+  // vibd let the dead domain's devices go.
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (!contains(vibd_log(), "dom5/vib1: removed") && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(20ms);
+  EXPECT_TRUE(contains(vibd_log(), "dom5/vib0: removed")) << vibd_log();
+  EXPECT_TRUE(contains(vibd_log(), "dom5/vib1: removed")) << vibd_log();
+  auto ran = run(xl("vib-cleanup"));
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "removed 0 vib devices")) << ran.out;
+  EXPECT_EQ(stop_vibd(), 0);
+}
+
+TEST_F(VibToolstack, HotplugScriptRunDirectly) {
+  AttachOptions no_wait;
+  no_wait.wait = false;
+  ts_->attach(5, parse_spec("hca=mlx5_9,port=1"), no_wait);
+  TempDir sysfs;
+  auto script = [&](const std::string& action) {
+    return run("env XENSTORED_PATH=" + local_xenstore_socket(xen_.dir(), 0) + " XENBUS_PATH=" + be(5) +
+               " VIB_SYSFS_ROOT=" + sysfs.path() + " VIB_DEFAULTS=/nonexistent sh " HOTPLUG_DIR "/vib " + action);
+  };
+  // The HCA is missing.
+  auto ran = script("add");
+  EXPECT_EQ(ran.status, 1) << ran.out;
+  EXPECT_EQ(read(be(5) + "/hotplug-status"), "error");
+  const auto why = read(be(5) + "/error");
+  ASSERT_TRUE(why);
+  EXPECT_TRUE(contains(*why, "HCA mlx5_9 not found")) << *why;
+  EXPECT_EQ(read(be(5) + "/hotplug-error"), why) << "Xen's own key too";
+  // Present, port down.
+  sysfs.write("class/infiniband/mlx5_9/ports/1/state", "1: DOWN\n");
+  ran = script("add");
+  EXPECT_EQ(ran.status, 1) << ran.out;
+  EXPECT_TRUE(contains(read(be(5) + "/error").value_or(""), "port 1 of HCA mlx5_9 is not ACTIVE (state: 1: DOWN)"));
+  // No such port.
+  store_->write(kNoTransaction, be(5) + "/port", "2");
+  EXPECT_EQ(script("add").status, 1);
+  EXPECT_TRUE(contains(read(be(5) + "/error").value_or(""), "HCA mlx5_9 has no port 2"));
+  // Active.
+  store_->write(kNoTransaction, be(5) + "/port", "1");
+  sysfs.write("class/infiniband/mlx5_9/ports/1/state", "4: ACTIVE\n");
+  ran = script("add");
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_EQ(read(be(5) + "/hotplug-status"), "connected");
+  // The software HCA needs no sysfs; a name that would leave sysfs is refused.
+  store_->write(kNoTransaction, be(5) + "/hca", "soft");
+  EXPECT_EQ(script("add").status, 0);
+  store_->write(kNoTransaction, be(5) + "/hca", "../../etc");
+  EXPECT_EQ(script("add").status, 1);
+  EXPECT_TRUE(contains(read(be(5) + "/error").value_or(""), "bad HCA name"));
+  ran = script("remove");
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_FALSE(read(be(5) + "/hotplug-status"));
+  EXPECT_EQ(run("env XENBUS_PATH= sh " HOTPLUG_DIR "/vib add").status, 1);
+}
+
+TEST_F(VibToolstack, AttachRunsTheHotplugScript) {
+  start_vibd();
+  auto dev = ts_->attach(5, parse_spec("hca=soft,script=vib"));
+  EXPECT_EQ(read(dev.backend_path + "/hotplug-status"), "connected");
+  EXPECT_EQ(read(dev.backend_path + "/script"), "vib");
+  EXPECT_FALSE(ts_->detach(5, dev.devid).forced);
+  ASSERT_TRUE(vibd_forgot(5, 0, 1));
+
+  // A script that fails: its reason is the attach's error, nothing is left.
+  TempDir scripts;
+  scripts.write("refuse",
+                "#!/bin/sh\n"
+                "xenstore-write \"$XENBUS_PATH/error\" \"no RDMA for you\" \"$XENBUS_PATH/hotplug-status\" error\n"
+                "exit 1\n",
+                true);
+  auto e = error_of([&] { ts_->attach(5, parse_spec("hca=soft,script=" + scripts.path() + "/refuse")); });
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->code(), ErrorCode::backend);
+  EXPECT_TRUE(contains(e->what(), "no RDMA for you")) << e->what();
+  expect_gone(5, 0);
+  ASSERT_TRUE(vibd_forgot(5, 0, 2));
+
+  // A script that leaves a daemon behind on its output is done when it exits.
+  scripts.write("daemonize",
+                "#!/bin/sh\n"
+                "sleep 20 &\n"
+                "xenstore-write \"$XENBUS_PATH/hotplug-status\" connected\n",
+                true);
+  const auto start = std::chrono::steady_clock::now();
+  auto d = ts_->attach(5, parse_spec("hca=soft,script=" + scripts.path() + "/daemonize"));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  ts_->detach(5, d.devid);
+  ASSERT_TRUE(vibd_forgot(5, 0, 3));
+
+  // A script that hangs is killed at the time limit.
+  scripts.write("hang", "#!/bin/sh\nexec sleep 30\n", true);
+  Options impatient;
+  impatient.script_timeout = 300ms;
+  Toolstack ts(xen_.as(0), impatient);
+  auto hung = error_of([&] { ts.attach(5, parse_spec("hca=soft,script=" + scripts.path() + "/hang")); });
+  ASSERT_TRUE(hung);
+  EXPECT_EQ(hung->code(), ErrorCode::timed_out);
+  EXPECT_TRUE(contains(hung->what(), "did not finish")) << hung->what();
+  expect_gone(5, 0);
+}
+
+TEST_F(VibToolstack, XlVibCommand) {
+  auto ran = run(std::string(XL_VIB) + " --help");
+  EXPECT_EQ(ran.status, 0);
+  EXPECT_TRUE(contains(ran.out, "vib-attach")) << ran.out;
+  EXPECT_FALSE(contains(ran.out, "vib-provision")) << "hidden";
+  EXPECT_EQ(run(std::string(XL_VIB) + " vib-frobnicate").status, 2);
+  EXPECT_EQ(run(xl("vib-attach")).status, 2) << "usage";
+
+  start_vibd();
+  ran = run(xl("vib-attach guest5 hca=soft port=1"));
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  ran = run(xl("vib-attach 5 hca=soft,colour=blue"));
+  EXPECT_EQ(ran.status, 1);
+  EXPECT_TRUE(contains(ran.out, "xl vib-attach: vib spec 'hca=soft,colour=blue': unknown key 'colour'")) << ran.out;
+  ran = run(xl("vib-attach 42 hca=soft"));
+  EXPECT_EQ(ran.status, 1);
+  EXPECT_TRUE(contains(ran.out, "domain 42 does not exist")) << ran.out;
+
+  ran = run(xl("vib-list 5 6"));
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "Idx BE  Hdl State HCA        Port Ctx BE-path\n")) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "0   0   0   2     soft       1    0   /local/domain/0/backend/vib/5/0\n")) << ran.out;
+  ran = run(xl("vib-list --json guest5"));
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "\"hca\": \"soft\"")) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "\"state-name\": \"InitWait\"")) << ran.out;
+  ran = run(xl("vib-list 5 nosuch"));
+  EXPECT_EQ(ran.status, 1) << "a bad domain fails the command, the others are listed";
+  EXPECT_TRUE(contains(ran.out, "/local/domain/0/backend/vib/5/0")) << ran.out;
+
+  ran = run(xl("vib-detach 5 0"));
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  ran = run(xl("vib-detach 5 0"));
+  EXPECT_EQ(ran.status, 1);
+  EXPECT_TRUE(contains(ran.out, "domain 5 has no vib device 0")) << ran.out;
+  stop_vibd();
+  EXPECT_EQ(run(xl("vib-attach 5 hca=soft --timeout 0.2")).status, 1);
+  AttachOptions no_wait;
+  no_wait.wait = false;
+  ts_->attach(5, parse_spec("hca=soft"), no_wait);
+  ran = run(xl("vib-detach --timeout 0.2 5 0"));
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "warning: vib device 0 of domain 5: the back-end (domain 0) did not close")) << ran.out;
+}
+
+TEST_F(VibToolstack, XlFrontScriptRoutes) {
+  const std::string front = std::string("env VIB_REAL_XL=/bin/echo VIB_XL_VIB=/bin/echo sh ") + XL_FRONT;
+  // Not ours: Xen's xl gets exactly the same arguments.
+  auto ran = run(front + " -v create -c 'guest one.cfg'");
+  EXPECT_EQ(ran.out, "-v create -c guest one.cfg\n");
+  ran = run(front + " list");
+  EXPECT_EQ(ran.out, "list\n");
+  // Ours: xl's global flags dropped, the rest passed on.
+  ran = run(front + " -v vib-list --json 5");
+  EXPECT_EQ(ran.out, "vib-list --json 5\n");
+  // And for real, into xl-vib.
+  ran = run(std::string("env VIB_REAL_XL=/bin/false VIB_XL_VIB=") + XL_VIB + " sh " + XL_FRONT + " vib-list --help");
+  EXPECT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "Usage: xl vib-list")) << ran.out;
+  // The real xl's exit status comes back.
+  EXPECT_EQ(run(std::string("env VIB_REAL_XL=/bin/false sh ") + XL_FRONT + " list").status, 1);
+}
+
+TEST_F(VibToolstack, CApi) {
+  start_vibd();
+  vib_tk* raw = nullptr;
+  char err[256];
+  ASSERT_EQ(vib_tk_open(&raw, xen_.dir().c_str(), 0, HOTPLUG_DIR, err, sizeof err), VIB_TK_OK) << err;
+  std::unique_ptr<vib_tk, decltype(&vib_tk_close)> tk(raw, vib_tk_close);
+  unsigned domid = 0, devid = 99;
+  ASSERT_EQ(vib_tk_resolve_domain(tk.get(), "guest5", &domid), VIB_TK_OK);
+  EXPECT_EQ(domid, 5u);
+  ASSERT_EQ(vib_tk_attach(tk.get(), domid, "hca=soft", 5000, &devid), VIB_TK_OK) << vib_tk_error(tk.get());
+  EXPECT_EQ(devid, 0u);
+  EXPECT_EQ(vib_tk_attach(tk.get(), domid, "hca=soft,devid=0", 5000, nullptr), VIB_TK_ERR_EXISTS);
+  EXPECT_TRUE(contains(vib_tk_error(tk.get()), "already exists"));
+  EXPECT_EQ(vib_tk_attach(tk.get(), 0, "hca=soft", 5000, nullptr), VIB_TK_ERR_INVALID);
+  EXPECT_EQ(vib_tk_attach(tk.get(), 5, "hca=mlx5_nonexistent", 5000, nullptr), VIB_TK_ERR_BACKEND);
+  char* json = nullptr;
+  ASSERT_EQ(vib_tk_list_json(tk.get(), 5, &json), VIB_TK_OK);
+  std::unique_ptr<char, decltype(&std::free)> owned(json, std::free);
+  EXPECT_TRUE(contains(json, "\"devid\": 0")) << json;
+  unsigned count = 0;
+  EXPECT_EQ(vib_tk_provision(tk.get(), 6, "vib = [ 'hca=soft', 'hca=soft' ]", &count), VIB_TK_OK);
+  EXPECT_EQ(count, 2u);
+  EXPECT_EQ(vib_tk_provision_domain(tk.get(), 6, "/nonexistent", 0, &count), VIB_TK_ERR_NOT_FOUND);
+  int forced = -1;
+  EXPECT_EQ(vib_tk_detach(tk.get(), 5, 0, 0, 5000, &forced), VIB_TK_OK) << vib_tk_error(tk.get());
+  EXPECT_EQ(forced, 0);
+  EXPECT_EQ(vib_tk_detach(tk.get(), 5, 0, 0, 5000, &forced), VIB_TK_ERR_NOT_FOUND);
+  xen_.destroy_domain(6);
+  unsigned removed = 0;
+  EXPECT_EQ(vib_tk_cleanup(tk.get(), &removed), VIB_TK_OK);
+  EXPECT_EQ(removed, 2u);
+}

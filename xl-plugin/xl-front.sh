@@ -1,0 +1,45 @@
+#!/bin/sh
+# xl front for vib: `xl vib-attach|vib-detach|vib-list ...` run the vib
+# toolstack (xl-vib); every other command line goes to Xen's own xl,
+# untouched (same arguments, same exit code, exec'd so signals and the
+# terminal are xl's). Install it ahead of the real xl in PATH, or alias
+# xl to it. VIB_REAL_XL and VIB_XL_VIB override the two paths (tests,
+# unusual installs).
+#
+# Xen's xl takes only argument-less global flags before the subcommand
+# (-v, -f, -N, -t, -T), so the first word not starting with '-' is the
+# subcommand.
+
+real_xl="${VIB_REAL_XL:-@VIB_REAL_XL@}"
+xl_vib="${VIB_XL_VIB:-@VIB_XL_VIB@}"
+
+subcommand=
+for arg in "$@"; do
+    case "$arg" in
+        --) break ;;
+        -*) ;;
+        *) subcommand="$arg"; break ;;
+    esac
+done
+
+case "$subcommand" in
+    vib-*)
+        # xl's global flags mean nothing to xl-vib; the subcommand and its
+        # arguments go through unchanged.
+        while [ $# -gt 0 ]; do
+            case "$1" in
+                -*) shift ;;
+                *) break ;;
+            esac
+        done
+        exec "$xl_vib" "$@"
+        ;;
+esac
+
+# Installed *as* the real xl's path, this would exec itself forever.
+self=$(readlink -f "$0" 2>/dev/null)
+if [ -n "$self" ] && [ "$(readlink -f "$real_xl" 2>/dev/null)" = "$self" ]; then
+    echo "xl (vib front): $real_xl is this script; set VIB_REAL_XL to Xen's xl" >&2
+    exit 1
+fi
+exec "$real_xl" "$@"
