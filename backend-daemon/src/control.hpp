@@ -95,6 +95,7 @@ class ControlPath {
     std::uint32_t users = 0;     // QPs completing into it
     std::uint32_t armed_ack = 0;  // the last arm_sequence answered
     std::uint64_t pages = 0;
+    const void* hca_object() const { return cq.get(); }
   };
   struct GuestSrq {
     std::unique_ptr<platform::GrantMapping> ring;  // read-only: we only read WQEs
@@ -105,6 +106,7 @@ class ControlPath {
     std::uint32_t users = 0;
     bool hca_full = false;
     std::uint64_t pages = 0;
+    const void* hca_object() const { return srq.get(); }
   };
   struct GuestQp {
     std::unique_ptr<platform::GrantMapping> buffer;  // read-only
@@ -137,6 +139,8 @@ class ControlPath {
   void modify_srq(const vibif_request& req, vibif_response& rsp);
   void query_srq(const vibif_request& req, vibif_response& rsp);
   void destroy_srq(const vibif_request& req, vibif_response& rsp);
+  template <typename Queue>
+  void destroy_unused_queue(HandleTable<Queue>& table, vibif_handle_t handle, vibif_response& rsp);
 
   // Maps a guest page list of exactly `pages` pages; a VIBIF_E* status on failure.
   int map_queue_pages(const vibif_page_list& list, std::uint64_t pages, bool writable,

@@ -127,6 +127,26 @@ std::optional<std::uint16_t> ControlPath::guest_pkey_index(std::uint16_t hca_ind
   return std::nullopt;
 }
 
+// A CQ or SRQ: EBUSY while a QP still uses it, else freed with its slot and pages.
+template <typename Queue>
+void ControlPath::destroy_unused_queue(HandleTable<Queue>& table, vibif_handle_t h, vibif_response& rsp) {
+  auto* owner = table.owner(h);
+  if (!owner) {
+    rsp.hdr.status = VIBIF_ENOENT;
+    return;
+  }
+  Queue& queue = **owner;
+  if (queue.users) {
+    rsp.hdr.status = VIBIF_EBUSY;
+    return;
+  }
+  announce(queue.hca_object(), false);
+  free_slot(queue.slot);
+  pinned_pages_ -= queue.pages;
+  owner->reset();
+  table.release(h);
+}
+
 // ---- CQ ---------------------------------------------------------------------
 
 void ControlPath::create_cq(const vibif_request& req, vibif_response& rsp) {
@@ -229,22 +249,7 @@ void ControlPath::resize_cq(const vibif_request& req, vibif_response& rsp) {
 }
 
 void ControlPath::destroy_cq(const vibif_request& req, vibif_response& rsp) {
-  const vibif_handle_t h = req.u.handle.handle;
-  auto* owner = cqs_.owner(h);
-  if (!owner) {
-    rsp.hdr.status = VIBIF_ENOENT;
-    return;
-  }
-  GuestCq& cq = **owner;
-  if (cq.users) {
-    rsp.hdr.status = VIBIF_EBUSY;
-    return;
-  }
-  announce(cq.cq.get(), false);
-  free_slot(cq.slot);
-  pinned_pages_ -= cq.pages;
-  owner->reset();
-  cqs_.release(h);
+  destroy_unused_queue(cqs_, req.u.handle.handle, rsp);
 }
 
 // ---- SRQ --------------------------------------------------------------------
@@ -339,22 +344,7 @@ void ControlPath::query_srq(const vibif_request& req, vibif_response& rsp) {
 }
 
 void ControlPath::destroy_srq(const vibif_request& req, vibif_response& rsp) {
-  const vibif_handle_t h = req.u.handle.handle;
-  auto* owner = srqs_.owner(h);
-  if (!owner) {
-    rsp.hdr.status = VIBIF_ENOENT;
-    return;
-  }
-  GuestSrq& srq = **owner;
-  if (srq.users) {
-    rsp.hdr.status = VIBIF_EBUSY;
-    return;
-  }
-  announce(srq.srq.get(), false);
-  free_slot(srq.slot);
-  pinned_pages_ -= srq.pages;
-  owner->reset();
-  srqs_.release(h);
+  destroy_unused_queue(srqs_, req.u.handle.handle, rsp);
 }
 
 // ---- QP ---------------------------------------------------------------------

@@ -159,6 +159,25 @@ vibif_response Device::call(const vibif_request& req, const char* what) {
   return rsp;
 }
 
+int Device::call_errno(const vibif_request& req, vibif_response& rsp) {
+  try {
+    std::lock_guard lock(mu_);
+    rsp = channel_->call(req);
+  } catch (const std::system_error& e) {
+    return e.code().value();  // the back-end did not answer
+  }
+  return -rsp.hdr.status;
+}
+
+void Device::release(std::uint16_t op, vibif_handle_t handle) noexcept {
+  auto req = request(op);
+  req.u.handle.handle = handle;
+  vibif_response rsp;
+  // A failure leaves the object to the back-end, which frees it with the
+  // context at the latest.
+  call_errno(req, rsp);
+}
+
 void Device::query_device(ibv_device_attr& attr) {
   const auto d = call(request(VIBIF_OP_QUERY_DEVICE), "query device").u.query_device;
   attr = ibv_device_attr{};
@@ -278,15 +297,7 @@ std::shared_ptr<Device::GrantedRange> Device::grant_range(std::uintptr_t start, 
 
 // ---- PD, MR, AH ---------------------------------------------------------------
 
-Pd::~Pd() {
-  auto req = request(VIBIF_OP_DEALLOC_PD);
-  req.u.handle.handle = handle_;
-  try {
-    device_.call(req, "deallocate PD");
-  } catch (const std::exception&) {
-    // Freed with the context at the latest.
-  }
-}
+Pd::~Pd() { device_.release(VIBIF_OP_DEALLOC_PD, handle_); }
 
 std::unique_ptr<Mr> Pd::reg_mr(void* addr, std::size_t length, int access) {
   if (length == 0 || !addr) fail(EINVAL, "register memory: empty region");
@@ -317,14 +328,7 @@ std::unique_ptr<Mr> Pd::reg_mr(void* addr, std::size_t length, int access) {
   return mr;
 }
 
-Mr::~Mr() {
-  auto req = request(VIBIF_OP_DEREG_MR);
-  req.u.handle.handle = handle_;
-  try {
-    device_->call(req, "deregister memory");
-  } catch (const std::exception&) {
-  }
-}
+Mr::~Mr() { device_->release(VIBIF_OP_DEREG_MR, handle_); }
 
 std::unique_ptr<Ah> Pd::create_ah(const ibv_ah_attr& attr) {
   auto req = request(VIBIF_OP_CREATE_AH);
@@ -367,14 +371,7 @@ void Cq::attach(const vibif_create_cq_resp& rsp, std::unique_ptr<platform::Share
   slot_ = rsp.doorbell_slot;
 }
 
-Cq::~Cq() {
-  auto req = request(VIBIF_OP_DESTROY_CQ);
-  req.u.handle.handle = handle_;
-  try {
-    device_.call(req, "destroy CQ");
-  } catch (const std::exception&) {
-  }
-}
+Cq::~Cq() { device_.release(VIBIF_OP_DESTROY_CQ, handle_); }
 
 int Cq::poll(std::span<ibv_wc> out) {
   std::lock_guard lock(mu_);
@@ -454,14 +451,7 @@ std::unique_ptr<Srq> Pd::create_srq(const ibv_srq_init_attr& init) {
   return srq;
 }
 
-Srq::~Srq() {
-  auto req = request(VIBIF_OP_DESTROY_SRQ);
-  req.u.handle.handle = handle_;
-  try {
-    device_.call(req, "destroy SRQ");
-  } catch (const std::exception&) {
-  }
-}
+Srq::~Srq() { device_.release(VIBIF_OP_DESTROY_SRQ, handle_); }
 
 namespace {
 
@@ -508,23 +498,17 @@ int Srq::modify(const ibv_srq_attr& attr, int attr_mask) {
   req.u.modify_srq.attr_mask = static_cast<std::uint32_t>(attr_mask);
   req.u.modify_srq.max_wr = attr.max_wr;
   req.u.modify_srq.srq_limit = attr.srq_limit;
-  try {
-    device_.call(req, "modify SRQ");
-  } catch (const std::system_error& e) {
-    return e.code().value();
-  }
-  return 0;
+  vibif_response rsp;
+  return device_.call_errno(req, rsp);
 }
 
 int Srq::query(ibv_srq_attr& attr) {
   auto req = request(VIBIF_OP_QUERY_SRQ);
   req.u.handle.handle = handle_;
-  try {
-    const auto q = device_.call(req, "query SRQ").u.query_srq;
-    attr = ibv_srq_attr{q.max_wr, q.max_sge, q.srq_limit};
-  } catch (const std::system_error& e) {
-    return e.code().value();
-  }
+  vibif_response rsp;
+  if (int err = device_.call_errno(req, rsp)) return err;
+  const auto& q = rsp.u.query_srq;
+  attr = ibv_srq_attr{q.max_wr, q.max_sge, q.srq_limit};
   return 0;
 }
 
@@ -572,14 +556,7 @@ std::unique_ptr<Qp> Pd::create_qp(const QpInit& init) {
   return qp;
 }
 
-Qp::~Qp() {
-  auto req = request(VIBIF_OP_DESTROY_QP);
-  req.u.handle.handle = handle_;
-  try {
-    device_.call(req, "destroy QP");
-  } catch (const std::exception&) {
-  }
-}
+Qp::~Qp() { device_.release(VIBIF_OP_DESTROY_QP, handle_); }
 
 int Qp::modify(const ibv_qp_attr& a, int mask) {
   auto req = request(VIBIF_OP_MODIFY_QP);
@@ -613,11 +590,8 @@ int Qp::modify(const ibv_qp_attr& a, int mask) {
   w.alt_port_num = a.alt_port_num;
   w.alt_timeout = a.alt_timeout;
   w.rate_limit = a.rate_limit;
-  try {
-    device_.call(req, "modify QP");
-  } catch (const std::system_error& e) {
-    return e.code().value();
-  }
+  vibif_response rsp;
+  if (int err = device_.call_errno(req, rsp)) return err;
   if (mask & IBV_QP_STATE) state_ = a.qp_state;
   return 0;
 }
@@ -625,12 +599,9 @@ int Qp::modify(const ibv_qp_attr& a, int mask) {
 int Qp::query(ibv_qp_attr& a, int, ibv_qp_init_attr& init) {
   auto req = request(VIBIF_OP_QUERY_QP);
   req.u.handle.handle = handle_;
-  vibif_query_qp_resp q;
-  try {
-    q = device_.call(req, "query QP").u.query_qp;
-  } catch (const std::system_error& e) {
-    return e.code().value();
-  }
+  vibif_response rsp;
+  if (int err = device_.call_errno(req, rsp)) return err;
+  const auto& q = rsp.u.query_qp;
   const auto& w = q.attr;
   a = ibv_qp_attr{};
   a.qp_state = static_cast<ibv_qp_state>(w.qp_state);

@@ -67,6 +67,12 @@ class Device {
   Channel& channel() { return *channel_; }
   // Sends a request; throws on a non-zero status.
   vibif_response call(const vibif_request& request, const char* what);
+  // Sends a request; 0 or the errno of the answer (or of no answer), as the
+  // verbs calls that return one want.
+  int call_errno(const vibif_request& request, vibif_response& response);
+  // Destroys the object `handle` with `op` (DESTROY_*, DEREG_MR,
+  // DEALLOC_PD); for destructors, so it never throws.
+  void release(std::uint16_t op, vibif_handle_t handle) noexcept;
 
  private:
   friend class Pd;
