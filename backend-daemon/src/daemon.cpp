@@ -29,8 +29,14 @@ class Environment final : public DeviceEnvironment {
         store_(platform::open_xenstore(options.xen)),
         mapper_(platform::open_grant_mapper(options.xen)),
         sharer_(platform::open_grant_sharer(options.xen)),
-        finished_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
-    if (!finished_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
+        wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (!wake_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
+    hotplug_.scripts_dir = options.scripts_dir;
+    hotplug_.timeout = options.script_timeout;
+    // The scripts' xenstore-read/-write find the host-local store this way.
+    if (options.xen.kind == platform::XenTarget::Kind::local)
+      hotplug_.extra_env.push_back("XENSTORED_PATH=" +
+                                   platform::local_xenstore_socket(options.xen.local_dir, options.xen.local_domid));
   }
 
   platform::XenStore& store() override { return *store_; }
@@ -46,14 +52,15 @@ class Environment final : public DeviceEnvironment {
   }
   const std::string& default_hca() const override { return options_.default_hca; }
   HcaEventRouter& router() override { return router_; }
-  void context_finished() override {
+  const HotplugSettings& hotplug() const override { return hotplug_; }
+  void wake() override {
     const std::uint64_t one = 1;
-    [[maybe_unused]] auto n = ::write(finished_fd_.get(), &one, sizeof one);
+    [[maybe_unused]] auto n = ::write(wake_fd_.get(), &one, sizeof one);
   }
-  int finished_fd() const { return finished_fd_.get(); }
-  void clear_finished() {
+  int wake_fd() const { return wake_fd_.get(); }
+  void clear_wake() {
     std::uint64_t value;
-    [[maybe_unused]] auto n = ::read(finished_fd_.get(), &value, sizeof value);
+    [[maybe_unused]] auto n = ::read(wake_fd_.get(), &value, sizeof value);
   }
   const std::map<std::string, std::unique_ptr<platform::Hca>>& hcas() const { return hcas_; }
 
@@ -62,7 +69,8 @@ class Environment final : public DeviceEnvironment {
   std::unique_ptr<platform::XenStore> store_;
   std::unique_ptr<platform::GrantMapper> mapper_;
   std::unique_ptr<platform::GrantSharer> sharer_;
-  platform::UniqueFd finished_fd_;
+  HotplugSettings hotplug_;
+  platform::UniqueFd wake_fd_;
   HcaEventRouter router_;
   // Last: devices are gone before their HCAs (Daemon owns the devices).
   std::map<std::string, std::unique_ptr<platform::Hca>> hcas_;
@@ -89,7 +97,7 @@ class Daemon {
   int run(int stop_fd) {
     for (;;) {
       std::vector<pollfd> fds{{stop_fd, POLLIN, 0}, {env_.store().watch_fd(), POLLIN, 0},
-                              {env_.finished_fd(), POLLIN, 0}};
+                              {env_.wake_fd(), POLLIN, 0}};
       std::vector<platform::Hca*> hcas;
       for (auto& [name, hca] : env_.hcas()) {
         fds.push_back({hca->completion_fd(), POLLIN, 0});
@@ -105,10 +113,14 @@ class Daemon {
       for (std::size_t i = 0; i < hcas.size(); ++i)
         if (fds[3 + 2 * i].revents | fds[4 + 2 * i].revents) env_.router().dispatch(*hcas[i]);
       if (fds[2].revents) {
-        env_.clear_finished();
+        env_.clear_wake();
         for (auto& [id, device] : devices_) device->close_finished_contexts();
       }
-      if (fds[1].revents) on_watch_events();
+      if (fds[1].revents) {
+        on_watch_events();
+      } else if (fds[2].revents) {
+        scan();  // a hotplug script may have finished
+      }
     }
   }
 
@@ -138,6 +150,11 @@ class Daemon {
         if (!devid) continue;
         DeviceId id{static_cast<platform::DomId>(*domid), static_cast<unsigned>(*devid)};
         present.insert(id);
+        if (auto old = devices_.find(id); old != devices_.end() && old->second->superseded()) {
+          log_line(LogLevel::info, device_subject(id.domid, id.devid), "re-added by the toolstack");
+          unwatch(*old->second);
+          devices_.erase(old);
+        }
         if (!devices_.count(id)) {
           const std::string be = backend_root_ + "/" + dom + "/" + dev;
           auto device = std::make_unique<Device>(env_, id, be);

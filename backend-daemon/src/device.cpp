@@ -113,6 +113,13 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
     return;
   }
   config_ = std::get<DeviceConfig>(config);
+  if (auto script = env_.store().read(kNoTransaction, backend_path_ + "/script"); script && !script->empty()) {
+    script_ = hotplug_script_path(*script, env_.hotplug().scripts_dir);
+    if (!script_) {
+      fail("bad hotplug script name '" + *script + "'");
+      return;
+    }
+  }
   try {
     hca_ = &env_.hca(config_->hca);
     ibv_port_attr port;
@@ -136,6 +143,7 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
   state_ = XenbusState::init_wait;
   log_line(LogLevel::info, subject_,
            "InitWait on HCA " + hca_->name() + " port " + std::to_string(config_->port));
+  if (script_) start_hotplug("add");
 }
 
 Device::~Device() { close_all_contexts("device closed"); }
@@ -144,9 +152,13 @@ void Device::fail(const std::string& why) {
   failed_ = true;
   log_line(LogLevel::error, subject_, why);
   try {
-    env_.store().write(kNoTransaction, backend_path_ + "/" VIBIF_XS_ERROR, why);
-    env_.store().write(kNoTransaction, backend_path_ + "/hotplug-status", "error");
-    set_state(XenbusState::closed);
+    // The reason first (same transaction): whoever sees the error status
+    // finds the reason with it.
+    write_if_present({{VIBIF_XS_ERROR, why}, {"hotplug-status", "error"}, {"state", str(XenbusState::closed)}});
+    if (state_ != XenbusState::closed)
+      log_line(LogLevel::info, subject_,
+               std::string(platform::state_name(state_)) + " -> " + std::string(platform::state_name(XenbusState::closed)));
+    state_ = XenbusState::closed;
   } catch (const std::system_error& e) {
     log_line(LogLevel::warning, subject_, std::string("cannot report the error: ") + e.what());
   }
@@ -154,10 +166,65 @@ void Device::fail(const std::string& why) {
 
 void Device::set_state(XenbusState s) {
   if (s == state_) return;
-  env_.store().write(kNoTransaction, backend_path_ + "/state", str(s));
+  write_if_present({{"state", str(s)}});
   log_line(LogLevel::info, subject_,
            std::string(platform::state_name(state_)) + " -> " + std::string(platform::state_name(s)));
   state_ = s;
+}
+
+void Device::write_if_present(const std::vector<std::pair<std::string, std::string>>& nodes) {
+  auto& store = env_.store();
+  platform::with_transaction(store, [&](platform::TransactionId tx) {
+    if (!store.directory(tx, backend_path_)) return;
+    for (const auto& [key, value] : nodes) store.write(tx, backend_path_ + "/" + key, value);
+  });
+}
+
+void Device::start_hotplug(const char* action) {
+  log_line(LogLevel::info, subject_, std::string("running hotplug script ") + *script_ + " " + action);
+  hotplug_ = std::make_unique<HotplugRun>(env_.hotplug(), *script_, action, backend_path_, [this] { env_.wake(); });
+}
+
+bool Device::finish_hotplug() {
+  if (!hotplug_) return true;
+  auto result = hotplug_->result();
+  if (!result) return false;
+  const std::string what = hotplug_->describe();
+  const bool added = hotplug_->action() == "add";
+  hotplug_.reset();
+  const bool ok = result->exit_status == 0;
+  if (!added) {
+    if (!ok) log_line(LogLevel::warning, subject_, what + " failed: " + result->output);
+    return true;
+  }
+  if (ok) {
+    hotplug_added_ = true;
+    // A script that succeeded without saying so (Xen's own scripts always
+    // write it) still counts.
+    if (env_.store().read(kNoTransaction, backend_path_ + "/hotplug-status") != "connected")
+      write_if_present({{"hotplug-status", "connected"}});
+    log_line(LogLevel::info, subject_, what + ": connected");
+    return true;
+  }
+  std::string why;
+  if (result->timed_out) {
+    why = "did not finish within " + std::to_string(env_.hotplug().timeout.count()) + " ms";
+  } else {
+    for (const char* key : {VIBIF_XS_ERROR, "hotplug-error"})
+      if (auto text = env_.store().read(kNoTransaction, backend_path_ + "/" + key); text && !text->empty()) {
+        why = *text;
+        break;
+      }
+    if (why.empty()) why = result->output;
+    if (why.empty()) why = "exit status " + std::to_string(result->exit_status);
+  }
+  fail(what + " failed: " + why);
+  return true;
+}
+
+bool Device::superseded() {
+  if (state_ == XenbusState::initialising) return false;
+  return env_.store().read(kNoTransaction, backend_path_ + "/state") == str(XenbusState::initialising);
 }
 
 bool Device::refresh() {
@@ -167,17 +234,25 @@ bool Device::refresh() {
     log_line(LogLevel::info, subject_, "removed");
     return false;
   }
-  if (failed_) return true;
+  if (!finish_hotplug() || failed_) return true;
   const auto online = store.read(kNoTransaction, backend_path_ + "/online");
   const auto frontend = platform::parse_state(store.read(kNoTransaction, frontend_path_ + "/state").value_or(""));
   const bool frontend_gone = !frontend || *frontend == XenbusState::closing || *frontend == XenbusState::closed;
+  if (online && *online == "0" && hotplug_added_) {
+    // Unplugged: the script undoes its "add" before we report Closed.
+    close_all_contexts("device taken offline");
+    set_state(XenbusState::closing);
+    hotplug_added_ = false;
+    start_hotplug("remove");
+    return true;
+  }
   if ((online && *online == "0") || (frontend_gone && state_ == XenbusState::connected)) {
     close_all_contexts(online && *online == "0" ? "device taken offline" : "front-end closed");
     set_state(frontend && *frontend == XenbusState::closing ? XenbusState::closing : XenbusState::closed);
     if (frontend && *frontend == XenbusState::closed) set_state(XenbusState::closed);
     return true;
   }
-  if (state_ == XenbusState::init_wait && frontend &&
+  if (state_ == XenbusState::init_wait && (!script_ || hotplug_added_) && frontend &&
       (*frontend == XenbusState::initialised || *frontend == XenbusState::connected))
     set_state(XenbusState::connected);
   if (state_ == XenbusState::connected) refresh_contexts();
@@ -252,7 +327,13 @@ void Device::close_all_contexts(const char* why) {
   while (!contexts_.empty()) close_context(contexts_.begin()->first, why);
 }
 
-void Device::domain_gone() { close_all_contexts("domain destroyed"); }
+void Device::domain_gone() {
+  close_all_contexts("domain destroyed");
+  if (hotplug_added_ && !hotplug_) {
+    hotplug_added_ = false;
+    start_hotplug("remove");
+  }
+}
 
 namespace {
 
@@ -440,7 +521,7 @@ void Context::run_worker() {
     why = "worker failed";
   }
   finished_.store(why, std::memory_order_release);
-  env_.context_finished();
+  env_.wake();
 }
 
 }  // namespace vib::backend

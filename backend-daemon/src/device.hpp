@@ -12,6 +12,7 @@
 
 #include "control.hpp"
 #include "hca_events.hpp"
+#include "hotplug.hpp"
 #include "vib/platform/event_channels.hpp"
 #include "vib/platform/grants.hpp"
 #include "vib/platform/hca.hpp"
@@ -33,9 +34,11 @@ class DeviceEnvironment {
   virtual platform::Hca& hca(const std::string& name) = 0;
   virtual const std::string& default_hca() const = 0;
   virtual HcaEventRouter& router() = 0;
-  // Called from a context's worker when its guest process has gone: the
-  // main thread then closes it (see Device::close_finished_contexts).
-  virtual void context_finished() = 0;
+  virtual const HotplugSettings& hotplug() const = 0;
+  // Called from another thread when the main thread has something to pick
+  // up: a context's worker found its guest process gone (see
+  // Device::close_finished_contexts), or a hotplug script finished.
+  virtual void wake() = 0;
 };
 
 // Reads and checks the configuration; on a bad value, returns the reason.
@@ -59,6 +62,10 @@ class Device {
   // Advances the handshake from what xenstore says now. Returns false once
   // the device is gone (its back-end directory removed) and may be dropped.
   bool refresh();
+  // The toolstack removed this device and added another with the same
+  // devid before we looked (its state reads Initialising again): this
+  // object must make way for a new one.
+  bool superseded();
   // The frontend's domain died: free everything at once.
   void domain_gone();
 
@@ -72,6 +79,13 @@ class Device {
  private:
   void fail(const std::string& why);
   void set_state(platform::XenbusState s);
+  // Writes the nodes in one transaction, only if the back-end directory
+  // still exists: a write must never recreate a directory the toolstack
+  // has just removed.
+  void write_if_present(const std::vector<std::pair<std::string, std::string>>& nodes);
+  void start_hotplug(const char* action);
+  // Takes the verdict of a finished script; false while one is running.
+  bool finish_hotplug();
   void refresh_contexts();
   void close_all_contexts(const char* why);
 
@@ -83,6 +97,9 @@ class Device {
   platform::XenbusState state_ = platform::XenbusState::initialising;
   bool failed_ = false;
   std::optional<DeviceConfig> config_;
+  std::optional<std::string> script_;  // the hotplug script's path, if configured
+  std::unique_ptr<HotplugRun> hotplug_;
+  bool hotplug_added_ = false;  // "add" succeeded and "remove" has not run
   platform::Hca* hca_ = nullptr;
   std::map<unsigned, std::unique_ptr<Context>> contexts_;
 };

@@ -21,6 +21,9 @@ void usage(std::ostream& out) {
          "\n"
          "  --hca NAME          HCA for devices whose configuration names none\n"
          "                      (default: soft, the built-in software HCA)\n"
+         "  --scripts-dir DIR   where relative hotplug script names live\n"
+         "                      (default " VIB_XEN_SCRIPTS_DIR ")\n"
+         "  --script-timeout MS how long a hotplug script may run (default 30000)\n"
          "  --local-xen DIR     use the host-local Xen served by `vib-localxen serve --dir DIR`\n"
          "                      instead of the real one (machines without a hypervisor)\n"
          "  --domid N           with --local-xen: the domain vibd acts as (default 0)\n"
@@ -39,6 +42,7 @@ int main(int argc, char** argv) {
   std::string local_dir;
   long domid = 0;
   options.systemd_logging = std::getenv("JOURNAL_STREAM") != nullptr;
+  options.scripts_dir = VIB_XEN_SCRIPTS_DIR;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&]() -> std::string {
@@ -53,6 +57,17 @@ int main(int argc, char** argv) {
       return 0;
     } else if (arg == "--hca") {
       options.default_hca = value();
+    } else if (arg == "--scripts-dir") {
+      options.scripts_dir = value();
+    } else if (arg == "--script-timeout") {
+      const std::string v = value();
+      char* end = nullptr;
+      const long ms = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end || ms <= 0 || ms > 3600 * 1000) {
+        std::cerr << "vibd: bad --script-timeout '" << v << "' (milliseconds, 1..3600000)\n";
+        return 2;
+      }
+      options.script_timeout = std::chrono::milliseconds(ms);
     } else if (arg == "--local-xen") {
       local_dir = value();
     } else if (arg == "--domid") {

@@ -74,19 +74,17 @@ vib::platform::DomId domid_of(unsigned domid) {
 
 extern "C" {
 
-int vib_tk_open(vib_tk** out, const char* local_xen_dir, unsigned local_domid, const char* scripts_dir,
+int vib_tk_open(vib_tk** out, const char* local_xen_dir, unsigned local_domid,
                 char* errbuf, std::size_t errlen) {
   if (!out) return VIB_TK_ERR_INVALID;
   *out = nullptr;
   std::string error;
   std::unique_ptr<vib_tk> tk;
   const int rc = guarded(error, [&] {
-    vib::toolstack::Options options;
-    if (scripts_dir) options.scripts_dir = scripts_dir;
     const auto target = local_xen_dir ? vib::platform::XenTarget::local(local_xen_dir, domid_of(local_domid))
                                       : vib::platform::XenTarget::real();
     tk = std::make_unique<vib_tk>();
-    tk->toolstack = std::make_unique<vib::toolstack::Toolstack>(target, options);
+    tk->toolstack = std::make_unique<vib::toolstack::Toolstack>(target);
   });
   copy_out(error, errbuf, errlen);
   if (rc == VIB_TK_OK) *out = tk.release();

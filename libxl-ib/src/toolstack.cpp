@@ -98,8 +98,8 @@ std::string state_name(int state) {
   return std::string(platform::state_name(static_cast<XenbusState>(state)));
 }
 
-Toolstack::Toolstack(const platform::XenTarget& target, Options options)
-    : target_(target), options_(std::move(options)), store_(platform::open_xenstore(target)) {
+Toolstack::Toolstack(const platform::XenTarget& target)
+    : target_(target), store_(platform::open_xenstore(target)) {
   if (target.kind == platform::XenTarget::Kind::local) {
     self_ = target.local_domid;
   } else {
@@ -288,13 +288,10 @@ void Toolstack::wait_attached(const AttachedDevice& dev, bool has_script, std::c
   };
   wait(false, "did not reach InitWait");
   if (!has_script) return;
-  // libxl runs the hotplug scripts of back-ends in its own domain once they
-  // are in InitWait; other domains' scripts are run by their own xl devd.
-  if (dev.backend_domid == self_) {
-    run_hotplug(be, "add");
-  } else {
-    wait(true, "did not report hotplug-status");
-  }
+  // vibd runs the hotplug script in the back-end's domain (it plays the part
+  // xl devd plays for a driver domain's vifs, in every domain), so the
+  // verdict is the same whichever domain serves the device.
+  wait(true, "did not report its hotplug script's status");
 }
 
 std::optional<Toolstack::Located> Toolstack::locate(DomId domid, unsigned devid) {
@@ -381,11 +378,6 @@ DetachResult Toolstack::detach(DomId domid, unsigned devid, const DetachOptions&
       }
     }
   }
-  try {
-    run_hotplug(be, "remove");
-  } catch (const Error& e) {
-    result.note += std::string(result.note.empty() ? "" : "; ") + e.what();
-  }
   remove_device(*where);
   return result;
 }
@@ -440,15 +432,8 @@ unsigned Toolstack::cleanup_dead_domains() {
       auto domid = platform::parse_decimal(dom_entry, kMaxDomId);
       if (!domid || domain_exists(static_cast<DomId>(*domid))) continue;
       dead.insert(static_cast<DomId>(*domid));
-      for (const auto& dev_entry : children(*store_, kNoTransaction, root + "/" + dom_entry)) {
-        try {
-          run_hotplug(root + "/" + dom_entry + "/" + dev_entry, "remove");
-        } catch (const Error&) {
-          // The domain is gone; a failing remove script must not keep its
-          // directories alive.
-        }
-        ++removed;
-      }
+      // vibd ran the devices' remove scripts when it saw the domain die.
+      removed += static_cast<unsigned>(children(*store_, kNoTransaction, root + "/" + dom_entry).size());
       store_->remove(kNoTransaction, root + "/" + dom_entry);
     }
   }

@@ -7,7 +7,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <cstring>
 #include <thread>
 
@@ -174,4 +178,58 @@ TEST_F(Vibd, AGarbageRingProducerClosesOnlyThatContext) {
   ASSERT_TRUE(why);
   EXPECT_NE(why->find("ring-page-order"), std::string::npos) << *why;
   EXPECT_EQ(victim->call(request(VIBIF_OP_QUERY_DEVICE)).hdr.status, VIBIF_OK);
+}
+
+TEST_F(Vibd, ADeviceReaddedBeforeVibdLooksStartsAfresh) {
+  provision(5, "mlx5_nonexistent");
+  start_vibd();
+  ASSERT_TRUE(eventually(be(5) + "/hotplug-status", "error"));
+  // The toolstack removes the failed device and adds a good one with the same
+  // devid in one transaction: vibd never sees the directory missing.
+  with_transaction(*store_, [&](TransactionId tx) {
+    store_->remove(tx, be(5));
+    provision_in(tx, 5, "soft");
+  });
+  ASSERT_TRUE(eventually(be(5) + "/state", "2")) << "the new device reaches InitWait";
+  EXPECT_FALSE(store_->read(kNoTransaction, be(5) + "/error")) << "nothing of the old one written back";
+  auto channel = open_channel(5);
+  EXPECT_EQ(channel->call(request(VIBIF_OP_QUERY_DEVICE)).hdr.status, VIBIF_OK);
+}
+
+TEST_F(Vibd, RunsTheHotplugScriptOnAddAndOnUnplug) {
+  char dir_template[] = "/tmp/vib-hotplug-XXXXXX";
+  ASSERT_TRUE(::mkdtemp(dir_template));
+  const std::string dir = dir_template;
+  const std::string trace = dir + "/trace";
+  {
+    std::ofstream script(dir + "/record");
+    script << "#!/bin/sh\n"
+              "echo \"$1 $XENBUS_PATH $XENBUS_TYPE\" >> " << trace << "\n"
+              "[ \"$1\" = add ] && xenstore-write \"$XENBUS_PATH/hotplug-status\" connected\n"
+              "exit 0\n";
+  }
+  ::chmod((dir + "/record").c_str(), 0755);
+  auto read_trace = [&] {
+    std::ifstream in(trace);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  provision(5);
+  store_->write(kNoTransaction, be(5) + "/script", "record");  // relative: under --scripts-dir
+  provision(6);
+  store_->write(kNoTransaction, be(6) + "/script", "../record");
+  VibdFixture::start_vibd(VIBD, {}, {"--scripts-dir", dir});
+
+  ASSERT_TRUE(eventually(be(5) + "/hotplug-status", "connected"));
+  EXPECT_EQ(read_trace(), "add " + be(5) + " vib\n");
+  auto channel = open_channel(5);
+  EXPECT_EQ(channel->call(request(VIBIF_OP_QUERY_DEVICE)).hdr.status, VIBIF_OK);
+  // A relative name may not leave the scripts directory.
+  ASSERT_TRUE(eventually(be(6) + "/hotplug-status", "error"));
+  EXPECT_EQ(store_->read(kNoTransaction, be(6) + "/error"), "bad hotplug script name '../record'");
+
+  // Unplugged: the script's remove runs, then the back-end reports Closed.
+  store_->write(kNoTransaction, be(5) + "/online", "0");
+  ASSERT_TRUE(eventually(be(5) + "/state", "6"));
+  EXPECT_EQ(read_trace(), "add " + be(5) + " vib\nremove " + be(5) + " vib\n");
+  std::filesystem::remove_all(dir);
 }

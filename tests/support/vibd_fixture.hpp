@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "local_xen.hpp"
 #include "vib/platform/xenstore.hpp"
@@ -32,7 +33,12 @@ class VibdFixture : public ::testing::Test {
 
   // Starts vibd (the path comes from the test's build) on the local Xen;
   // with a log path, its log goes there.
-  void start_vibd(const char* vibd, const std::string& log = {}) {
+  void start_vibd(const char* vibd, const std::string& log = {}, const std::vector<std::string>& extra_args = {}) {
+    std::vector<std::string> args = {vibd, "--local-xen", xen_.dir()};
+    args.insert(args.end(), extra_args.begin(), extra_args.end());
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
     const pid_t parent = ::getpid();
     pid_ = ::fork();
     if (pid_ == 0) {
@@ -42,7 +48,7 @@ class VibdFixture : public ::testing::Test {
         const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (fd < 0 || ::dup2(fd, 2) < 0) ::_exit(126);
       }
-      ::execl(vibd, vibd, "--local-xen", xen_.dir().c_str(), static_cast<char*>(nullptr));
+      ::execv(vibd, argv.data());
       ::_exit(127);
     }
   }
@@ -64,8 +70,11 @@ class VibdFixture : public ::testing::Test {
 
   // What the toolstack writes for a device, with libxl's permissions.
   void provision(platform::DomId domid, const std::string& hca = "soft") {
+    platform::with_transaction(*store_, [&](platform::TransactionId tx) { provision_in(tx, domid, hca); });
+  }
+  void provision_in(platform::TransactionId tx, platform::DomId domid, const std::string& hca) {
     using namespace platform;
-    with_transaction(*store_, [&](TransactionId tx) {
+    {
       store_->write(tx, be(domid) + "/frontend", fe(domid));
       store_->write(tx, be(domid) + "/frontend-id", std::to_string(domid));
       store_->write(tx, be(domid) + "/online", "1");
@@ -79,7 +88,7 @@ class VibdFixture : public ::testing::Test {
       store_->write(tx, fe(domid) + "/state", "1");
       for (const char* key : {"", "/backend", "/backend-id", "/state"})
         store_->set_permissions(tx, fe(domid) + key, {{domid, Access::none}, {kDom0, Access::read}});
-    });
+    }
   }
 
   // Polls xenstore (bounded) until `path` reads `want` (nullopt: is absent).

@@ -146,7 +146,7 @@ TEST(VibCApi, SpecCheckCrossesNoException) {
   EXPECT_EQ(c_api_spec_check("max-qps=x", err, sizeof err), VIB_TK_ERR_INVALID);
   EXPECT_NE(std::string(err).find("max-qps"), std::string::npos) << err;
   vib_tk* tk = nullptr;
-  EXPECT_EQ(vib_tk_open(&tk, "/nonexistent-vib-dir", 0, nullptr, err, sizeof err), VIB_TK_ERR_XENSTORE);
+  EXPECT_EQ(vib_tk_open(&tk, "/nonexistent-vib-dir", 0, err, sizeof err), VIB_TK_ERR_XENSTORE);
   EXPECT_EQ(tk, nullptr);
   EXPECT_NE(std::string(err), "");
 }

@@ -46,7 +46,8 @@ const Command kCommands[] = {
      "    max-pds max-cqs max-qps max-srqs max-mrs max-ahs=N   object quotas\n"
      "                        (16, 256, 256, 64, 1024, 1024)\n"
      "    max-pinned-pages=N  registration quota in 4 KiB pages (262144)\n"
-     "    script=NAME         hotplug script (none; 'vib' is /etc/xen/scripts/vib)\n"
+     "    script=NAME         hotplug script vibd runs (none; 'vib' is\n"
+     "                        /etc/xen/scripts/vib)\n"
      "  --timeout S           wait at most S seconds for the back-end (10)\n",
      false},
     {"vib-detach", "[--force] [--timeout S] <Domain> <DevId>", "Destroy a domain's virtual InfiniBand device.",
@@ -68,7 +69,7 @@ const Command kCommands[] = {
 };
 
 void usage(std::ostream& out, bool all) {
-  out << "Usage: xl-vib [--local-xen DIR [--domid N]] [--scripts-dir DIR] <subcommand> [args]\n"
+  out << "Usage: xl-vib [--local-xen DIR [--domid N]] <subcommand> [args]\n"
          "       (or xl <subcommand> [args] through the vib xl front script)\n\n"
          "Subcommands:\n";
   for (const auto& c : kCommands)
@@ -77,7 +78,6 @@ void usage(std::ostream& out, bool all) {
          "  --local-xen DIR     use the host-local Xen of `vib-localxen serve --dir DIR`\n"
          "                      instead of the real one\n"
          "  --domid N           with --local-xen: the domain to act as (default 0)\n"
-         "  --scripts-dir DIR   where hotplug scripts live (default /etc/xen/scripts)\n"
          "  --help              this text; `xl-vib <subcommand> --help` for one subcommand\n";
 }
 
@@ -143,7 +143,7 @@ std::optional<Args> split(const std::vector<std::string>& argv, const std::set<s
 
 class Cli {
  public:
-  Cli(vib::platform::XenTarget target, Options options) : target_(std::move(target)), options_(std::move(options)) {}
+  explicit Cli(vib::platform::XenTarget target) : target_(std::move(target)) {}
 
   int dispatch(const Command& c, const std::vector<std::string>& args) {
     for (const auto& a : args)
@@ -161,7 +161,7 @@ class Cli {
 
  private:
   Toolstack& toolstack() {
-    if (!toolstack_) toolstack_ = std::make_unique<Toolstack>(target_, options_);
+    if (!toolstack_) toolstack_ = std::make_unique<Toolstack>(target_);
     return *toolstack_;
   }
 
@@ -289,14 +289,13 @@ class Cli {
   }
 
   vib::platform::XenTarget target_;
-  Options options_;
   std::unique_ptr<Toolstack> toolstack_;
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string local_dir, scripts_dir;
+  std::string local_dir;
   long domid = 0;
   bool domid_given = false;
   int i = 1;
@@ -306,7 +305,7 @@ int main(int argc, char** argv) {
       usage(std::cout, false);
       return kOk;
     }
-    if (arg == "--local-xen" || arg == "--domid" || arg == "--scripts-dir") {
+    if (arg == "--local-xen" || arg == "--domid") {
       if (i + 1 >= argc) {
         std::cerr << "xl-vib: " << arg << " needs a value\n";
         return kUsage;
@@ -314,8 +313,6 @@ int main(int argc, char** argv) {
       const std::string value = argv[++i];
       if (arg == "--local-xen") {
         local_dir = value;
-      } else if (arg == "--scripts-dir") {
-        scripts_dir = value;
       } else {
         auto v = vib::platform::parse_decimal(value, 0x7FEF);
         if (!v) {
@@ -343,17 +340,11 @@ int main(int argc, char** argv) {
     std::cerr << "xl-vib: --domid only applies with --local-xen\n";
     return kUsage;
   }
-  Options options;
-  if (!scripts_dir.empty()) options.scripts_dir = scripts_dir;
-#ifdef VIB_XEN_SCRIPTS_DIR
-  else
-    options.scripts_dir = VIB_XEN_SCRIPTS_DIR;
-#endif
   const auto target = local_dir.empty() ? vib::platform::XenTarget::real()
                                         : vib::platform::XenTarget::local(local_dir, static_cast<DomId>(domid));
   for (const auto& c : kCommands) {
     if (name != c.name) continue;
-    Cli cli(target, options);
+    Cli cli(target);
     return cli.dispatch(c, std::vector<std::string>(argv + i + 1, argv + argc));
   }
   std::cerr << "xl-vib: unknown subcommand '" << name << "'\n";

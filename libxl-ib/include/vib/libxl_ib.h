@@ -28,10 +28,9 @@ extern "C" {
 typedef struct vib_tk vib_tk;
 
 /* Opens the real Xen's store (local_xen_dir == NULL), or the host-local
- * Xen served from local_xen_dir, acting as domain local_domid. scripts_dir
- * may be NULL (/etc/xen/scripts). On failure *out is NULL; the message is
- * written to errbuf if given. */
-int vib_tk_open(vib_tk **out, const char *local_xen_dir, unsigned local_domid, const char *scripts_dir,
+ * Xen served from local_xen_dir, acting as domain local_domid. On failure
+ * *out is NULL; the message is written to errbuf if given. */
+int vib_tk_open(vib_tk **out, const char *local_xen_dir, unsigned local_domid,
                 char *errbuf, size_t errlen);
 void vib_tk_close(vib_tk *tk);
 

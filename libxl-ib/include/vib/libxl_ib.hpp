@@ -75,13 +75,6 @@ DeviceSpec parse_spec(std::string_view item);
 // report or the bad item.
 std::vector<DeviceSpec> parse_config(std::string_view config_text, const std::string& filename = "config");
 
-struct Options {
-  // Where relative `script=` names live (libxl: /etc/xen/scripts).
-  std::string scripts_dir = "/etc/xen/scripts";
-  // How long a hotplug script may run.
-  std::chrono::milliseconds script_timeout{30000};
-};
-
 struct AttachOptions {
   // Wait for the back-end to reach InitWait (and for the hotplug script to
   // report "connected"). Provisioning at domain creation does not wait.
@@ -137,7 +130,7 @@ class Toolstack {
  public:
   // Opens the store of `target`; the toolstack acts as target's domain
   // (dom0, or local_domid on the host-local Xen).
-  explicit Toolstack(const platform::XenTarget& target, Options options = {});
+  explicit Toolstack(const platform::XenTarget& target);
   Toolstack(const Toolstack&) = delete;
   Toolstack& operator=(const Toolstack&) = delete;
   ~Toolstack();
@@ -169,11 +162,6 @@ class Toolstack {
   // devices were removed.
   unsigned cleanup_dead_domains();
 
-  // Runs the device's hotplug script (`add` or `remove`) if it has one and
-  // its back-end is this domain, as libxl does for back-ends in dom0.
-  // Returns false when there is no script to run. Throws Error(backend) when
-  // the script failed, with its error text.
-  bool run_hotplug(const std::string& backend_path, const std::string& action);
 
   platform::XenStore& store() { return *store_; }
   platform::DomId self() const { return self_; }
@@ -187,7 +175,6 @@ class Toolstack {
   void wait_attached(const AttachedDevice& dev, bool has_script, std::chrono::milliseconds timeout);
 
   platform::XenTarget target_;
-  Options options_;
   std::unique_ptr<platform::XenStore> store_;
   platform::DomId self_ = platform::kDom0;
 };

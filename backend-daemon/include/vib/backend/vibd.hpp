@@ -3,6 +3,7 @@
 // tests drive it through run_daemon().
 #pragma once
 
+#include <chrono>
 #include <string>
 
 #include "vib/platform/types.hpp"
@@ -14,6 +15,10 @@ struct DaemonOptions {
   platform::XenTarget xen = platform::XenTarget::real();
   // HCA for devices whose xenstore configuration names none.
   std::string default_hca = "soft";
+  // Hotplug scripts (a device's `script` node): where relative names live,
+  // and how long one may run before vibd kills it and fails the device.
+  std::string scripts_dir = "/etc/xen/scripts";
+  std::chrono::milliseconds script_timeout{30000};
   bool systemd_logging = false;
   bool verbose = false;
 };

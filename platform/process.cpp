@@ -1,7 +1,5 @@
-// Hotplug scripts, run the way libxl runs them for back-ends in its own
-// domain (libxl_linux.c): the script's path, the action as its argument,
-// XENBUS_PATH and friends in its environment, a time limit, and the verdict
-// read from hotplug-status afterwards.
+#include "vib/platform/process.hpp"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -10,19 +8,16 @@
 
 #include <array>
 #include <cerrno>
-#include <cstring>
+#include <system_error>
 
-#include "internal.hpp"
 #include "vib/platform/unique_fd.hpp"
 
 extern char** environ;
 
-namespace vib::toolstack {
-
-namespace detail {
+namespace vib::platform {
 
 ProgramResult run_program(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env,
-                          std::chrono::milliseconds timeout) {
+                          std::chrono::milliseconds timeout, const std::atomic<bool>* cancel) {
   ProgramResult result;
   // Everything the child needs is built before fork: after it, only
   // async-signal-safe calls.
@@ -44,10 +39,14 @@ ProgramResult run_program(const std::vector<std::string>& argv, const std::vecto
 
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) throw std::system_error(errno, std::generic_category(), "pipe");
-  platform::UniqueFd read_end(fds[0]), write_end(fds[1]);
+  UniqueFd read_end(fds[0]), write_end(fds[1]);
   const pid_t pid = ::fork();
   if (pid < 0) throw std::system_error(errno, std::generic_category(), "fork");
   if (pid == 0) {
+    // vibd blocks SIGTERM for its signalfd; the script must not inherit that.
+    sigset_t none;
+    ::sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::dup2(write_end.get(), STDOUT_FILENO);
     ::dup2(write_end.get(), STDERR_FILENO);
     const int devnull = ::open("/dev/null", O_RDONLY);
@@ -57,7 +56,7 @@ ProgramResult run_program(const std::vector<std::string>& argv, const std::vecto
     [[maybe_unused]] auto n = ::write(STDERR_FILENO, msg, sizeof msg - 1);
     ::_exit(127);
   }
-  write_end = platform::UniqueFd();
+  write_end = UniqueFd();
   // The verdict is the script's exit, not the end of its output: a daemon
   // it started may keep the pipe open for ever.
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -83,8 +82,9 @@ ProgramResult run_program(const std::vector<std::string>& argv, const std::vecto
   for (;;) {
     const pid_t done = ::waitpid(pid, &status, WNOHANG);
     if (done == pid || (done < 0 && errno != EINTR)) break;
-    if (std::chrono::steady_clock::now() >= deadline) {
-      result.timed_out = true;
+    result.cancelled = cancel && cancel->load(std::memory_order_relaxed);
+    if (result.cancelled || std::chrono::steady_clock::now() >= deadline) {
+      result.timed_out = !result.cancelled;
       ::kill(pid, SIGKILL);
       while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
       }
@@ -93,43 +93,9 @@ ProgramResult run_program(const std::vector<std::string>& argv, const std::vecto
     drain(20);
   }
   drain(0);
-  result.exit_status = !result.timed_out && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  result.exit_status = !result.timed_out && !result.cancelled && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   while (!result.output.empty() && result.output.back() == '\n') result.output.pop_back();
   return result;
 }
 
-}  // namespace detail
-
-bool Toolstack::run_hotplug(const std::string& backend_path, const std::string& action) {
-  auto script = store_->read(platform::kNoTransaction, backend_path + "/script");
-  if (!script || script->empty()) return false;
-  // Only back-ends in our own domain: a driver domain runs its own.
-  const std::string prefix = "/local/domain/" + std::to_string(self_) + "/backend/";
-  if (!backend_path.starts_with(prefix)) return false;
-  const std::string path = script->front() == '/' ? *script : options_.scripts_dir + "/" + *script;
-  std::vector<std::string> env = {"XENBUS_PATH=" + backend_path, "XENBUS_TYPE=vib",
-                                  "XENBUS_BASE_PATH=/local/domain/" + std::to_string(self_) + "/backend"};
-  if (target_.kind == platform::XenTarget::Kind::local)
-    env.push_back("XENSTORED_PATH=" + platform::local_xenstore_socket(target_.local_dir, self_));
-  const auto run = detail::run_program({path, action}, env, options_.script_timeout);
-  const std::string what = "hotplug script " + path + " " + action;
-  if (run.timed_out) throw Error(ErrorCode::timed_out, what + " did not finish within the time limit");
-  if (action != "add" && action != "online") {
-    if (run.exit_status != 0)
-      throw Error(ErrorCode::backend, what + " failed" + (run.output.empty() ? "" : ": " + run.output));
-    return true;
-  }
-  if (store_->read(platform::kNoTransaction, backend_path + "/hotplug-status") == "connected" && run.exit_status == 0)
-    return true;
-  std::string why;
-  for (const char* key : {"error", "hotplug-error"})
-    if (auto text = store_->read(platform::kNoTransaction, backend_path + "/" + key); text && !text->empty()) {
-      why = *text;
-      break;
-    }
-  if (why.empty()) why = run.output;
-  if (why.empty()) why = "exit status " + std::to_string(run.exit_status) + ", no hotplug-status written";
-  throw Error(ErrorCode::backend, what + " failed: " + why);
-}
-
-}  // namespace vib::toolstack
+}  // namespace vib::platform
