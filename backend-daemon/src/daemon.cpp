@@ -14,6 +14,7 @@
 #include "device.hpp"
 #include "hca_events.hpp"
 #include "log.hpp"
+#include "provisioner.hpp"
 #include "vib/backend/vibd.hpp"
 
 namespace vib::backend {
@@ -87,6 +88,12 @@ class Daemon {
     store.watch(backend_root_, "backend");
     store.watch("@releaseDomain", "release");
     log_line(LogLevel::info, "vibd", "watching " + backend_root_);
+    if (options.provision) {
+      provisioner_ = std::make_unique<Provisioner>(
+          ProvisionerSettings{options.xen, options.userdata_dir, options.userdata_wait});
+      store.watch("@introduceDomain", "introduce");
+      log_line(LogLevel::info, "vibd", "provisioning new domains' vib= devices from " + options.userdata_dir);
+    }
   }
 
   ~Daemon() {
@@ -132,9 +139,17 @@ class Daemon {
   }
 
   void on_watch_events() {
-    bool released = false;
-    while (auto ev = env_.store().next_watch_event()) released |= ev->token == "release";
+    bool released = false, introduced = false;
+    while (auto ev = env_.store().next_watch_event()) {
+      released |= ev->token == "release";
+      introduced |= ev->token == "introduce";
+    }
     if (released) reap_dead_domains();
+    if (provisioner_) {
+      if (introduced) provisioner_->domains_introduced();
+      // After the reaping: the directories go once their contexts are freed.
+      if (released) provisioner_->domains_released();
+    }
     scan();
   }
 
@@ -186,7 +201,7 @@ class Daemon {
   void reap_dead_domains() {
     auto& store = env_.store();
     for (auto& [id, device] : devices_) {
-      if (store.read(kNoTransaction, store.domain_path(id.domid) + "/domid")) continue;
+      if (store.domain_introduced(id.domid)) continue;
       log_line(LogLevel::info, device_subject(id.domid, id.devid), "domain destroyed");
       device->domain_gone();
     }
@@ -195,6 +210,7 @@ class Daemon {
   Environment env_;
   std::string backend_root_;
   std::map<DeviceId, std::unique_ptr<Device>> devices_;
+  std::unique_ptr<Provisioner> provisioner_;  // last: it has its own connection and thread
 };
 
 }  // namespace

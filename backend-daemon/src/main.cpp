@@ -24,6 +24,8 @@ void usage(std::ostream& out) {
          "  --scripts-dir DIR   where relative hotplug script names live\n"
          "                      (default " VIB_XEN_SCRIPTS_DIR ")\n"
          "  --script-timeout MS how long a hotplug script may run (default 30000)\n"
+         "  --no-provision      do not add the vib= devices of domains xl creates\n"
+         "  --userdata-dir DIR  where xl saves domain configs (default /var/lib/xen)\n"
          "  --local-xen DIR     use the host-local Xen served by `vib-localxen serve --dir DIR`\n"
          "                      instead of the real one (machines without a hypervisor)\n"
          "  --domid N           with --local-xen: the domain vibd acts as (default 0)\n"
@@ -57,6 +59,10 @@ int main(int argc, char** argv) {
       return 0;
     } else if (arg == "--hca") {
       options.default_hca = value();
+    } else if (arg == "--no-provision") {
+      options.provision = false;
+    } else if (arg == "--userdata-dir") {
+      options.userdata_dir = value();
     } else if (arg == "--scripts-dir") {
       options.scripts_dir = value();
     } else if (arg == "--script-timeout") {

@@ -75,14 +75,16 @@ struct RawHandle {
 
 int create_domain(const std::string& dir, DomId domid, const std::string& name) {
   RawHandle raw(dir);
-  if (!raw.h || !xs_introduce_domain(raw.h, domid, 0, 0)) {
-    std::cerr << "vib-localxen: cannot introduce domain " << domid << ": " << std::strerror(errno) << "\n";
+  if (!raw.h) {
+    std::cerr << "vib-localxen: cannot connect to the store: " << std::strerror(errno) << "\n";
     return 1;
   }
   auto xs = open_xenstore(XenTarget::local(dir, kDom0));
   const std::string home = xs->domain_path(domid);
-  // As libxl lays out a new domain: a home the guest may read, and areas it
-  // owns for its devices and its own data.
+  // As libxl lays out a new domain (libxl__domain_make): a home the guest may
+  // read, and areas it owns for its devices and its own data; only then is
+  // the domain introduced (libxl__build_post), so an @introduceDomain
+  // watcher finds the home there.
   with_transaction(*xs, [&](TransactionId tx) {
     xs->write(tx, home + "/name", name);
     xs->write(tx, home + "/domid", std::to_string(domid));
@@ -95,6 +97,11 @@ int create_domain(const std::string& dir, DomId domid, const std::string& name) 
     }
     xs->write(tx, "/local/domain/0/backend", "");
   });
+  if (!xs_introduce_domain(raw.h, domid, 0, 0)) {
+    std::cerr << "vib-localxen: cannot introduce domain " << domid << ": " << std::strerror(errno) << "\n";
+    xs->remove(kNoTransaction, home);
+    return 1;
+  }
   std::cout << "domain " << domid << " (" << name << ") created\n";
   return 0;
 }

@@ -151,6 +151,8 @@ class LibXenStore final : public XenStore {
     return path.get();
   }
 
+  bool domain_introduced(DomId domid) override { return xs_is_domain_introduced(h_.get(), domid); }
+
  private:
   std::unique_ptr<xs_handle, HandleCloser> h_;
 };

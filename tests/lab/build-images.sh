@@ -102,7 +102,8 @@ if [ ! -f "$base/done" ]; then
   touch "$base/done"
 fi
 
-# Overlay: the scenario and the project's binaries (with their libraries).
+# Overlay: the scenario and the project's files in /vib: binaries (with
+# their libraries) and scripts (such as the vib hotplug script).
 mkdir -p "$out"
 overlay=$(mktemp -d)
 trap 'rm -rf "$overlay"' EXIT
@@ -112,6 +113,7 @@ chmod +x "$overlay/scenario.sh"
 mkdir -p "$overlay/vib"
 for f in "$@"; do
   cp -L "$f" "$overlay/vib/"
+  [ "$(head -c 4 "$f" | tr -d '\177')" = ELF ] || continue
   ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
     [ -e "$base/dom0$lib" ] || { mkdir -p "$overlay$(dirname "$lib")"; cp -L "$lib" "$overlay$lib"; }
   done

@@ -71,9 +71,12 @@ class VibToolstack : public vib::test::VibdFixture {
     ts_ = std::make_unique<Toolstack>(xen_.as(0));
   }
   // vibd runs the hotplug scripts: the project's own, from the source tree.
-  void start_vibd(const std::string& script_timeout_ms = "10000") {
+  // Provisioning at domain creation looks for xl's saved configs in an
+  // empty directory unless a test gives one.
+  void start_vibd(const std::string& script_timeout_ms = "10000", const std::string& userdata_dir = "") {
     VibdFixture::start_vibd(VIBD, log_.path() + "/vibd.log",
-                            {"--scripts-dir", HOTPLUG_DIR, "--script-timeout", script_timeout_ms});
+                            {"--scripts-dir", HOTPLUG_DIR, "--script-timeout", script_timeout_ms, "--userdata-dir",
+                             userdata_dir.empty() ? log_.path() : userdata_dir});
   }
   std::string vibd_log() const {
     std::ifstream in(log_.path() + "/vibd.log");
@@ -494,6 +497,52 @@ TEST_F(VibToolstack, AttachRunsTheHotplugScript) {
   EXPECT_EQ(hung->code(), ErrorCode::backend);
   EXPECT_TRUE(contains(hung->what(), "did not finish within 300 ms")) << hung->what();
   expect_gone(5, 0);
+}
+
+TEST_F(VibToolstack, VibdProvisionsTheDomainsXlCreatesAndCleansUpAfterThem) {
+  TempDir userdata;
+  // Created while vibd was down: provisioned when it starts.
+  xen_.create_domain(8);
+  store_->write(kNoTransaction, "/local/domain/8/vm", "/vm/00000000-0000-4000-8000-000000000008");
+  userdata.write("userdata-d.8.00000000-0000-4000-8000-000000000008.xl", "name = \"guest8\"\nvib = [ 'hca=soft' ]\n");
+  start_vibd("10000", userdata.path());
+  EXPECT_TRUE(eventually(be(8) + "/state", "2"));
+
+  // xl create: the domain is introduced, gets its vm node, and xl saves its
+  // config only once the domain is built.
+  const std::string uuid = "6f2c5d8e-93a1-4b7e-8d0a-1c2b3d4e5f67";
+  xen_.create_domain(7);
+  store_->write(kNoTransaction, "/local/domain/7/vm", "/vm/" + uuid);
+  std::this_thread::sleep_for(300ms);
+  EXPECT_FALSE(read(be(7) + "/state")) << "nothing before the config is saved";
+  userdata.write("userdata-d.7." + uuid + ".xl",
+                 "name = \"guest7\"\nvib = [ 'hca=soft,script=vib', 'hca=soft,max-qps=4' ]\n");
+  ASSERT_TRUE(eventually(be(7) + "/hotplug-status", "connected"));
+  EXPECT_EQ(read(be(7) + "/state"), "2");
+  EXPECT_TRUE(eventually(be(7, 1) + "/state", "2"));
+  EXPECT_EQ(read(be(7, 1) + "/max-qps"), "4");
+  EXPECT_TRUE(read("/libxl/7/vib-provisioned"));
+  // A restarted vibd does not add them twice.
+  EXPECT_EQ(stop_vibd(), 0);
+  const auto first_log = vibd_log();
+  EXPECT_TRUE(contains(first_log, "dom8: provisioned 1 vib devices from its xl config")) << first_log;
+  EXPECT_TRUE(contains(first_log, "dom7: provisioned 2 vib devices from its xl config")) << first_log;
+  start_vibd("10000", userdata.path());
+  std::this_thread::sleep_for(300ms);
+  EXPECT_FALSE(read(be(7, 2) + "/state"));
+  EXPECT_TRUE(eventually(be(7) + "/state", "2"));
+
+  // xl destroy: libxl removes what it knows; vibd frees the device and
+  // removes its directories.
+  xen_.destroy_domain(7);
+  EXPECT_TRUE(eventually("/local/domain/0/backend/vib/7", std::nullopt));
+  EXPECT_TRUE(eventually("/libxl/7", std::nullopt));
+  EXPECT_TRUE(read(be(8) + "/state")) << "another guest's devices stay";
+  EXPECT_EQ(stop_vibd(), 0);
+  const auto log = vibd_log();
+  EXPECT_FALSE(contains(log, "provisioned")) << log;
+  EXPECT_TRUE(contains(log, "running hotplug script " HOTPLUG_DIR "/vib remove")) << log;
+  EXPECT_TRUE(contains(log, "removed 2 vib devices of destroyed domains")) << log;
 }
 
 TEST_F(VibToolstack, XlVibCommand) {

@@ -1,4 +1,5 @@
 # Shared by the scenarios that run a guest (sourced, dom0 side).
+# start_guest [CONFIG_LINE...]: the arguments are added to the guest's config.
 start_guest() {
   cat > /tmp/guest.cfg <<CFG
 name = "vib-guest"
@@ -10,14 +11,15 @@ memory = 512
 vcpus = 1
 on_poweroff = "preserve"
 CFG
+  for line in "$@"; do echo "$line" >> /tmp/guest.cfg; done
   xl create /tmp/guest.cfg
   guest_domid=$(xl domid vib-guest)
   echo "guest is domain $guest_domid"
 }
 
-# Waits for the guest's report, prints it, destroys the guest; fails if the
-# guest's scenario failed.
-guest_result() {
+# Waits for the guest's report and prints it; fails if the guest's scenario
+# failed. The guest stays (powered off: on_poweroff = "preserve").
+guest_report() {
   i=0
   until rc=$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/rc" 2>/dev/null); do
     i=$((i + 1))
@@ -25,6 +27,12 @@ guest_result() {
     sleep 1
   done
   xenstore-read "/local/domain/$guest_domid/data/vib-lab/log"
-  xl destroy vib-guest
   [ "$rc" = 0 ]
+}
+
+# guest_report, then destroys the guest.
+guest_result() {
+  if guest_report; then guest_ok=0; else guest_ok=1; fi
+  xl destroy vib-guest
+  [ "$guest_ok" = 0 ]
 }

@@ -19,6 +19,11 @@ struct DaemonOptions {
   // and how long one may run before vibd kills it and fails the device.
   std::string scripts_dir = "/etc/xen/scripts";
   std::chrono::milliseconds script_timeout{30000};
+  // Provisioning at `xl create`: the vib= lines of the config xl saved for
+  // each new domain (libxl userdata "xl" in userdata_dir).
+  bool provision = true;
+  std::string userdata_dir = "/var/lib/xen";
+  std::chrono::milliseconds userdata_wait{30000};
   bool systemd_logging = false;
   bool verbose = false;
 };

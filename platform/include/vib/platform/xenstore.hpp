@@ -76,6 +76,9 @@ class XenStore {
 
   // "/local/domain/<domid>".
   virtual std::string domain_path(DomId domid) = 0;
+  // Whether the store still knows the domain (XS_IS_DOMAIN_INTRODUCED): false
+  // from the moment it is released, before the toolstack removes its home.
+  virtual bool domain_introduced(DomId domid) = 0;
 };
 
 // Opens the store of `target`: the real xenstored (socket, or /dev/xen/xenbus
