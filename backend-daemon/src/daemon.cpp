@@ -28,7 +28,8 @@ class Environment final : public DeviceEnvironment {
   explicit Environment(const DaemonOptions& options)
       : options_(options),
         store_(platform::open_xenstore(options.xen)),
-        mapper_(platform::open_grant_mapper(options.xen)),
+        mapper_(options.wrap_grant_mapper ? options.wrap_grant_mapper(platform::open_grant_mapper(options.xen))
+                                          : platform::open_grant_mapper(options.xen)),
         sharer_(platform::open_grant_sharer(options.xen)),
         wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
     if (!wake_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");

@@ -20,8 +20,29 @@ if [ "$1" = guest ]; then
     sleep 1
   done
   echo "guest: device/vib/0 -> $(/usr/bin/xenstore-read device/vib/0/backend) after ${i}s"
-  /vib/vib-devinfo
+  # With a time limit: a hang is reported with where it hangs.
+  /vib/vib-devinfo > /tmp/devinfo.out 2>&1 &
+  pid=$!
+  i=0
+  while kill -0 $pid 2>/dev/null && [ $i -lt 120 ]; do
+    i=$((i + 1))
+    sleep 0.25
+  done
+  if kill -0 $pid 2>/dev/null; then
+    echo "guest: vib-devinfo still running after 30 s; its threads are in:"
+    for t in /proc/$pid/task/*; do
+      echo "  ${t##*/}: wchan $(cat $t/wchan 2>/dev/null), syscall $(cut -d' ' -f1-2 $t/syscall 2>/dev/null)"
+    done
+    ls -l /proc/$pid/fd 2>/dev/null | sed -n 's/.*[0-9] \([0-9]* -> .*\)/  fd \1/p'
+    kill -9 $pid
+    wait $pid 2>/dev/null
+    cat /tmp/devinfo.out
+    echo "guest: vib-devinfo hung"
+    exit 1
+  fi
+  wait $pid
   rc=$?
+  cat /tmp/devinfo.out
   echo "guest: vib-devinfo exited $rc"
   exit $rc
 fi
@@ -30,6 +51,12 @@ be_root=/local/domain/0/backend/vib
 vibd_log=/tmp/vibd.log
 
 show_vibd_log() {
+  if [ -n "$vibd_pid" ] && [ -d /proc/$vibd_pid ]; then
+    echo "---- vibd's threads ----"
+    for t in /proc/$vibd_pid/task/*; do
+      echo "  ${t##*/} $(cat $t/comm): wchan $(cat $t/wchan 2>/dev/null), syscall $(cut -d' ' -f1-2 $t/syscall 2>/dev/null)"
+    done
+  fi
   echo "---- vibd log ($vibd_log) ----"
   cat "$vibd_log" 2>/dev/null
   echo "---- end of vibd log ----"
@@ -69,7 +96,7 @@ touch /var/lib/xen/.vib-lab-writable && rm /var/lib/xen/.vib-lab-writable ||
 echo "/var/lib/xen is writable"
 
 echo "== starting vibd (real Xen, software HCA, scripts in /vib)"
-/vib/vibd --hca soft --scripts-dir /vib > "$vibd_log" 2>&1 &
+/vib/vibd --hca soft --scripts-dir /vib --verbose > "$vibd_log" 2>&1 &
 vibd_pid=$!
 wait_until 20 vibd_watching || fail "vibd did not start watching $be_root within 20 s"
 kill -0 "$vibd_pid" 2>/dev/null || fail "vibd exited"
@@ -80,12 +107,14 @@ start_guest "vib = [ 'hca=soft,script=vib' ]"
 [ -n "$guest_domid" ] || fail "xl create gave no domain"
 grep '^vib' /tmp/guest.cfg
 
+# vibd waits up to 30 s for xl to save the config: 40 s lets its log say why
+# when it gave up.
 echo "== check: back-end device $be_root/$guest_domid/0 in state 2 or 4 with hotplug-status connected"
-if ! wait_until 30 be_ready 0; then
+if ! wait_until 40 be_ready 0; then
   echo "xl's saved configs in /var/lib/xen:"
   ls -l /var/lib/xen
   xenstore-ls -fp "$be_root" 2>&1
-  fail "xl create did not give domain $guest_domid a served vib device 0 within 30 s" \
+  fail "xl create did not give domain $guest_domid a served vib device 0 within 40 s" \
        "(state '$st', hotplug-status '$hs')"
 fi
 ls /var/lib/xen | grep "^userdata-d\.$guest_domid\..*\.xl$" || echo "(no userdata file of domain $guest_domid)"

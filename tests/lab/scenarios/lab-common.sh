@@ -26,7 +26,8 @@ guest_report() {
     [ $i -lt 120 ] || { echo "guest never reported"; xl list; return 1; }
     sleep 1
   done
-  xenstore-read "/local/domain/$guest_domid/data/vib-lab/log"
+  xenstore-read -R "/local/domain/$guest_domid/data/vib-lab/log"
+  echo   # -R prints the value as it is, without a newline
   [ "$rc" = 0 ]
 }
 

@@ -4,8 +4,11 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
+#include <memory>
 #include <string>
 
+#include "vib/platform/grants.hpp"
 #include "vib/platform/types.hpp"
 
 namespace vib::backend {
@@ -24,6 +27,10 @@ struct DaemonOptions {
   bool provision = true;
   std::string userdata_dir = "/var/lib/xen";
   std::chrono::milliseconds userdata_wait{30000};
+  // Tests only (empty in vibd): wraps the grant mapper guest memory is
+  // mapped with, so a test can hold one guest's mapping in the middle and
+  // watch what else vibd still does meanwhile.
+  std::function<std::unique_ptr<platform::GrantMapper>(std::unique_ptr<platform::GrantMapper>)> wrap_grant_mapper;
   bool systemd_logging = false;
   bool verbose = false;
 };
