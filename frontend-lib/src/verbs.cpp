@@ -268,6 +268,20 @@ std::optional<vibif_event> Device::next_event() {
   return e;
 }
 
+std::vector<vibif_event> Device::take_events() {
+  std::lock_guard lock(mu_);
+  channel_->consume_notifications();
+  std::vector<vibif_event> events;
+  auto& db = channel_->doorbell();
+  for (std::uint32_t producer = load_acquire(db.event_producer); event_consumer_ != producer;
+       producer = load_acquire(db.event_producer)) {
+    events.push_back(db.events[event_consumer_ % VIBIF_EVENT_QUEUE_LEN]);
+    ++event_consumer_;
+    store_release(db.event_consumer, event_consumer_);
+  }
+  return events;
+}
+
 std::shared_ptr<Device::GrantedRange> Device::grant_range(std::uintptr_t start, std::size_t pages) {
   std::lock_guard lock(mu_);
   const std::uintptr_t end = start + pages * VIBIF_PAGE_SIZE;

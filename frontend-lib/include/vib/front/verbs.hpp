@@ -60,6 +60,13 @@ class Device {
 
   // The next event the back-end queued (completion or asynchronous), if any.
   std::optional<vibif_event> next_event();
+  // Clears the event channel's notifications, then takes every queued event.
+  // Control calls wait on the same event channel and consume what arrives
+  // while they wait; doing both under the ring's lock means a dispatcher
+  // thread never swallows the notification a call is waiting for, and since
+  // the queue is drained after the clear, no event queued before it is left
+  // without a notification still to come.
+  std::vector<vibif_event> take_events();
   // Pollable when the back-end notified; consume_notifications() clears it.
   int event_fd() { return channel_->event_fd(); }
   void consume_notifications() { channel_->consume_notifications(); }
@@ -193,6 +200,7 @@ class Qp {
  public:
   ~Qp();
   std::uint32_t qp_num() const { return qp_num_; }
+  vibif_handle_t handle() const { return handle_; }
   ibv_qp_type type() const { return type_; }
   const ibv_qp_cap& cap() const { return cap_; }
   // 0 or an errno, like ibv_modify_qp / ibv_query_qp.

@@ -1,0 +1,322 @@
+// Our libibverbs.so.1 called directly (this test links it, not rdma-core's):
+// completion channels under concurrent control calls, and device discovery
+// when there is nothing, or nothing usable, to discover.
+#include <gtest/gtest.h>
+#include <infiniband/verbs.h>
+#include <poll.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "vibd_fixture.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr int kAccess = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+
+class Compat : public vib::test::VibdFixture {
+ protected:
+  // libibverbs reads the domain from the environment at each discovery and
+  // open; a test acting as two guests switches it in between.
+  void act_as(vib::platform::DomId domid) {
+    ::setenv("VIB_LOCAL_XEN", xen_.dir().c_str(), 1);
+    ::setenv("VIB_DOMID", std::to_string(domid).c_str(), 1);
+  }
+
+  ibv_context* open_first_device(vib::platform::DomId domid) {
+    act_as(domid);
+    int n = 0;
+    ibv_device** list = ibv_get_device_list(&n);
+    if (!list || n < 1) {
+      ADD_FAILURE() << "no device in domain " << domid;
+      if (list) ibv_free_device_list(list);
+      return nullptr;
+    }
+    ibv_context* ctx = ibv_open_device(list[0]);
+    ibv_free_device_list(list);  // the device outlives the list
+    EXPECT_NE(ctx, nullptr) << std::strerror(errno);
+    return ctx;
+  }
+};
+
+// One side of an RC connection, through the verbs API only.
+struct Side {
+  ibv_context* ctx = nullptr;
+  ibv_comp_channel* channel = nullptr;
+  ibv_pd* pd = nullptr;
+  ibv_cq* cq = nullptr;
+  ibv_qp* qp = nullptr;
+  ibv_mr* mr = nullptr;
+  std::vector<char> buf = std::vector<char>(8192);
+  uint16_t lid = 0;
+
+  void create(ibv_context* c, bool with_channel) {
+    ctx = c;
+    if (with_channel) {
+      channel = ibv_create_comp_channel(ctx);
+      ASSERT_NE(channel, nullptr);
+    }
+    pd = ibv_alloc_pd(ctx);
+    ASSERT_NE(pd, nullptr);
+    cq = ibv_create_cq(ctx, 16, this, channel, 0);
+    ASSERT_NE(cq, nullptr);
+    mr = ibv_reg_mr(pd, buf.data(), buf.size(), kAccess);
+    ASSERT_NE(mr, nullptr);
+    ibv_qp_init_attr init{};
+    init.send_cq = init.recv_cq = cq;
+    init.cap = ibv_qp_cap{16, 16, 1, 1, 0};
+    init.qp_type = IBV_QPT_RC;
+    qp = ibv_create_qp(pd, &init);
+    ASSERT_NE(qp, nullptr);
+    ibv_port_attr port;
+    ASSERT_EQ(ibv_query_port(ctx, 1, &port), 0);
+    lid = port.lid;
+  }
+
+  void connect(const Side& peer) {
+    ibv_qp_attr a{};
+    a.qp_state = IBV_QPS_INIT;
+    a.port_num = 1;
+    a.qp_access_flags = kAccess;
+    ASSERT_EQ(ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS), 0);
+    a = ibv_qp_attr{};
+    a.qp_state = IBV_QPS_RTR;
+    a.path_mtu = IBV_MTU_1024;
+    a.dest_qp_num = peer.qp->qp_num;
+    a.max_dest_rd_atomic = 1;
+    a.min_rnr_timer = 12;
+    a.ah_attr.dlid = peer.lid;
+    a.ah_attr.port_num = 1;
+    ASSERT_EQ(ibv_modify_qp(qp, &a,
+                            IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
+                                IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER),
+              0);
+    a = ibv_qp_attr{};
+    a.qp_state = IBV_QPS_RTS;
+    a.timeout = 14;
+    a.retry_cnt = 7;
+    a.rnr_retry = 7;
+    a.max_rd_atomic = 1;
+    ASSERT_EQ(ibv_modify_qp(qp, &a,
+                            IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
+                                IBV_QP_MAX_QP_RD_ATOMIC),
+              0);
+  }
+
+  int post_recv(uint64_t id) {
+    ibv_sge sge{reinterpret_cast<uintptr_t>(buf.data() + 4096), 64, mr->lkey};
+    ibv_recv_wr wr{};
+    wr.wr_id = id;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    ibv_recv_wr* bad = nullptr;
+    return ibv_post_recv(qp, &wr, &bad);
+  }
+
+  int post_send(uint64_t id) {
+    ibv_sge sge{reinterpret_cast<uintptr_t>(buf.data()), 16, mr->lkey};
+    ibv_send_wr wr{};
+    wr.wr_id = id;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = IBV_WR_SEND;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    ibv_send_wr* bad = nullptr;
+    return ibv_post_send(qp, &wr, &bad);
+  }
+
+  // Busy-polls (bounded) for one completion.
+  bool poll_one(ibv_wc& wc) {
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    while (std::chrono::steady_clock::now() < deadline)
+      if (ibv_poll_cq(cq, 1, &wc) == 1) return true;
+    return false;
+  }
+
+  void destroy() {
+    if (qp) {
+      EXPECT_EQ(ibv_destroy_qp(qp), 0);
+    }
+    if (mr) {
+      EXPECT_EQ(ibv_dereg_mr(mr), 0);
+    }
+    if (cq) {
+      EXPECT_EQ(ibv_destroy_cq(cq), 0);
+    }
+    if (pd) {
+      EXPECT_EQ(ibv_dealloc_pd(pd), 0);
+    }
+    if (channel) {
+      EXPECT_EQ(ibv_destroy_comp_channel(channel), 0);
+    }
+    if (ctx) {
+      EXPECT_EQ(ibv_close_device(ctx), 0);
+    }
+  }
+};
+
+TEST_F(Compat, CompletionEventsAreNotLostToConcurrentControlCalls) {
+  provision(5);
+  provision(6);
+  start_vibd(VIBD);
+  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+  ASSERT_TRUE(eventually(be(6) + "/state", "2"));
+  Side rx, tx;
+  rx.create(open_first_device(5), /*with_channel=*/true);
+  tx.create(open_first_device(6), false);
+  ASSERT_FALSE(HasFatalFailure());
+  rx.connect(tx);
+  tx.connect(rx);
+  ASSERT_FALSE(HasFatalFailure());
+
+  // Control calls on the receiving context, all the time: each waits on
+  // the event channel that also announces the completion events, and
+  // consumes what it finds there.
+  std::atomic<bool> stop{false};
+  std::atomic<int> calls{0};
+  std::thread control([&] {
+    while (!stop) {
+      ibv_port_attr port;
+      ibv_query_port(rx.ctx, 1, &port);
+      if (ibv_pd* pd = ibv_alloc_pd(rx.ctx)) ibv_dealloc_pd(pd);
+      ++calls;
+    }
+  });
+
+  constexpr int kRounds = 100;
+  int events = 0;
+  for (int i = 0; i < kRounds && !HasFailure(); ++i) {
+    ASSERT_EQ(ibv_req_notify_cq(rx.cq, 0), 0);
+    ASSERT_EQ(rx.post_recv(static_cast<uint64_t>(i)), 0);
+    ASSERT_EQ(tx.post_send(static_cast<uint64_t>(i)), 0);
+    ibv_wc wc;
+    ASSERT_TRUE(tx.poll_one(wc));
+    ASSERT_EQ(wc.status, IBV_WC_SUCCESS);
+    // The channel's fd is what applications sleep on.
+    pollfd p{rx.channel->fd, POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 5000), 1) << "completion event " << i << " lost";
+    ibv_cq* cq = nullptr;
+    void* cq_context = nullptr;
+    ASSERT_EQ(ibv_get_cq_event(rx.channel, &cq, &cq_context), 0);
+    EXPECT_EQ(cq, rx.cq);
+    EXPECT_EQ(cq_context, &rx);
+    ibv_ack_cq_events(cq, 1);
+    ++events;
+    ASSERT_TRUE(rx.poll_one(wc));
+    EXPECT_EQ(wc.status, IBV_WC_SUCCESS);
+    EXPECT_EQ(wc.wr_id, static_cast<uint64_t>(i));
+  }
+  stop = true;
+  control.join();
+  EXPECT_EQ(events, kRounds);
+  EXPECT_GT(calls.load(), 0);
+  rx.destroy();
+  tx.destroy();
+}
+
+TEST_F(Compat, AnEventWhoseNotificationAControlCallConsumedIsStillDelivered) {
+  provision(5);
+  provision(6);
+  start_vibd(VIBD);
+  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+  ASSERT_TRUE(eventually(be(6) + "/state", "2"));
+  Side rx, tx;
+  // Without the dispatcher thread, only the control calls below read the
+  // event channel: they consume the completion event's notification, and
+  // the event reaches the channel only if each call dispatches what it
+  // leaves queued. Deterministic, where a race with the thread is not.
+  ::setenv("VIB_EVENT_THREAD", "0", 1);
+  rx.create(open_first_device(5), true);
+  ::unsetenv("VIB_EVENT_THREAD");
+  tx.create(open_first_device(6), false);
+  ASSERT_FALSE(HasFatalFailure());
+  rx.connect(tx);
+  tx.connect(rx);
+  ASSERT_FALSE(HasFatalFailure());
+  ASSERT_EQ(ibv_req_notify_cq(rx.cq, 0), 0);
+  ASSERT_EQ(rx.post_recv(1), 0);
+  ASSERT_EQ(tx.post_send(1), 0);
+  ibv_wc wc;
+  ASSERT_TRUE(tx.poll_one(wc));
+  pollfd p{rx.channel->fd, POLLIN, 0};
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (::poll(&p, 1, 0) == 0 && std::chrono::steady_clock::now() < deadline) {
+    ibv_port_attr port;
+    ASSERT_EQ(ibv_query_port(rx.ctx, 1, &port), 0);
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_EQ(::poll(&p, 1, 0), 1) << "the completion event was lost";
+  ibv_cq* cq = nullptr;
+  void* cq_context = nullptr;
+  ASSERT_EQ(ibv_get_cq_event(rx.channel, &cq, &cq_context), 0);
+  EXPECT_EQ(cq, rx.cq);
+  ibv_ack_cq_events(cq, 1);
+  ASSERT_TRUE(rx.poll_one(wc));
+  EXPECT_EQ(wc.wr_id, 1u);
+  rx.destroy();
+  tx.destroy();
+}
+
+TEST_F(Compat, NoDevicesIsAnEmptyList) {
+  // No vib device in the domain (and vibd not even running).
+  act_as(5);
+  int n = -1;
+  ibv_device** list = ibv_get_device_list(&n);
+  ASSERT_NE(list, nullptr);
+  EXPECT_EQ(n, 0);
+  EXPECT_EQ(list[0], nullptr);
+  ibv_free_device_list(list);
+
+  // No Xen at all where the environment points: no devices either.
+  ::setenv("VIB_LOCAL_XEN", (xen_.dir() + "/nowhere").c_str(), 1);
+  n = -1;
+  list = ibv_get_device_list(&n);
+  ASSERT_NE(list, nullptr);
+  EXPECT_EQ(n, 0);
+  ibv_free_device_list(list);
+}
+
+TEST_F(Compat, ADeviceWhoseBackEndFailedIsNotListed) {
+  provision(5, "no-such-hca");
+  provision(6);
+  start_vibd(VIBD);
+  ASSERT_TRUE(eventually(be(5) + "/state", "6")) << "vibd closes a device on an unknown HCA";
+  ASSERT_TRUE(eventually(be(6) + "/state", "2"));
+  act_as(5);
+  int n = -1;
+  ibv_device** list = ibv_get_device_list(&n);
+  ASSERT_NE(list, nullptr);
+  EXPECT_EQ(n, 0);
+  ibv_free_device_list(list);
+
+  act_as(6);
+  list = ibv_get_device_list(&n);
+  ASSERT_NE(list, nullptr);
+  ASSERT_EQ(n, 1);
+  EXPECT_STREQ(ibv_get_device_name(list[0]), "vib0");
+  EXPECT_NE(ibv_get_device_guid(list[0]), 0u);
+  ibv_free_device_list(list);
+}
+
+TEST_F(Compat, OpeningADeviceThatFailedMeanwhileIsAnError) {
+  // Listed while its back-end was still starting, refused by the time it
+  // is opened: NULL and an errno, no crash.
+  provision(5, "no-such-hca");
+  act_as(5);
+  int n = -1;
+  ibv_device** list = ibv_get_device_list(&n);
+  ASSERT_NE(list, nullptr);
+  ASSERT_EQ(n, 1) << "a device whose back-end has not answered yet is listed";
+  start_vibd(VIBD);
+  ASSERT_TRUE(eventually(be(5) + "/state", "6"));
+  errno = 0;
+  EXPECT_EQ(ibv_open_device(list[0]), nullptr);
+  EXPECT_EQ(errno, ENODEV);
+  ibv_free_device_list(list);
+}
+
+}  // namespace
