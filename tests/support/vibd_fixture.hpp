@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "local_xen.hpp"
+#include "vibd_process.hpp"
 #include "vib/platform/xenstore.hpp"
 #include "vib/vibif.h"
 
@@ -34,61 +35,19 @@ class VibdFixture : public ::testing::Test {
   // Starts vibd (the path comes from the test's build) on the local Xen;
   // with a log path, its log goes there.
   void start_vibd(const char* vibd, const std::string& log = {}, const std::vector<std::string>& extra_args = {}) {
-    std::vector<std::string> args = {vibd, "--local-xen", xen_.dir()};
-    args.insert(args.end(), extra_args.begin(), extra_args.end());
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    const pid_t parent = ::getpid();
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a killed test
-      if (::getppid() != parent) ::_exit(1);
-      if (!log.empty()) {
-        const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (fd < 0 || ::dup2(fd, 2) < 0) ::_exit(126);
-      }
-      ::execv(vibd, argv.data());
-      ::_exit(127);
-    }
+    pid_ = spawn_vibd(vibd, xen_.dir(), log, extra_args);
   }
-  int stop_vibd() {
-    if (pid_ <= 0) return -1;
-    ::kill(pid_, SIGTERM);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return status;
-  }
+  int stop_vibd() { return vib::test::stop_vibd(pid_); }
 
-  static std::string be(platform::DomId domid, unsigned devid = 0) {
-    return "/local/domain/0/backend/vib/" + std::to_string(domid) + "/" + std::to_string(devid);
-  }
-  static std::string fe(platform::DomId domid, unsigned devid = 0) {
-    return "/local/domain/" + std::to_string(domid) + "/device/vib/" + std::to_string(devid);
-  }
+  static std::string be(platform::DomId domid, unsigned devid = 0) { return backend_path(domid, devid); }
+  static std::string fe(platform::DomId domid, unsigned devid = 0) { return frontend_path(domid, devid); }
 
   // What the toolstack writes for a device, with libxl's permissions.
   void provision(platform::DomId domid, const std::string& hca = "soft") {
     platform::with_transaction(*store_, [&](platform::TransactionId tx) { provision_in(tx, domid, hca); });
   }
   void provision_in(platform::TransactionId tx, platform::DomId domid, const std::string& hca) {
-    using namespace platform;
-    {
-      store_->write(tx, be(domid) + "/frontend", fe(domid));
-      store_->write(tx, be(domid) + "/frontend-id", std::to_string(domid));
-      store_->write(tx, be(domid) + "/online", "1");
-      store_->write(tx, be(domid) + "/state", "1");
-      store_->write(tx, be(domid) + "/hca", hca);
-      store_->set_permissions(tx, be(domid), {{kDom0, Access::none}, {domid, Access::read}});
-      for (const char* key : {"/frontend", "/frontend-id", "/online", "/state", "/hca"})
-        store_->set_permissions(tx, be(domid) + key, {{kDom0, Access::none}, {domid, Access::read}});
-      store_->write(tx, fe(domid) + "/backend", be(domid));
-      store_->write(tx, fe(domid) + "/backend-id", "0");
-      store_->write(tx, fe(domid) + "/state", "1");
-      for (const char* key : {"", "/backend", "/backend-id", "/state"})
-        store_->set_permissions(tx, fe(domid) + key, {{domid, Access::none}, {kDom0, Access::read}});
-    }
+    provision_device(*store_, tx, domid, hca);
   }
 
   // Polls xenstore (bounded) until `path` reads `want` (nullopt: is absent).

@@ -73,11 +73,15 @@ class VibToolstack : public vib::test::VibdFixture {
   // vibd runs the hotplug scripts: the project's own, from the source tree.
   // Provisioning at domain creation looks for xl's saved configs in an
   // empty directory unless a test gives one.
-  void start_vibd(const std::string& script_timeout_ms = "10000", const std::string& userdata_dir = "") {
-    VibdFixture::start_vibd(VIBD, log_.path() + "/vibd.log",
-                            {"--scripts-dir", HOTPLUG_DIR, "--script-timeout", script_timeout_ms, "--userdata-dir",
-                             userdata_dir.empty() ? log_.path() : userdata_dir});
+  void start_vibd(const std::string& script_timeout_ms = "10000", const std::string& userdata_dir = "",
+                  std::vector<std::string> more = {}) {
+    std::vector<std::string> args = {"--scripts-dir", HOTPLUG_DIR, "--script-timeout", script_timeout_ms,
+                                     "--userdata-dir", userdata_dir.empty() ? log_.path() : userdata_dir};
+    args.insert(args.end(), more.begin(), more.end());
+    VibdFixture::start_vibd(VIBD, log_.path() + "/vibd.log", args);
   }
+  // For tests of the library's own cleanup: vibd would otherwise do it first.
+  void start_vibd_without_provisioning() { start_vibd("10000", "", {"--no-provision"}); }
   std::string vibd_log() const {
     std::ifstream in(log_.path() + "/vibd.log");
     return std::string(std::istreambuf_iterator<char>(in), {});
@@ -382,7 +386,7 @@ TEST_F(VibToolstack, ProvisionFromTheConfigXlSaved) {
 }
 
 TEST_F(VibToolstack, CleanupAfterDomainDeath) {
-  start_vibd();
+  start_vibd_without_provisioning();
   ts_->attach(5, parse_spec("hca=soft"));
   ts_->attach(5, parse_spec("hca=soft"));
   ts_->attach(6, parse_spec("hca=soft"));
@@ -609,7 +613,7 @@ TEST_F(VibToolstack, XlFrontScriptRoutes) {
 }
 
 TEST_F(VibToolstack, CApi) {
-  start_vibd();
+  start_vibd_without_provisioning();
   vib_tk* raw = nullptr;
   char err[256];
   ASSERT_EQ(vib_tk_open(&raw, xen_.dir().c_str(), 0, err, sizeof err), VIB_TK_OK) << err;
