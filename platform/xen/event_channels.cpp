@@ -1,5 +1,7 @@
 // Event channels over the real libxenevtchn. Peer status needs libxenctrl's
 // evtchn_status, which only a privileged domain (dom0, a driver domain) has.
+#include <fcntl.h>
+
 #include <cerrno>
 #include <system_error>
 
@@ -22,6 +24,18 @@ class XenEventChannels final : public EventChannels {
  public:
   XenEventChannels() : h_(xenevtchn_open(nullptr, 0)) {
     if (!h_) fail("cannot open the event channel device (/dev/xen/evtchn)");
+    // pending() must not wait: xenevtchn_pending() is a read() of the
+    // device, which blocks until the next event unless the fd is
+    // non-blocking (libxenevtchn has no open flag for it). Callers drain
+    // with `while (auto port = pending())` and sleep in poll() instead.
+    const int fd = xenevtchn_fd(h_);
+    const int flags = ::fcntl(fd, F_GETFL);
+    if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+      const int err = errno;
+      xenevtchn_close(h_);
+      errno = err;
+      fail("cannot make the event channel device non-blocking");
+    }
   }
   ~XenEventChannels() override { xenevtchn_close(h_); }
   XenEventChannels(const XenEventChannels&) = delete;
