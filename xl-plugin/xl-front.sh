@@ -2,7 +2,9 @@
 # xl front for vib: `xl vib-attach|vib-detach|vib-list ...` run the vib
 # toolstack (xl-vib); every other command line goes to Xen's own xl,
 # untouched (same arguments, same exit code, exec'd so signals and the
-# terminal are xl's). Install it ahead of the real xl in PATH, or alias
+# terminal are xl's). `xl create` first has xl-vib check the config's vib=
+# lines and keep them for vibd (xl keeps no copy of lines it does not
+# know), then runs Xen's xl create as is. Install it ahead of the real xl in PATH, or alias
 # xl to it. VIB_REAL_XL and VIB_XL_VIB override the two paths (tests,
 # unusual installs).
 #
@@ -35,6 +37,21 @@ case "$subcommand" in
         exec "$xl_vib" "$@"
         ;;
 esac
+
+if [ "$subcommand" = create ]; then
+    # xl's global flags (argument-less: -v -f -N -t -T) stay for Xen's xl;
+    # xl create's own arguments are everything after the subcommand.
+    globals=
+    while [ $# -gt 0 ]; do
+        arg="$1"
+        shift
+        [ "$arg" = create ] && break
+        globals="$globals $arg"
+    done
+    "$xl_vib" vib-create-hook ${VIB_STASH_DIR:+--stash-dir "$VIB_STASH_DIR"} -- "$@" || exit $?
+    # shellcheck disable=SC2086 # the flags are single words, split on purpose
+    set -- $globals create "$@"
+fi
 
 # Installed *as* the real xl's path, this would exec itself forever.
 self=$(readlink -f "$0" 2>/dev/null)

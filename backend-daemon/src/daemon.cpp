@@ -15,6 +15,7 @@
 #include "hca_events.hpp"
 #include "log.hpp"
 #include "provisioner.hpp"
+#include "vib/libxl_ib.hpp"
 #include "vib/backend/vibd.hpp"
 
 namespace vib::backend {
@@ -91,9 +92,11 @@ class Daemon {
     log_line(LogLevel::info, "vibd", "watching " + backend_root_);
     if (options.provision) {
       provisioner_ = std::make_unique<Provisioner>(
-          ProvisionerSettings{options.xen, options.userdata_dir, options.userdata_wait});
+          ProvisionerSettings{options.xen, options.stash_dir.value_or(toolstack::kConfigStashDir),
+                              options.userdata_dir, options.userdata_wait});
       store.watch("@introduceDomain", "introduce");
-      log_line(LogLevel::info, "vibd", "provisioning new domains' vib= devices from " + options.userdata_dir);
+      log_line(LogLevel::info, "vibd",
+               "provisioning new domains' vib= devices from " + options.stash_dir.value_or(toolstack::kConfigStashDir));
     }
   }
 

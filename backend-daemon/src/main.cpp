@@ -25,6 +25,8 @@ void usage(std::ostream& out) {
          "                      (default " VIB_XEN_SCRIPTS_DIR ")\n"
          "  --script-timeout MS how long a hotplug script may run (default 30000)\n"
          "  --no-provision      do not add the vib= devices of domains xl creates\n"
+         "  --stash-dir DIR     where the xl front keeps domain configs\n"
+         "                      (default /var/lib/vib/domains)\n"
          "  --userdata-dir DIR  where xl saves domain configs (default /var/lib/xen)\n"
          "  --local-xen DIR     use the host-local Xen served by `vib-localxen serve --dir DIR`\n"
          "                      instead of the real one (machines without a hypervisor)\n"
@@ -61,6 +63,8 @@ int main(int argc, char** argv) {
       options.default_hca = value();
     } else if (arg == "--no-provision") {
       options.provision = false;
+    } else if (arg == "--stash-dir") {
+      options.stash_dir = value();
     } else if (arg == "--userdata-dir") {
       options.userdata_dir = value();
     } else if (arg == "--scripts-dir") {

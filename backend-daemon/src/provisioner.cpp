@@ -97,7 +97,13 @@ void Provisioner::run() {
         const platform::DomId domid = it->first;
         const std::string subject = domain_subject(domid);
         try {
-          auto result = toolstack->provision_domain(domid, settings_.userdata_dir);
+          toolstack::ProvisionResult result;
+          try {
+            result = toolstack->provision_stashed(domid, settings_.stash_dir);
+          } catch (const toolstack::Error& e) {
+            if (e.code() != toolstack::ErrorCode::not_found) throw;
+            result = toolstack->provision_domain(domid, settings_.userdata_dir);
+          }
           for (const auto& w : result.warnings) log_line(LogLevel::warning, subject, w);
           if (!result.devices.empty())
             log_line(LogLevel::info, subject,

@@ -1,15 +1,16 @@
 // Provisioning at domain creation: `xl create` of a config with vib= lines
 // gets its devices without any extra command.
 //
-// xl knows nothing of vib, but it saves the domain's config file as libxl
-// userdata ("xl"). When a domain is introduced, vibd reads that file and
-// adds the domain's vib devices through libxl-ib, exactly as
-// `xl vib-attach` would; when a domain is released, it removes the
-// back-end directories libxl leaves behind for device kinds it does not
-// know. Both happen on the provisioner's own thread with its own xenstore
-// connection: xl saves the file only after the domain is built, so a new
-// domain may wait for it for a while, and the main thread (handshakes, HCA
-// events) must not wait with it.
+// xl knows nothing of vib and keeps no copy of the lines it does not know,
+// so the xl front keeps the config of each domain it creates, by name
+// (stash_create_config). When a domain is introduced, vibd finds that
+// config by the domain's name (or, failing that, the "xl" userdata xl
+// writes after `xl config-update`) and adds the domain's vib devices
+// through libxl-ib, exactly as `xl vib-attach` would; when a domain is
+// released, it removes the back-end directories libxl leaves behind for
+// device kinds it does not know. Both happen on the provisioner's own
+// thread with its own xenstore connection, so the main thread (handshakes,
+// HCA events) never waits for a config to appear.
 #pragma once
 
 #include <chrono>
@@ -26,6 +27,7 @@ namespace vib::backend {
 
 struct ProvisionerSettings {
   platform::XenTarget xen;
+  std::string stash_dir;  // the xl front's kept configs, by domain name
   std::string userdata_dir = "/var/lib/xen";
   // How long after its introduction a domain's saved config may appear.
   std::chrono::milliseconds userdata_wait{30000};

@@ -15,6 +15,7 @@ namespace vib::toolstack::detail {
 struct ConfigScan {
   std::vector<DeviceSpec> specs;
   std::vector<std::string> warnings;
+  std::optional<std::string> name;  // the config's name=, if any
 };
 
 // parse_config, plus advice about the rest of the domain's config.

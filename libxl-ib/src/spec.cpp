@@ -227,6 +227,8 @@ ConfigScan scan_config(std::string_view config_text, const std::string& filename
     throw Error(ErrorCode::invalid, why.empty() ? filename + ": " + std::strerror(e) : why);
   }
   ConfigScan scan;
+  if (const char* name = nullptr; xlu_cfg_get_string(cfg.get(), "name", &name, /*dont_warn=*/1) == 0 && name)
+    scan.name = name;
   XLU_ConfigList* list = nullptr;
   int count = 0;
   const int rc = xlu_cfg_get_list(cfg.get(), "vib", &list, &count, /*dont_warn=*/1);

@@ -76,7 +76,8 @@ class VibToolstack : public vib::test::VibdFixture {
   void start_vibd(const std::string& script_timeout_ms = "10000", const std::string& userdata_dir = "",
                   std::vector<std::string> more = {}) {
     std::vector<std::string> args = {"--scripts-dir", HOTPLUG_DIR, "--script-timeout", script_timeout_ms,
-                                     "--userdata-dir", userdata_dir.empty() ? log_.path() : userdata_dir};
+                                     "--userdata-dir", userdata_dir.empty() ? log_.path() : userdata_dir,
+                                     "--stash-dir", log_.path()};
     args.insert(args.end(), more.begin(), more.end());
     VibdFixture::start_vibd(VIBD, log_.path() + "/vibd.log", args);
   }
@@ -504,40 +505,55 @@ TEST_F(VibToolstack, AttachRunsTheHotplugScript) {
 }
 
 TEST_F(VibToolstack, VibdProvisionsTheDomainsXlCreatesAndCleansUpAfterThem) {
-  TempDir userdata;
-  // Created while vibd was down: provisioned when it starts.
+  TempDir userdata, stash, bin;
+  // Created while vibd was down, its config saved by `xl config-update`
+  // (libxl userdata "xl"): provisioned when vibd starts.
   xen_.create_domain(8);
   store_->write(kNoTransaction, "/local/domain/8/vm", "/vm/00000000-0000-4000-8000-000000000008");
   userdata.write("userdata-d.8.00000000-0000-4000-8000-000000000008.xl", "name = \"guest8\"\nvib = [ 'hca=soft' ]\n");
-  start_vibd("10000", userdata.path());
+  start_vibd("10000", userdata.path(), {"--stash-dir", stash.path()});
   EXPECT_TRUE(eventually(be(8) + "/state", "2"));
 
-  // xl create: the domain is introduced, gets its vm node, and xl saves its
-  // config only once the domain is built.
-  const std::string uuid = "6f2c5d8e-93a1-4b7e-8d0a-1c2b3d4e5f67";
-  xen_.create_domain(7);
-  store_->write(kNoTransaction, "/local/domain/7/vm", "/vm/" + uuid);
-  std::this_thread::sleep_for(300ms);
-  EXPECT_FALSE(read(be(7) + "/state")) << "nothing before the config is saved";
-  userdata.write("userdata-d.7." + uuid + ".xl",
-                 "name = \"guest7\"\nvib = [ 'hca=soft,script=vib', 'hca=soft,max-qps=4' ]\n");
+  // `xl create` through the xl front. Xen's xl is played by a script that
+  // builds the domain on the host-local Xen (and notes that it ran).
+  bin.write("xl",
+            "#!/bin/sh\n"
+            "[ \"$1\" = create ] || exit 3\n"
+            "touch " + bin.path() + "/ran\n"
+            "exec " VIB_LOCALXEN " create-domain --dir " + xen_.dir() + " --domid 7 --name guest7 >/dev/null\n",
+            true);
+  bin.write("guest7.cfg", "name = \"guest7\"\nmemory = 512\nvib = [ 'hca=soft,script=vib' ]\n");
+  const std::string front = "env VIB_REAL_XL=" + bin.path() + "/xl VIB_XL_VIB=" XL_VIB " VIB_STASH_DIR=" + stash.path() +
+                            " sh " XL_FRONT " create ";
+  auto ran = run(front + bin.path() + "/guest7.cfg 'vib=[\"hca=soft,script=vib\",\"hca=soft,max-qps=4\"]'");
+  ASSERT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(std::filesystem::exists(stash.path() + "/guest7.cfg")) << "kept for vibd, by name";
   ASSERT_TRUE(eventually(be(7) + "/hotplug-status", "connected"));
   EXPECT_EQ(read(be(7) + "/state"), "2");
-  EXPECT_TRUE(eventually(be(7, 1) + "/state", "2"));
+  EXPECT_TRUE(eventually(be(7, 1) + "/state", "2")) << "the command line's vib= wins, as in xl";
   EXPECT_EQ(read(be(7, 1) + "/max-qps"), "4");
   EXPECT_TRUE(read("/libxl/7/vib-provisioned"));
+
+  // A bad vib= line stops xl create before the domain exists.
+  std::filesystem::remove(bin.path() + "/ran");
+  bin.write("bad.cfg", "name = \"guest9\"\nvib = [ 'hca=soft,max-qps=lots' ]\n");
+  ran = run(front + bin.path() + "/bad.cfg");
+  EXPECT_EQ(ran.status, 1);
+  EXPECT_TRUE(contains(ran.out, "max-qps")) << ran.out;
+  EXPECT_FALSE(std::filesystem::exists(bin.path() + "/ran")) << "Xen's xl was not run";
+
   // A restarted vibd does not add them twice.
   EXPECT_EQ(stop_vibd(), 0);
   const auto first_log = vibd_log();
   EXPECT_TRUE(contains(first_log, "dom8: provisioned 1 vib devices from its xl config")) << first_log;
   EXPECT_TRUE(contains(first_log, "dom7: provisioned 2 vib devices from its xl config")) << first_log;
-  start_vibd("10000", userdata.path());
+  start_vibd("10000", userdata.path(), {"--stash-dir", stash.path()});
   std::this_thread::sleep_for(300ms);
   EXPECT_FALSE(read(be(7, 2) + "/state"));
   EXPECT_TRUE(eventually(be(7) + "/state", "2"));
 
-  // xl destroy: libxl removes what it knows; vibd frees the device and
-  // removes its directories.
+  // xl destroy: libxl removes what it knows; vibd frees the device, runs
+  // its remove script and removes its directories.
   xen_.destroy_domain(7);
   EXPECT_TRUE(eventually("/local/domain/0/backend/vib/7", std::nullopt));
   EXPECT_TRUE(eventually("/libxl/7", std::nullopt));
@@ -596,9 +612,14 @@ TEST_F(VibToolstack, XlVibCommand) {
 
 TEST_F(VibToolstack, XlFrontScriptRoutes) {
   const std::string front = std::string("env VIB_REAL_XL=/bin/echo VIB_XL_VIB=/bin/echo sh ") + XL_FRONT;
-  // Not ours: Xen's xl gets exactly the same arguments.
+  // create: the hook sees xl create's arguments, then Xen's xl gets
+  // exactly the same command line.
   auto ran = run(front + " -v create -c 'guest one.cfg'");
-  EXPECT_EQ(ran.out, "-v create -c guest one.cfg\n");
+  EXPECT_EQ(ran.out, "vib-create-hook -- -c guest one.cfg\n-v create -c guest one.cfg\n");
+  // A failing hook (a bad vib= line) stops it, with the hook's status.
+  ran = run(std::string("env VIB_REAL_XL=/bin/echo VIB_XL_VIB=/bin/false sh ") + XL_FRONT + " create x.cfg");
+  EXPECT_EQ(ran.status, 1);
+  EXPECT_EQ(ran.out, "");
   ran = run(front + " list");
   EXPECT_EQ(ran.out, "list\n");
   // Ours: xl's global flags dropped, the rest passed on.
@@ -643,4 +664,26 @@ TEST_F(VibToolstack, CApi) {
   unsigned removed = 0;
   EXPECT_EQ(vib_tk_cleanup(tk.get(), &removed), VIB_TK_OK);
   EXPECT_EQ(removed, 2u);
+}
+
+TEST(VibStash, FindsTheConfigLikeXlCreateAndKeepsOnlyConfigsWithVibLines) {
+  TempDir dir;
+  dir.write("a.cfg", "name = \"a\"\nvib = [ 'hca=soft' ]\n");
+  dir.write("plain.cfg", "name = \"a\"\nmemory = 256\n");
+  const std::string kept = dir.path() + "/stash/a.cfg";
+  EXPECT_EQ(stash_create_config({"-p", "-f", dir.path() + "/a.cfg"}, dir.path() + "/stash"), "a");
+  EXPECT_TRUE(std::filesystem::exists(kept));
+  std::filesystem::remove(kept);
+  EXPECT_EQ(stash_create_config({"-pf" + dir.path() + "/a.cfg", "memory=300"}, dir.path() + "/stash"), "a");
+  EXPECT_EQ(stash_create_config({"--defconfig=" + dir.path() + "/a.cfg"}, dir.path() + "/stash"), "a");
+  EXPECT_EQ(stash_create_config({"-n", dir.path() + "/a.cfg"}, dir.path() + "/stash"), std::nullopt) << "dry run";
+  EXPECT_EQ(stash_create_config({"-q"}, dir.path() + "/stash"), std::nullopt) << "no config file";
+  // The same name created again without vib= lines: the kept config goes.
+  EXPECT_TRUE(std::filesystem::exists(kept));
+  EXPECT_EQ(stash_create_config({dir.path() + "/plain.cfg"}, dir.path() + "/stash"), std::nullopt);
+  EXPECT_FALSE(std::filesystem::exists(kept));
+  // Names that are not file names, and unreadable files, are errors.
+  dir.write("slash.cfg", "name = \"../x\"\nvib = [ 'hca=soft' ]\n");
+  EXPECT_THROW(stash_create_config({dir.path() + "/slash.cfg"}, dir.path() + "/stash"), Error);
+  EXPECT_THROW(stash_create_config({dir.path() + "/missing.cfg"}, dir.path() + "/stash"), Error);
 }

@@ -66,6 +66,13 @@ const Command kCommands[] = {
      "  --wait S      wait up to S seconds for xl to save the config (0)\n",
      true},
     {"vib-cleanup", "", "Remove the vib devices of domains that no longer exist.", "", true},
+    {"vib-create-hook", "[--stash-dir DIR] -- <xl create arguments>",
+     "Check and keep the vib= lines of a domain about to be created.",
+     "  Run by the xl front before Xen's `xl create` with the same arguments:\n"
+     "  checks every vib= item (a bad one fails here, before the domain exists)\n"
+     "  and keeps the config as DIR/<name>.cfg (default /var/lib/vib/domains),\n"
+     "  where vibd finds it when the domain appears.\n",
+     true},
 };
 
 void usage(std::ostream& out, bool all) {
@@ -146,12 +153,15 @@ class Cli {
   explicit Cli(vib::platform::XenTarget target) : target_(std::move(target)) {}
 
   int dispatch(const Command& c, const std::vector<std::string>& args) {
-    for (const auto& a : args)
+    for (const auto& a : args) {
+      if (a == "--") break;  // what follows is another program's
       if (a == "--help" || a == "-h") {
         command_usage(std::cout, c);
         return kOk;
       }
+    }
     const std::string name = c.name;
+    if (name == "vib-create-hook") return create_hook(c, args);
     if (name == "vib-attach") return attach(c, args);
     if (name == "vib-detach") return detach(c, args);
     if (name == "vib-list") return list(c, args);
@@ -267,6 +277,31 @@ class Cli {
         std::cout << "domain " << domid << ": already provisioned, nothing done\n";
       for (const auto& d : result.devices)
         std::cout << "domain " << domid << ": vib device " << d.devid << " on back-end domain " << d.backend_domid << "\n";
+      return kOk;
+    });
+  }
+
+  // xl create's own arguments follow "--" untouched: they are not ours to
+  // interpret beyond what stash_create_config needs.
+  int create_hook(const Command& c, const std::vector<std::string>& argv) {
+    std::string dir = vib::toolstack::kConfigStashDir;
+    std::size_t i = 0;
+    for (; i < argv.size() && argv[i] != "--"; ++i) {
+      if (argv[i] == "--stash-dir" && i + 1 < argv.size()) {
+        dir = argv[++i];
+      } else {
+        command_usage(std::cerr, c);
+        return kUsage;
+      }
+    }
+    if (i >= argv.size()) {
+      command_usage(std::cerr, c);
+      return kUsage;
+    }
+    const std::vector<std::string> create_args(argv.begin() + static_cast<long>(i) + 1, argv.end());
+    // The same words as xl create's, so errors read as xl create's.
+    return run("create", [&] {
+      vib::toolstack::stash_create_config(create_args, dir);
       return kOk;
     });
   }

@@ -120,6 +120,22 @@ struct DeviceInfo {
 // Output of `xl vib-list --json`: a JSON array of the devices (yajl_gen).
 std::string devices_to_json(const std::vector<DeviceInfo>& devices, bool beautify = true);
 
+// Where the xl front keeps the configs of domains created with `xl create`,
+// by domain name, for vibd. xl itself keeps no copy with the vib= lines: it
+// saves only libxl's parsed config (userdata "libxl-json"), and its "xl"
+// userdata exists only after `xl config-update`.
+inline constexpr const char* kConfigStashDir = "/var/lib/vib/domains";
+
+// What `xl create ARGS` is about to create, as far as vib is concerned:
+// finds the config file and the extra "key=value" lines the way xl does,
+// checks every vib= item, and keeps the config as dir/<name>.cfg for vibd,
+// or removes a kept one when the config has no vib= lines. Returns the
+// domain name when a config was kept; nullopt when nothing was (no vib=
+// lines, a dry run, no config file given). Throws Error(invalid) naming the
+// bad item, so a bad vib= line stops `xl create` before the domain exists.
+std::optional<std::string> stash_create_config(const std::vector<std::string>& xl_create_args,
+                                               const std::string& dir = kConfigStashDir);
+
 struct ProvisionResult {
   std::vector<AttachedDevice> devices;
   bool already_provisioned = false;  // a previous call did it: nothing done
@@ -149,6 +165,9 @@ class Toolstack {
   // Idempotent: a domain already provisioned is left alone. All or nothing:
   // one bad item attaches none.
   ProvisionResult provision_from_config(platform::DomId domid, std::string_view config_text);
+  // The same from the config the xl front kept for the domain's name (see
+  // stash_create_config); Error(not_found) when there is none.
+  ProvisionResult provision_stashed(platform::DomId domid, const std::string& dir = kConfigStashDir);
   // The same from the config xl saved for the domain (see find_userdata).
   ProvisionResult provision_domain(platform::DomId domid, const std::string& userdata_dir = "/var/lib/xen",
                                    std::chrono::milliseconds wait_for_file = std::chrono::milliseconds(0));

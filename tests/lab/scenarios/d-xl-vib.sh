@@ -1,18 +1,21 @@
 #!/bin/sh
-# Scenario (d): `xl create` with a vib= line on real Xen. vibd (real Xen,
-# software HCA, the vib hotplug script) sees the domain introduced, reads
-# the config xl saved for it and adds its vib device; the guest's
+# Scenario (d): `xl create` with a vib= line on real Xen, through the xl
+# front (ahead of Xen's xl in PATH, as administrators install it): it checks
+# and keeps the vib= lines, Xen's xl creates the domain, and vibd (real Xen,
+# software HCA, the vib hotplug script) sees the domain introduced, finds
+# the kept config by the domain's name and adds its vib device; the guest's
 # vib-devinfo talks to vibd over real grants, event channels and xenstore;
-# then `xl vib-detach`, `xl vib-attach` and `xl destroy`, after which vibd
-# removes the dead domain's back-end directory.
+# then `xl vib-list`, `xl vib-detach`, `xl vib-attach` and `xl destroy`,
+# after which vibd removes the dead domain's back-end directory.
 #
-# dom0 gets /vib/vibd, /vib/xl-vib, /vib/vib-devinfo and /vib/vib (the
-# hotplug script, so /vib is vibd's --scripts-dir); the guest /vib/vib-devinfo.
+# dom0 gets /vib/vibd, /vib/xl-vib, /vib/vib-devinfo, /vib/vib (the hotplug
+# script, so /vib is vibd's --scripts-dir) and /vib/xl (the front); the
+# guest /vib/vib-devinfo.
 . /lab-common.sh
 
 if [ "$1" = guest ]; then
-  # xl saves the config only after the domain is built, and vibd adds the
-  # device when it has read it: the device may appear after this boots.
+  # vibd adds the device when it sees the domain introduced: it may appear
+  # only after this boots.
   i=0
   until /usr/bin/xenstore-read device/vib/0/backend >/dev/null 2>&1; do
     i=$((i + 1))
@@ -90,10 +93,13 @@ be_ready() {
   { [ "$st" = 2 ] || [ "$st" = 4 ]; } && [ "$hs" = connected ]
 }
 
-echo "== checking /var/lib/xen (xl saves the domain's config there)"
-touch /var/lib/xen/.vib-lab-writable && rm /var/lib/xen/.vib-lab-writable ||
-  fail "/var/lib/xen is not writable"
-echo "/var/lib/xen is writable"
+echo "== the xl front ahead of Xen's xl in PATH"
+mkdir -p /tmp/front
+cp /vib/xl /tmp/front/xl
+chmod 755 /tmp/front/xl
+VIB_REAL_XL=$(command -v xl)
+export VIB_REAL_XL VIB_XL_VIB=/vib/xl-vib PATH="/tmp/front:$PATH"
+echo "xl is $(command -v xl), Xen's xl $VIB_REAL_XL"
 
 echo "== starting vibd (real Xen, software HCA, scripts in /vib)"
 /vib/vibd --hca soft --scripts-dir /vib --verbose > "$vibd_log" 2>&1 &
@@ -107,42 +113,42 @@ start_guest "vib = [ 'hca=soft,script=vib' ]"
 [ -n "$guest_domid" ] || fail "xl create gave no domain"
 grep '^vib' /tmp/guest.cfg
 
-# vibd waits up to 30 s for xl to save the config: 40 s lets its log say why
+echo "== the config the front kept for vibd"
+cat /var/lib/vib/domains/vib-guest.cfg || fail "the xl front kept no config for vib-guest"
+
+# vibd waits up to 30 s for a config to appear: 40 s lets its log say why
 # when it gave up.
 echo "== check: back-end device $be_root/$guest_domid/0 in state 2 or 4 with hotplug-status connected"
 if ! wait_until 40 be_ready 0; then
-  echo "xl's saved configs in /var/lib/xen:"
-  ls -l /var/lib/xen
   xenstore-ls -fp "$be_root" 2>&1
   fail "xl create did not give domain $guest_domid a served vib device 0 within 40 s" \
        "(state '$st', hotplug-status '$hs')"
 fi
-ls /var/lib/xen | grep "^userdata-d\.$guest_domid\..*\.xl$" || echo "(no userdata file of domain $guest_domid)"
 xenstore-ls -fp "$be_root"
 echo "state $st, hotplug-status $hs: ok"
 
-echo "== check: xl-vib vib-list vib-guest lists it"
-/vib/xl-vib vib-list vib-guest > /tmp/vib-list.out 2>&1 || { cat /tmp/vib-list.out; fail "xl-vib vib-list failed"; }
+echo "== check: xl vib-list vib-guest lists it"
+xl vib-list vib-guest > /tmp/vib-list.out 2>&1 || { cat /tmp/vib-list.out; fail "xl vib-list failed"; }
 cat /tmp/vib-list.out
 grep -q "^0 .*$be_root/$guest_domid/0\$" /tmp/vib-list.out ||
-  fail "xl-vib vib-list does not list device 0 with back-end $be_root/$guest_domid/0"
+  fail "xl vib-list does not list device 0 with back-end $be_root/$guest_domid/0"
 echo "listed: ok"
 
 echo "== check: vib-devinfo in the guest"
 guest_report || fail "vib-devinfo in the guest failed (its output is above)"
 echo "guest's vib-devinfo: ok"
 
-echo "== check: xl-vib vib-detach vib-guest 0"
-/vib/xl-vib vib-detach vib-guest 0 || fail "xl-vib vib-detach vib-guest 0 failed"
+echo "== check: xl vib-detach vib-guest 0"
+xl vib-detach vib-guest 0 || fail "xl vib-detach vib-guest 0 failed"
 xenstore-ls "$be_root/$guest_domid/0" >/dev/null 2>&1 && {
   xenstore-ls -fp "$be_root"
   fail "$be_root/$guest_domid/0 is still there after vib-detach"
 }
 echo "$be_root/$guest_domid/0 is gone: ok"
 
-echo "== check: xl-vib vib-attach vib-guest hca=soft, then xl destroy"
-/vib/xl-vib vib-attach vib-guest hca=soft || fail "xl-vib vib-attach vib-guest hca=soft failed"
-/vib/xl-vib vib-list vib-guest
+echo "== check: xl vib-attach vib-guest hca=soft, then xl destroy"
+xl vib-attach vib-guest hca=soft || fail "xl vib-attach vib-guest hca=soft failed"
+xl vib-list vib-guest
 xenstore-ls -fp "$be_root/$guest_domid"
 xl destroy vib-guest || fail "xl destroy vib-guest failed"
 if ! wait_until 10 be_gone; then

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "vib/platform/grants.hpp"
@@ -22,9 +23,12 @@ struct DaemonOptions {
   // and how long one may run before vibd kills it and fails the device.
   std::string scripts_dir = "/etc/xen/scripts";
   std::chrono::milliseconds script_timeout{30000};
-  // Provisioning at `xl create`: the vib= lines of the config xl saved for
-  // each new domain (libxl userdata "xl" in userdata_dir).
+  // Provisioning at `xl create`: the vib= lines of each new domain's config,
+  // as the xl front kept it by domain name (stash_dir; unset: libxl-ib's
+  // kConfigStashDir), or else as xl saved it after `xl config-update`
+  // (libxl userdata "xl" in userdata_dir).
   bool provision = true;
+  std::optional<std::string> stash_dir;
   std::string userdata_dir = "/var/lib/xen";
   std::chrono::milliseconds userdata_wait{30000};
   // Tests only (empty in vibd): wraps the grant mapper guest memory is
