@@ -456,6 +456,7 @@ bool Context::sleep_until_woken() {
     }
   }
   if (fds[2].revents) return false;
+  if (fds[1].revents) mailbox_->clear_wake();
   bool kicked = false;
   while (auto port = events_->pending()) {
     events_->unmask(*port);

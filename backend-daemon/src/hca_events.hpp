@@ -8,6 +8,7 @@
 
 #include <sys/eventfd.h>
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -29,6 +30,7 @@ class ContextMailbox {
   }
   int fd() const { return wake_fd_.get(); }
   void wake() {
+    pending_.store(true, std::memory_order_release);
     const std::uint64_t one = 1;
     [[maybe_unused]] auto n = ::write(wake_fd_.get(), &one, sizeof one);
   }
@@ -39,16 +41,24 @@ class ContextMailbox {
     }
     wake();
   }
-  // Clears the wake-up and returns the queued asynchronous events.
+  // The queued asynchronous events. The worker calls this on every pass of
+  // its busy-poll loop, so when nothing was posted it costs one atomic load:
+  // no system call, no lock (the fd is drained only by clear_wake()).
   std::vector<platform::AsyncEvent> take() {
-    std::uint64_t value;
-    [[maybe_unused]] auto n = ::read(wake_fd_.get(), &value, sizeof value);
+    if (!pending_.load(std::memory_order_acquire) || !pending_.exchange(false, std::memory_order_acq_rel)) return {};
     std::lock_guard lock(mu_);
     return std::exchange(events_, {});
+  }
+  // After the worker's sleep ended on fd(): resets it, so the next sleep
+  // waits. Whatever was posted stays pending for take().
+  void clear_wake() {
+    std::uint64_t value;
+    [[maybe_unused]] auto n = ::read(wake_fd_.get(), &value, sizeof value);
   }
 
  private:
   platform::UniqueFd wake_fd_;
+  std::atomic<bool> pending_{false};
   std::mutex mu_;
   std::vector<platform::AsyncEvent> events_;
 };
