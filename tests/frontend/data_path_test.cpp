@@ -4,6 +4,7 @@
 // written back into guest CQs. Objects are freed when a context dies or its
 // domain does, and a guest's garbage hurts only that guest.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <poll.h>
 #include <sys/wait.h>
 
@@ -15,6 +16,7 @@
 #include "vibd_fixture.hpp"
 
 using namespace std::chrono_literals;
+using namespace std::string_literals;
 using vib::front::Device;
 
 namespace {
@@ -234,6 +236,103 @@ TEST_F(DataPath, TwoContextsExchangeDataOverRcThroughVibd) {
   EXPECT_EQ(event->type, VIBIF_EVENT_COMPLETION);
   EXPECT_EQ(event->handle, b.cq->handle());
   EXPECT_EQ(b.wait_completion().wr_id, 9u);
+}
+
+TEST_F(DataPath, ImmediatesGatherListsAndCompareAndSwap) {
+  Endpoint a(xen_.as(5)), b(xen_.as(6));
+  a.connect(b);
+  b.connect(a);
+
+  // SEND with immediate, gathered from two pieces (the QP's max_send_sge;
+  // a third is EINVAL), scattered into two.
+  std::strcpy(a.buf + 10, "gathe");
+  std::strcpy(a.buf + 100, "red send");
+  ibv_sge gather[3] = {{reinterpret_cast<std::uintptr_t>(a.buf + 10), 5, a.mr->lkey()},
+                       {reinterpret_cast<std::uintptr_t>(a.buf + 100), 8, a.mr->lkey()},
+                       {reinterpret_cast<std::uintptr_t>(a.buf + 300), 1, a.mr->lkey()}};
+  ibv_sge scatter[2] = {{reinterpret_cast<std::uintptr_t>(b.buf + 1000), 6, b.mr->lkey()},
+                        {reinterpret_cast<std::uintptr_t>(b.buf + 2000), 64, b.mr->lkey()}};
+  ibv_recv_wr rwr{};
+  rwr.wr_id = 11;
+  rwr.sg_list = scatter;
+  rwr.num_sge = 2;
+  ibv_recv_wr* bad_recv = nullptr;
+  ASSERT_EQ(b.qp->post_recv(&rwr, &bad_recv), 0);
+  ibv_send_wr swr{};
+  swr.wr_id = 21;
+  swr.sg_list = gather;
+  swr.num_sge = 3;
+  swr.opcode = IBV_WR_SEND_WITH_IMM;
+  swr.send_flags = IBV_SEND_SIGNALED;
+  swr.imm_data = htonl(0xfeedbeef);
+  ibv_send_wr* bad_send = nullptr;
+  EXPECT_EQ(a.qp->post_send(&swr, &bad_send), EINVAL);
+  EXPECT_EQ(bad_send, &swr);
+  swr.num_sge = 2;
+  ASSERT_EQ(a.qp->post_send(&swr, &bad_send), 0);
+  EXPECT_EQ(a.wait_completion().status, IBV_WC_SUCCESS);
+  ibv_wc wc = b.wait_completion();
+  EXPECT_EQ(wc.status, IBV_WC_SUCCESS);
+  EXPECT_EQ(wc.opcode, IBV_WC_RECV);
+  EXPECT_EQ(wc.wr_id, 11u);
+  EXPECT_EQ(wc.byte_len, 13u);
+  EXPECT_TRUE(wc.wc_flags & IBV_WC_WITH_IMM);
+  EXPECT_EQ(ntohl(wc.imm_data), 0xfeedbeefu);
+  EXPECT_EQ(std::string(b.buf + 1000, 6), "gather");
+  EXPECT_EQ(std::string(b.buf + 2000, 8), "ed send"s + '\0');
+
+  // RDMA WRITE with immediate: the data lands and a receive is consumed.
+  ASSERT_EQ(b.post_recv(12, 3000, 16), 0);
+  std::strcpy(a.buf + 400, "with imm");
+  swr = ibv_send_wr{};
+  ibv_sge one{reinterpret_cast<std::uintptr_t>(a.buf + 400), 9, a.mr->lkey()};
+  swr.wr_id = 22;
+  swr.sg_list = &one;
+  swr.num_sge = 1;
+  swr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+  swr.send_flags = IBV_SEND_SIGNALED;
+  swr.imm_data = htonl(42);
+  swr.wr.rdma.remote_addr = reinterpret_cast<std::uintptr_t>(b.buf + 5000);
+  swr.wr.rdma.rkey = b.mr->rkey();
+  ASSERT_EQ(a.qp->post_send(&swr, &bad_send), 0);
+  EXPECT_EQ(a.wait_completion().status, IBV_WC_SUCCESS);
+  wc = b.wait_completion();
+  EXPECT_EQ(wc.status, IBV_WC_SUCCESS);
+  EXPECT_EQ(wc.opcode, IBV_WC_RECV_RDMA_WITH_IMM);
+  EXPECT_EQ(wc.wr_id, 12u);
+  EXPECT_EQ(ntohl(wc.imm_data), 42u);
+  EXPECT_STREQ(b.buf + 5000, "with imm");
+
+  // Compare-and-swap: swaps when equal, and returns the old value either way.
+  const std::size_t word = 7000 - (reinterpret_cast<std::uintptr_t>(b.buf + 7000) % 8);
+  const std::size_t result = 600 - (reinterpret_cast<std::uintptr_t>(a.buf + 600) % 8);
+  std::uint64_t value = 7;
+  std::memcpy(b.buf + word, &value, 8);
+  auto cas = [&](std::uint64_t compare, std::uint64_t swap_in) {
+    ibv_sge out{reinterpret_cast<std::uintptr_t>(a.buf + result), 8, a.mr->lkey()};
+    ibv_send_wr w{};
+    w.wr_id = 23;
+    w.sg_list = &out;
+    w.num_sge = 1;
+    w.opcode = IBV_WR_ATOMIC_CMP_AND_SWP;
+    w.send_flags = IBV_SEND_SIGNALED;
+    w.wr.atomic.remote_addr = reinterpret_cast<std::uintptr_t>(b.buf + word);
+    w.wr.atomic.rkey = b.mr->rkey();
+    w.wr.atomic.compare_add = compare;
+    w.wr.atomic.swap = swap_in;
+    ibv_send_wr* bad = nullptr;
+    EXPECT_EQ(a.qp->post_send(&w, &bad), 0);
+    const ibv_wc done = a.wait_completion();
+    EXPECT_EQ(done.status, IBV_WC_SUCCESS);
+    EXPECT_EQ(done.opcode, IBV_WC_COMP_SWAP);
+    std::uint64_t old = 0, now = 0;
+    std::memcpy(&old, a.buf + result, 8);
+    std::memcpy(&now, b.buf + word, 8);
+    return std::pair(old, now);
+  };
+  using Words = std::pair<std::uint64_t, std::uint64_t>;  // (returned old value, value now)
+  EXPECT_EQ(cas(7, 99), (Words{7, 99}));
+  EXPECT_EQ(cas(7, 123), (Words{99, 99})) << "no swap when different";
 }
 
 TEST_F(DataPath, QueueFullIsAnErrorAndNothingIsOverwritten) {
