@@ -29,6 +29,30 @@ void destroy_sync(pthread_mutex_t& mutex, pthread_cond_t& cond) {
   ::pthread_cond_destroy(&cond);
 }
 
+front::Cq& wrapper_object(Cq& cq) { return *cq.cq; }
+front::Srq& wrapper_object(Srq& srq) { return *srq.srq; }
+front::Qp& wrapper_object(Qp& qp) { return *qp.qp; }
+
+// ibv_destroy_{cq,srq,qp}: the back-end object goes first, so a refusal
+// (EBUSY while a QP uses a CQ or SRQ) leaves the application a working
+// object, as rdma-core does. Then the object leaves the context's event
+// routing (`forget` runs there too, under the same lock) and is freed.
+template <typename Wrapper, typename Verbs, typename Forget>
+int destroy_routed(Context& ctx, std::unordered_map<vibif_handle_t, Wrapper*>& routes, Wrapper* wrapper,
+                   Verbs& verbs, Forget&& forget) {
+  auto& object = wrapper_object(*wrapper);
+  const vibif_handle_t handle = object.handle();
+  if (const int err = or_errno([&] { return object.destroy(); })) return err;
+  std::unique_ptr<Wrapper> owned(wrapper);
+  {
+    std::lock_guard lock(ctx.mu);
+    routes.erase(handle);
+    forget();
+  }
+  destroy_sync(verbs.mutex, verbs.cond);
+  return 0;
+}
+
 // ---- data path: the context's ops ------------------------------------------------
 
 int op_poll_cq(ibv_cq* cq, int n, ibv_wc* wc) {
@@ -343,6 +367,8 @@ ibv_pd* ibv_alloc_pd(ibv_context* context) {
 int ibv_dealloc_pd(ibv_pd* pd) {
   auto& ctx = *to_ctx(pd->context);
   PumpAfter pump(ctx);
+  // EBUSY while MRs, QPs, SRQs or AHs of it live: the PD stays.
+  if (const int err = or_errno([&] { return to_pd(pd)->pd->dealloc(); })) return err;
   delete to_pd(pd);
   return 0;
 }
@@ -381,6 +407,7 @@ ibv_mr* ibv_reg_mr_iova(ibv_pd* pd, void* addr, size_t length, uint64_t iova, in
 int ibv_dereg_mr(ibv_mr* mr) {
   auto& ctx = *to_ctx(mr->context);
   PumpAfter pump(ctx);
+  if (const int err = or_errno([&] { return to_mr(mr)->mr->deregister(); })) return err;
   delete to_mr(mr);
   return 0;
 }
@@ -420,17 +447,12 @@ int ibv_resize_cq(ibv_cq* cq, int cqe) {
 int ibv_destroy_cq(ibv_cq* verbs_cq) {
   auto& ctx = *to_ctx(verbs_cq->context);
   PumpAfter pump(ctx);
-  std::unique_ptr<Cq> cq(to_cq(verbs_cq));
-  {
-    std::lock_guard lock(ctx.mu);
-    ctx.cqs.erase(cq->cq->handle());
-    if (cq->channel) {
-      std::lock_guard channel_lock(cq->channel->mu);
-      std::erase(cq->channel->events, verbs_cq);
-    }
-  }
-  destroy_sync(verbs_cq->mutex, verbs_cq->cond);
-  return 0;
+  CompChannel* channel = to_cq(verbs_cq)->channel;
+  return destroy_routed(ctx, ctx.cqs, to_cq(verbs_cq), *verbs_cq, [&] {
+    if (!channel) return;
+    std::lock_guard channel_lock(channel->mu);
+    std::erase(channel->events, verbs_cq);  // events not yet taken die with it
+  });
 }
 
 // ---- SRQ ----------------------------------------------------------------------------
@@ -468,13 +490,7 @@ int ibv_query_srq(ibv_srq* srq, ibv_srq_attr* attr) {
 int ibv_destroy_srq(ibv_srq* verbs_srq) {
   auto& ctx = *to_ctx(verbs_srq->context);
   PumpAfter pump(ctx);
-  std::unique_ptr<Srq> srq(to_srq(verbs_srq));
-  {
-    std::lock_guard lock(ctx.mu);
-    ctx.srqs.erase(srq->srq->handle());
-  }
-  destroy_sync(verbs_srq->mutex, verbs_srq->cond);
-  return 0;
+  return destroy_routed(ctx, ctx.srqs, to_srq(verbs_srq), *verbs_srq, [] {});
 }
 
 // ---- QP -----------------------------------------------------------------------------
@@ -517,13 +533,7 @@ int ibv_query_qp_data_in_order(ibv_qp*, ibv_wr_opcode, uint32_t) { return 0; }  
 int ibv_destroy_qp(ibv_qp* verbs_qp) {
   auto& ctx = *to_ctx(verbs_qp->context);
   PumpAfter pump(ctx);
-  std::unique_ptr<Qp> qp(to_qp(verbs_qp));
-  {
-    std::lock_guard lock(ctx.mu);
-    ctx.qps.erase(qp->qp->handle());
-  }
-  destroy_sync(verbs_qp->mutex, verbs_qp->cond);
-  return 0;
+  return destroy_routed(ctx, ctx.qps, to_qp(verbs_qp), *verbs_qp, [] {});
 }
 
 // ---- AH -----------------------------------------------------------------------------

@@ -169,14 +169,17 @@ int Device::call_errno(const vibif_request& req, vibif_response& rsp) {
   return -rsp.hdr.status;
 }
 
-void Device::release(std::uint16_t op, vibif_handle_t handle) noexcept {
+int Device::destroy(std::uint16_t op, vibif_handle_t& handle) noexcept {
+  if (handle == 0) return 0;  // destroyed already
   auto req = request(op);
   req.u.handle.handle = handle;
   vibif_response rsp;
-  // A failure leaves the object to the back-end, which frees it with the
-  // context at the latest.
-  call_errno(req, rsp);
+  const int err = call_errno(req, rsp);
+  if (err == 0) handle = 0;
+  return err;
 }
+
+void Device::release(std::uint16_t op, vibif_handle_t handle) noexcept { destroy(op, handle); }
 
 void Device::query_device(ibv_device_attr& attr) {
   const auto d = call(request(VIBIF_OP_QUERY_DEVICE), "query device").u.query_device;

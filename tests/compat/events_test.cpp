@@ -319,4 +319,52 @@ TEST_F(Compat, OpeningADeviceThatFailedMeanwhileIsAnError) {
   ibv_free_device_list(list);
 }
 
+TEST_F(Compat, DestroyingAnObjectInUseIsEbusyAndLeavesItWorking) {
+  provision(5);
+  start_vibd(VIBD);
+  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+  ibv_context* ctx = open_first_device(5);
+  ASSERT_NE(ctx, nullptr);
+  ibv_pd* pd = ibv_alloc_pd(ctx);
+  ASSERT_NE(pd, nullptr);
+  ibv_cq* cq = ibv_create_cq(ctx, 8, nullptr, nullptr, 0);
+  ASSERT_NE(cq, nullptr);
+  ibv_srq_init_attr srq_init{};
+  srq_init.attr.max_wr = 4;
+  srq_init.attr.max_sge = 1;
+  ibv_srq* srq = ibv_create_srq(pd, &srq_init);
+  ASSERT_NE(srq, nullptr);
+  ibv_qp_init_attr qp_init{};
+  qp_init.send_cq = qp_init.recv_cq = cq;
+  qp_init.srq = srq;
+  qp_init.qp_type = IBV_QPT_RC;
+  qp_init.cap.max_send_wr = 4;
+  qp_init.cap.max_send_sge = 1;
+  ibv_qp* qp = ibv_create_qp(pd, &qp_init);
+  ASSERT_NE(qp, nullptr);
+  std::vector<char> buf(4096);
+  ibv_mr* mr = ibv_reg_mr(pd, buf.data(), buf.size(), IBV_ACCESS_LOCAL_WRITE);
+  ASSERT_NE(mr, nullptr);
+
+  // As with rdma-core: refused while in use, and the object still works.
+  EXPECT_EQ(ibv_destroy_cq(cq), EBUSY);
+  EXPECT_EQ(ibv_destroy_srq(srq), EBUSY);
+  EXPECT_EQ(ibv_dealloc_pd(pd), EBUSY);
+  ibv_wc wc;
+  EXPECT_EQ(ibv_poll_cq(cq, 1, &wc), 0) << "the CQ is still there";
+  ibv_srq_attr srq_attr{};
+  EXPECT_EQ(ibv_query_srq(srq, &srq_attr), 0) << "the SRQ is still there";
+  ibv_mr* another = ibv_reg_mr(pd, buf.data(), 64, IBV_ACCESS_LOCAL_WRITE);
+  ASSERT_NE(another, nullptr) << "the PD is still there";
+
+  // In the right order everything goes.
+  EXPECT_EQ(ibv_dereg_mr(another), 0);
+  EXPECT_EQ(ibv_dereg_mr(mr), 0);
+  EXPECT_EQ(ibv_destroy_qp(qp), 0);
+  EXPECT_EQ(ibv_destroy_srq(srq), 0);
+  EXPECT_EQ(ibv_destroy_cq(cq), 0);
+  EXPECT_EQ(ibv_dealloc_pd(pd), 0);
+  EXPECT_EQ(ibv_close_device(ctx), 0);
+}
+
 }  // namespace

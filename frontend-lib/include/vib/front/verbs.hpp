@@ -78,7 +78,13 @@ class Device {
   // verbs calls that return one want.
   int call_errno(const vibif_request& request, vibif_response& response);
   // Destroys the object `handle` with `op` (DESTROY_*, DEREG_MR,
-  // DEALLOC_PD); for destructors, so it never throws.
+  // DEALLOC_PD): 0, or the errno the back-end answered (EBUSY while other
+  // objects use it), leaving the object as it was. On success `handle`
+  // becomes 0, which no object has (vibif.h: generations are never 0), so
+  // the destructor's release() has nothing left to do.
+  int destroy(std::uint16_t op, vibif_handle_t& handle) noexcept;
+  // The same for destructors: never throws, and a refusal leaves the object
+  // to the back-end, which frees it with the context at the latest.
   void release(std::uint16_t op, vibif_handle_t handle) noexcept;
 
  private:
@@ -100,6 +106,8 @@ class Device {
 class Mr {
  public:
   ~Mr();
+  // Like ibv_dereg_mr: 0 or the back-end's errno (the MR stays usable).
+  int deregister() noexcept { return device_->destroy(VIBIF_OP_DEREG_MR, handle_); }
   std::uint32_t lkey() const { return lkey_; }
   std::uint32_t rkey() const { return rkey_; }
   void* addr() const { return addr_; }
@@ -128,6 +136,8 @@ struct QpInit {
 class Pd {
  public:
   ~Pd();
+  // Like ibv_dealloc_pd: EBUSY while MRs, QPs, SRQs or AHs of it live.
+  int dealloc() noexcept { return device_.destroy(VIBIF_OP_DEALLOC_PD, handle_); }
   std::unique_ptr<Mr> reg_mr(void* addr, std::size_t length, int access);
   std::unique_ptr<Ah> create_ah(const ibv_ah_attr& attr);
   void destroy_ah(std::unique_ptr<Ah> ah);
@@ -155,6 +165,8 @@ struct GuestQueue {
 class Cq {
  public:
   ~Cq();
+  // Like ibv_destroy_cq: EBUSY while a QP uses it.
+  int destroy() noexcept { return device_.destroy(VIBIF_OP_DESTROY_CQ, handle_); }
   // Like ibv_poll_cq: how many completions were written to out.
   int poll(std::span<ibv_wc> out);
   // Like ibv_req_notify_cq: a completion event for the next completion.
@@ -180,6 +192,8 @@ class Cq {
 class Srq {
  public:
   ~Srq();
+  // Like ibv_destroy_srq: EBUSY while a QP uses it.
+  int destroy() noexcept { return device_.destroy(VIBIF_OP_DESTROY_SRQ, handle_); }
   int post_recv(const ibv_recv_wr* wr, ibv_recv_wr** bad_wr);
   int modify(const ibv_srq_attr& attr, int attr_mask);
   int query(ibv_srq_attr& attr);
@@ -199,6 +213,8 @@ class Srq {
 class Qp {
  public:
   ~Qp();
+  // Like ibv_destroy_qp.
+  int destroy() noexcept { return device_.destroy(VIBIF_OP_DESTROY_QP, handle_); }
   std::uint32_t qp_num() const { return qp_num_; }
   vibif_handle_t handle() const { return handle_; }
   ibv_qp_type type() const { return type_; }
