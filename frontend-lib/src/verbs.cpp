@@ -260,28 +260,25 @@ std::unique_ptr<Pd> Device::alloc_pd() {
   return std::unique_ptr<Pd>(new Pd(*this, rsp.u.handle.handle));
 }
 
-std::optional<vibif_event> Device::next_event() {
-  std::lock_guard lock(mu_);
+std::optional<vibif_event> Device::pop_event_locked() {
   auto& db = channel_->doorbell();
-  const std::uint32_t producer = load_acquire(db.event_producer);
-  if (producer == event_consumer_) return std::nullopt;
+  if (load_acquire(db.event_producer) == event_consumer_) return std::nullopt;
   const vibif_event e = db.events[event_consumer_ % VIBIF_EVENT_QUEUE_LEN];
   ++event_consumer_;
   store_release(db.event_consumer, event_consumer_);
   return e;
 }
 
+std::optional<vibif_event> Device::next_event() {
+  std::lock_guard lock(mu_);
+  return pop_event_locked();
+}
+
 std::vector<vibif_event> Device::take_events() {
   std::lock_guard lock(mu_);
   channel_->consume_notifications();
   std::vector<vibif_event> events;
-  auto& db = channel_->doorbell();
-  for (std::uint32_t producer = load_acquire(db.event_producer); event_consumer_ != producer;
-       producer = load_acquire(db.event_producer)) {
-    events.push_back(db.events[event_consumer_ % VIBIF_EVENT_QUEUE_LEN]);
-    ++event_consumer_;
-    store_release(db.event_consumer, event_consumer_);
-  }
+  while (auto e = pop_event_locked()) events.push_back(*e);
   return events;
 }
 

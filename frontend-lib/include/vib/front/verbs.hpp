@@ -91,6 +91,8 @@ class Device {
   friend class Pd;
   friend class Mr;
   explicit Device(std::unique_ptr<Channel> channel);
+  // The next queued event, consumed; mu_ held.
+  std::optional<vibif_event> pop_event_locked();
 
   // Granted pages under [start, start + pages * 4096), shared by every MR
   // that lies within them (a registration cache keyed by page range).
