@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "local_xen.hpp"
+#include "rc_connect.hpp"
 #include "vib/front/verbs.hpp"
 #include "vib/platform/hca.hpp"
 #include "vib/platform/xenstore.hpp"
@@ -75,34 +76,8 @@ ibv_qp_cap queue_caps() {
 // RESET -> INIT -> RTR -> RTS towards (peer_lid, peer_qpn), for either QP type.
 template <class Qp>
 void connect_qp(Qp& qp, std::uint16_t peer_lid, std::uint32_t peer_qpn) {
-  ibv_qp_attr a{};
-  a.qp_state = IBV_QPS_INIT;
-  a.pkey_index = 0;
-  a.port_num = 1;
-  a.qp_access_flags = kAccess;
-  if (qp.modify(a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) != 0) fail("modify to INIT");
-  a = ibv_qp_attr{};
-  a.qp_state = IBV_QPS_RTR;
-  a.path_mtu = IBV_MTU_4096;
-  a.dest_qp_num = peer_qpn;
-  a.rq_psn = 0;
-  a.max_dest_rd_atomic = 1;
-  a.min_rnr_timer = 1;
-  a.ah_attr.dlid = peer_lid;
-  a.ah_attr.port_num = 1;
-  if (qp.modify(a, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
-                       IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER) != 0)
-    fail("modify to RTR");
-  a = ibv_qp_attr{};
-  a.qp_state = IBV_QPS_RTS;
-  a.timeout = 14;
-  a.retry_cnt = 7;
-  a.rnr_retry = 7;  // wait for receives rather than fail
-  a.sq_psn = 0;
-  a.max_rd_atomic = 1;
-  if (qp.modify(a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
-                       IBV_QP_MAX_QP_RD_ATOMIC) != 0)
-    fail("modify to RTS");
+  for (auto& step : vib::test::rc_connect_steps(peer_lid, peer_qpn, kAccess, IBV_MTU_4096, /*min_rnr_timer=*/1))
+    if (qp.modify(step.attr, step.mask) != 0) fail("modify to state " + std::to_string(step.attr.qp_state));
 }
 
 // ---- adapters: what the workload needs from an endpoint ---------------------

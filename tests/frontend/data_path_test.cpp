@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "vib/front/verbs.hpp"
+#include "rc_connect.hpp"
 #include "vibd_fixture.hpp"
 
 using namespace std::chrono_literals;
@@ -55,34 +56,8 @@ struct Endpoint {
   }
 
   void connect(const Endpoint& peer) {
-    ibv_qp_attr a{};
-    a.qp_state = IBV_QPS_INIT;
-    a.pkey_index = 0;
-    a.port_num = 1;
-    a.qp_access_flags = kAccess;
-    ASSERT_EQ(qp->modify(a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS), 0);
-    a = ibv_qp_attr{};
-    a.qp_state = IBV_QPS_RTR;
-    a.path_mtu = IBV_MTU_1024;
-    a.dest_qp_num = peer.qp->qp_num();
-    a.rq_psn = 0;
-    a.max_dest_rd_atomic = 1;
-    a.min_rnr_timer = 12;
-    a.ah_attr.dlid = peer.lid;
-    a.ah_attr.port_num = 1;
-    ASSERT_EQ(qp->modify(a, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
-                                IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER),
-              0);
-    a = ibv_qp_attr{};
-    a.qp_state = IBV_QPS_RTS;
-    a.timeout = 14;
-    a.retry_cnt = 7;
-    a.rnr_retry = 7;
-    a.sq_psn = 0;
-    a.max_rd_atomic = 1;
-    ASSERT_EQ(qp->modify(a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
-                                IBV_QP_MAX_QP_RD_ATOMIC),
-              0);
+    for (auto& step : vib::test::rc_connect_steps(peer.lid, peer.qp->qp_num(), kAccess))
+      ASSERT_EQ(qp->modify(step.attr, step.mask), 0) << "to state " << step.attr.qp_state;
   }
 
   // Waits (bounded) for one completion.
