@@ -152,23 +152,21 @@ void Device::fail(const std::string& why) {
   failed_ = true;
   log_line(LogLevel::error, subject_, why);
   try {
-    // The reason first (same transaction): whoever sees the error status
+    // The reason in the same transaction: whoever sees the error status
     // finds the reason with it.
-    write_if_present({{VIBIF_XS_ERROR, why}, {"hotplug-status", "error"}, {"state", str(XenbusState::closed)}});
-    if (state_ != XenbusState::closed)
-      log_line(LogLevel::info, subject_,
-               std::string(platform::state_name(state_)) + " -> " + std::string(platform::state_name(XenbusState::closed)));
-    state_ = XenbusState::closed;
+    set_state(XenbusState::closed, {{VIBIF_XS_ERROR, why}, {"hotplug-status", "error"}});
   } catch (const std::system_error& e) {
     log_line(LogLevel::warning, subject_, std::string("cannot report the error: ") + e.what());
   }
 }
 
-void Device::set_state(XenbusState s) {
-  if (s == state_) return;
-  write_if_present({{"state", str(s)}});
-  log_line(LogLevel::info, subject_,
-           std::string(platform::state_name(state_)) + " -> " + std::string(platform::state_name(s)));
+void Device::set_state(XenbusState s, std::vector<std::pair<std::string, std::string>> with) {
+  if (s == state_ && with.empty()) return;
+  with.emplace_back("state", str(s));
+  write_if_present(with);
+  if (s != state_)
+    log_line(LogLevel::info, subject_,
+             std::string(platform::state_name(state_)) + " -> " + std::string(platform::state_name(s)));
   state_ = s;
 }
 

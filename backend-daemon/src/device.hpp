@@ -78,7 +78,8 @@ class Device {
 
  private:
   void fail(const std::string& why);
-  void set_state(platform::XenbusState s);
+  // Writes the state (with the nodes `with`, before it) in one transaction.
+  void set_state(platform::XenbusState s, std::vector<std::pair<std::string, std::string>> with = {});
   // Writes the nodes in one transaction, only if the back-end directory
   // still exists: a write must never recreate a directory the toolstack
   // has just removed.
