@@ -25,14 +25,19 @@ void write_atomically(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp";
   platform::UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (!fd) throw Error(ErrorCode::failed, "cannot write " + tmp + ": " + std::strerror(errno));
+  // A half-written file must not stay behind for the next create to trip on.
+  auto give_up = [&](const std::string& what) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    throw Error(ErrorCode::failed, "cannot write " + what + ": " + std::strerror(err));
+  };
   for (std::size_t done = 0; done < text.size();) {
     const ssize_t n = ::write(fd.get(), text.data() + done, text.size() - done);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) throw Error(ErrorCode::failed, "cannot write " + tmp + ": " + std::strerror(errno));
+    if (n <= 0) give_up(tmp);
     done += static_cast<std::size_t>(n);
   }
-  if (::fsync(fd.get()) != 0 || ::rename(tmp.c_str(), path.c_str()) != 0)
-    throw Error(ErrorCode::failed, "cannot write " + path + ": " + std::strerror(errno));
+  if (::fsync(fd.get()) != 0 || ::rename(tmp.c_str(), path.c_str()) != 0) give_up(path);
 }
 
 }  // namespace
