@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <arpa/inet.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <cstdlib>
@@ -315,8 +316,19 @@ TEST_F(DataPath, QueueFullIsAnErrorAndNothingIsOverwritten) {
   a.connect(b);
   b.connect(a);
   // 16 receive slots: the 17th post is refused, like hardware's ENOMEM.
-  for (int i = 0; i < 16; ++i) ASSERT_EQ(b.post_recv(static_cast<std::uint64_t>(i), 64 * static_cast<unsigned>(i), 64), 0);
-  EXPECT_EQ(b.post_recv(99, 0, 64), ENOMEM);
+  // vibd moves posted receives on to the HCA as soon as it sees them, which
+  // frees their slots; held still (SIGSTOP) it cannot, so the ring's own
+  // limit is what this sees.
+  {
+    ::kill(pid_, SIGSTOP);
+    struct Resume {
+      pid_t pid;
+      ~Resume() { ::kill(pid, SIGCONT); }
+    } resume{pid_};
+    for (int i = 0; i < 16; ++i)
+      ASSERT_EQ(b.post_recv(static_cast<std::uint64_t>(i), 64 * static_cast<unsigned>(i), 64), 0);
+    EXPECT_EQ(b.post_recv(99, 0, 64), ENOMEM);
+  }
   // The CQ has 16 entries; 16 sends fill b's CQ, and they all arrive intact.
   for (int i = 0; i < 16; ++i) {
     ASSERT_EQ(a.post(IBV_WR_SEND, 100 + static_cast<unsigned>(i), 0, 4), 0);
