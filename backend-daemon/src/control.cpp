@@ -31,6 +31,7 @@ std::string ControlPath::free_all() {
   // and SRQs they use, everything before its PD.
   const std::uint64_t pinned = pinned_pages_;
   qps_.for_each([&](vibif_handle_t, GuestQp& qp) { announce(qp.qp.get(), false); });
+  qps_by_num_.clear();
   const std::size_t qps = qps_.clear();
   srqs_.for_each([&](vibif_handle_t, GuestSrq& srq) { announce(srq.srq.get(), false); });
   const std::size_t srqs = srqs_.clear();

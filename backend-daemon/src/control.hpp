@@ -10,6 +10,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -106,6 +107,10 @@ class ControlPath {
     std::uint32_t users = 0;
     bool hca_full = false;
     std::uint64_t pages = 0;
+    // The guest's wr_id of each receive handed to the HCA, by table slot:
+    // SRQ receives complete in any order, so slots come from a free list.
+    std::vector<std::uint64_t> wr_ids;
+    std::vector<std::uint32_t> free_slots;
     const void* hca_object() const { return srq.get(); }
   };
   struct GuestQp {
@@ -122,6 +127,10 @@ class ControlPath {
     std::uint64_t recv_offset = 0;
     std::uint16_t sq_slot = 0, rq_slot = 0;
     std::uint32_t sq_consumer = 0, rq_consumer = 0;
+    // The guest's wr_id of each WQE handed to the HCA, by WQE index: a
+    // queue completes in order, so the slot of index i is free again once
+    // the guest polled i's completion (vibif.h, "Queue accounting").
+    std::vector<std::uint64_t> sq_wr_ids, rq_wr_ids;
     bool sq_hca_full = false, rq_hca_full = false;
     bool broken = false;  // the guest overran a queue: QP in error, queues ignored
     std::uint64_t pages = 0;
@@ -161,12 +170,18 @@ class ControlPath {
 
   bool service_send_queue(GuestQp& qp);
   bool service_recv_queue(GuestQp& qp);
-  bool service_srq(GuestSrq& srq);
+  bool service_srq(vibif_handle_t handle, GuestSrq& srq);
   bool drain_completions(GuestCq& cq);
   void break_qp(GuestQp& qp, const char* why);
   void push_event(std::uint16_t type, std::uint16_t event, vibif_handle_t handle);
-  bool write_cqe(GuestCq& cq, const ibv_wc& wc);
-  void fail_wqe(GuestCq& cq, std::uint64_t wr_id, ibv_wc_opcode opcode, std::uint32_t qp_num);
+  // Writes one guest CQE: the HCA's completion with the guest's wr_id and
+  // the queue slots it retires.
+  bool write_cqe(GuestCq& cq, const ibv_wc& wc, std::uint8_t wq, std::uint32_t wqe_counter);
+  // The guest's view of a completion of our HCA (whose wr_id is ours): false
+  // when it belongs to no live QP of the context.
+  bool to_guest_completion(ibv_wc& wc, std::uint8_t& wq, std::uint32_t& wqe_counter);
+  void fail_wqe(GuestCq& cq, std::uint64_t wr_id, ibv_wc_opcode opcode, std::uint32_t qp_num, std::uint8_t wq,
+                std::uint32_t wqe_counter);
 
   const DeviceConfig& config_;
   platform::Hca& hca_;
@@ -186,6 +201,7 @@ class ControlPath {
   HandleTable<GuestCq> cqs_;
   HandleTable<GuestSrq> srqs_;
   HandleTable<GuestQp> qps_;
+  std::unordered_map<std::uint32_t, GuestQp*> qps_by_num_;  // HCA completions name QPs by number
 };
 
 }  // namespace vib::backend

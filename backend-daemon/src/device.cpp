@@ -138,6 +138,7 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
     put(VIBIF_XS_FEATURE_INDIRECT, "1");
     put(VIBIF_XS_FEATURE_SRQ, "1");
     put(VIBIF_XS_FEATURE_ATOMICS, "1");
+    put(VIBIF_XS_FEATURE_RETIRES, "1");
     put("state", str(XenbusState::init_wait));
   });
   state_ = XenbusState::init_wait;

@@ -21,6 +21,18 @@ static_assert(sizeof(vibif_send_wqe) + VIBIF_MAX_SGE * sizeof(vibif_sge) <= kMax
 // Completions moved per CQ per pass: bounds the time one busy CQ holds the worker.
 constexpr std::size_t kPollBatch = 32;
 
+// The wr_id vibd gives the HCA for a guest WQE: the guest queue kind in the
+// top byte, then for send and receive queues the WQE's free-running index,
+// for an SRQ the SRQ's handle and the slot of its wr_id table. The guest's
+// own wr_id waits in that queue's table (vibif.h, "Queue accounting").
+constexpr int kKindShift = 56;
+std::uint64_t hca_wr_id(std::uint8_t wq, std::uint32_t index) {
+  return (std::uint64_t{wq} << kKindShift) | index;
+}
+std::uint64_t hca_srq_wr_id(vibif_handle_t srq, std::uint32_t slot) {
+  return (std::uint64_t{VIBIF_WQ_SRQ} << kKindShift) | (std::uint64_t{srq} << 16) | slot;
+}
+
 std::uint32_t load_guest(const std::uint32_t& field) { return __atomic_load_n(&field, __ATOMIC_ACQUIRE); }
 void publish(std::uint32_t& field, std::uint32_t value) { __atomic_store_n(&field, value, __ATOMIC_RELEASE); }
 
@@ -45,7 +57,7 @@ bool opcode_allowed(std::uint8_t qp_type, std::uint8_t opcode) {
 
 }  // namespace
 
-bool ControlPath::write_cqe(GuestCq& cq, const ibv_wc& wc) {
+bool ControlPath::write_cqe(GuestCq& cq, const ibv_wc& wc, std::uint8_t wq, std::uint32_t wqe_counter) {
   const std::uint32_t consumer = load_guest(slot(cq.slot).consumer);
   if (cq.producer - consumer >= cq.entries) return false;
   auto* entry = reinterpret_cast<vibif_cqe*>(cq.ring->bytes().data()) + (cq.producer & (cq.entries - 1));
@@ -63,6 +75,8 @@ bool ControlPath::write_cqe(GuestCq& cq, const ibv_wc& wc) {
   e.slid = wc.slid;
   e.sl = wc.sl;
   e.dlid_path_bits = wc.dlid_path_bits;
+  e.wq = wq;
+  e.wqe_counter = wqe_counter;
   // Everything but the owner byte first; the owner byte makes it valid.
   std::memcpy(entry, &e, offsetof(vibif_cqe, owner));
   __atomic_store_n(&entry->owner, vibif_cqe_owner(cq.producer, cq.entries), __ATOMIC_RELEASE);
@@ -70,13 +84,37 @@ bool ControlPath::write_cqe(GuestCq& cq, const ibv_wc& wc) {
   return true;
 }
 
-void ControlPath::fail_wqe(GuestCq& cq, std::uint64_t wr_id, ibv_wc_opcode opcode, std::uint32_t qp_num) {
+bool ControlPath::to_guest_completion(ibv_wc& wc, std::uint8_t& wq, std::uint32_t& wqe_counter) {
+  wq = static_cast<std::uint8_t>(wc.wr_id >> kKindShift);
+  if (wq == VIBIF_WQ_SRQ) {
+    // An SRQ completion frees its table slot even if its QP has gone.
+    GuestSrq* srq = srqs_.find(static_cast<vibif_handle_t>(wc.wr_id >> 16));
+    const auto slot = static_cast<std::uint32_t>(wc.wr_id & 0xffff);
+    if (!srq || slot >= srq->wr_ids.size()) return false;
+    wc.wr_id = srq->wr_ids[slot];
+    srq->free_slots.push_back(slot);
+    wqe_counter = 0;
+    return qps_by_num_.count(wc.qp_num) != 0;
+  }
+  auto it = qps_by_num_.find(wc.qp_num);
+  if (it == qps_by_num_.end()) return false;  // the QP was destroyed meanwhile
+  GuestQp& qp = *it->second;
+  const auto index = static_cast<std::uint32_t>(wc.wr_id);
+  const auto& table = wq == VIBIF_WQ_SEND ? qp.sq_wr_ids : qp.rq_wr_ids;
+  if ((wq != VIBIF_WQ_SEND && wq != VIBIF_WQ_RECV) || table.empty()) return false;
+  wc.wr_id = table[index & (table.size() - 1)];
+  wqe_counter = index + 1;
+  return true;
+}
+
+void ControlPath::fail_wqe(GuestCq& cq, std::uint64_t wr_id, ibv_wc_opcode opcode, std::uint32_t qp_num,
+                           std::uint8_t wq, std::uint32_t wqe_counter) {
   ibv_wc wc{};
   wc.wr_id = wr_id;
   wc.status = IBV_WC_LOC_QP_OP_ERR;
   wc.opcode = opcode;
   wc.qp_num = qp_num;
-  if (!write_cqe(cq, wc)) log_line(LogLevel::warning, subject_, "CQ " + std::to_string(cq.handle) + " full: error completion lost");
+  if (!write_cqe(cq, wc, wq, wqe_counter)) log_line(LogLevel::warning, subject_, "CQ " + std::to_string(cq.handle) + " full: error completion lost");
   publish(slot(cq.slot).producer, cq.producer);
 }
 
@@ -128,7 +166,8 @@ bool ControlPath::service_send_queue(GuestQp& qp) {
       }
       wr.num_sge = w.num_sge;
     }
-    wr.wr_id = w.wr_id;
+    wr.wr_id = hca_wr_id(VIBIF_WQ_SEND, qp.sq_consumer);
+    qp.sq_wr_ids[qp.sq_consumer & mask] = w.wr_id;
     wr.sg_list = sges.data();
     wr.opcode = static_cast<ibv_wr_opcode>(w.opcode);
     wr.send_flags = w.send_flags;
@@ -161,7 +200,7 @@ bool ControlPath::service_send_queue(GuestQp& qp) {
     ++qp.sq_consumer;
     progressed = true;
     if (err) {
-      fail_wqe(*qp.send_cq, w.wr_id, send_completion_opcode(w.opcode), qp_num);
+      fail_wqe(*qp.send_cq, w.wr_id, send_completion_opcode(w.opcode), qp_num, VIBIF_WQ_SEND, qp.sq_consumer);
       break_qp(qp, "invalid send WQE");
     }
   }
@@ -214,7 +253,10 @@ bool ControlPath::service_recv_queue(GuestQp& qp) {
     const std::byte* entry =
         qp.buffer->bytes().data() + qp.recv_offset + std::size_t{qp.rq_consumer & mask} * qp.recv_stride;
     int err = read_recv_wqe(entry, qp.recv_stride, qp.cap.max_recv_sge, copy, sges, wr) ? 0 : EINVAL;
+    const std::uint64_t guest_wr_id = wr.wr_id;
     if (!err) {
+      qp.rq_wr_ids[qp.rq_consumer & mask] = guest_wr_id;
+      wr.wr_id = hca_wr_id(VIBIF_WQ_RECV, qp.rq_consumer);
       const ibv_recv_wr* bad = nullptr;
       err = qp.qp->post_recv(&wr, &bad);
       if (err == ENOMEM) {
@@ -225,7 +267,7 @@ bool ControlPath::service_recv_queue(GuestQp& qp) {
     ++qp.rq_consumer;
     progressed = true;
     if (err) {
-      fail_wqe(*qp.recv_cq, wr.wr_id, IBV_WC_RECV, qp.qp->qp_num());
+      fail_wqe(*qp.recv_cq, guest_wr_id, IBV_WC_RECV, qp.qp->qp_num(), VIBIF_WQ_RECV, qp.rq_consumer);
       break_qp(qp, "invalid receive WQE");
     }
   }
@@ -233,7 +275,7 @@ bool ControlPath::service_recv_queue(GuestQp& qp) {
   return progressed;
 }
 
-bool ControlPath::service_srq(GuestSrq& srq) {
+bool ControlPath::service_srq(vibif_handle_t handle, GuestSrq& srq) {
   auto& s = slot(srq.slot);
   const std::uint32_t producer = load_guest(s.producer);
   const std::uint32_t queued = producer - srq.consumer;
@@ -244,9 +286,7 @@ bool ControlPath::service_srq(GuestSrq& srq) {
     log_line(LogLevel::warning, subject_, "SRQ overrun: queued receives dropped");
     srq.consumer = producer;
     publish(s.consumer, srq.consumer);
-    srqs_.for_each([&](vibif_handle_t h, GuestSrq& o) {
-      if (&o == &srq) push_event(VIBIF_EVENT_ASYNC, IBV_EVENT_SRQ_ERR, h);
-    });
+    push_event(VIBIF_EVENT_ASYNC, IBV_EVENT_SRQ_ERR, handle);
     return true;
   }
   std::array<std::byte, kMaxStride> copy;
@@ -256,12 +296,20 @@ bool ControlPath::service_srq(GuestSrq& srq) {
     ibv_recv_wr wr;
     const std::byte* entry = srq.ring->bytes().data() + std::size_t{srq.consumer & mask} * srq.stride;
     if (read_recv_wqe(entry, srq.stride, srq.max_sge, copy, sges, wr)) {
+      if (srq.free_slots.empty()) {
+        srq.hca_full = true;  // every slot is at the HCA: wait for completions
+        break;
+      }
+      const std::uint32_t table_slot = srq.free_slots.back();
+      srq.wr_ids[table_slot] = wr.wr_id;
+      wr.wr_id = hca_srq_wr_id(handle, table_slot);
       const ibv_recv_wr* bad = nullptr;
       const int err = srq.srq->post_recv(&wr, &bad);
       if (err == ENOMEM) {
         srq.hca_full = true;
         break;
       }
+      if (!err) srq.free_slots.pop_back();
       if (err) log_line(LogLevel::warning, subject_, "SRQ receive refused by the HCA: dropped");
     } else {
       log_line(LogLevel::warning, subject_, "malformed SRQ receive WQE: dropped");
@@ -283,7 +331,12 @@ bool ControlPath::drain_completions(GuestCq& cq) {
   std::array<ibv_wc, kPollBatch> wcs;
   const int n = cq.cq->poll(std::span<ibv_wc>(wcs.data(), std::min<std::size_t>(room, kPollBatch)));
   if (n <= 0) return false;
-  for (int i = 0; i < n; ++i) write_cqe(cq, wcs[static_cast<std::size_t>(i)]);
+  for (int i = 0; i < n; ++i) {
+    ibv_wc& wc = wcs[static_cast<std::size_t>(i)];
+    std::uint8_t wq = VIBIF_WQ_NONE;
+    std::uint32_t wqe_counter = 0;
+    if (to_guest_completion(wc, wq, wqe_counter)) write_cqe(cq, wc, wq, wqe_counter);
+  }
   publish(s.producer, cq.producer);
   // The guest arms, then polls again; we publish, then look at the arm: one
   // of the two sees the other's store.
@@ -319,7 +372,7 @@ bool ControlPath::service_queues() {
     did |= service_send_queue(qp);
     did |= service_recv_queue(qp);
   });
-  srqs_.for_each([&](vibif_handle_t, GuestSrq& srq) { did |= service_srq(srq); });
+  srqs_.for_each([&](vibif_handle_t h, GuestSrq& srq) { did |= service_srq(h, srq); });
   bool completed = false;
   cqs_.for_each([&](vibif_handle_t, GuestCq& cq) { completed |= drain_completions(cq); });
   if (completed) {

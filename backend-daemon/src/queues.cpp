@@ -276,6 +276,8 @@ void ControlPath::create_srq(const vibif_request& req, vibif_response& rsp) {
   srq->max_sge = r.max_sge;
   srq->stride = vibif_recv_wqe_stride(r.max_sge);
   srq->pages = vibif_pages_for(std::uint64_t{r.max_wr} * srq->stride);
+  srq->wr_ids.resize(r.max_wr);
+  for (std::uint32_t i = r.max_wr; i > 0; --i) srq->free_slots.push_back(i - 1);
   if ((status = map_queue_pages(r.pages, srq->pages, /*writable=*/false, srq->ring)) != VIBIF_OK) return;
   auto slot_index = alloc_slot();
   if (!slot_index) {
@@ -385,6 +387,8 @@ void ControlPath::create_qp(const vibif_request& req, vibif_response& rsp) {
   qp->recv_stride = has_rq ? vibif_recv_wqe_stride(cap.max_recv_sge) : 0;
   qp->recv_offset = vibif_qp_recv_offset(cap.max_send_wr, qp->send_stride);
   qp->pages = vibif_qp_buffer_pages(cap.max_send_wr, qp->send_stride, cap.max_recv_wr, qp->recv_stride);
+  qp->sq_wr_ids.resize(cap.max_send_wr);
+  qp->rq_wr_ids.resize(cap.max_recv_wr);
   if ((status = map_queue_pages(r.pages, qp->pages, /*writable=*/false, qp->buffer)) != VIBIF_OK) return;
   auto sq_slot = alloc_slot();
   auto rq_slot = has_rq ? alloc_slot() : std::optional<std::uint16_t>(0);
@@ -421,7 +425,7 @@ void ControlPath::create_qp(const vibif_request& req, vibif_response& rsp) {
   qp->rq_slot = *rq_slot;
   const void* hca_object = qp->qp.get();
   const std::uint32_t qp_num = qp->qp->qp_num();
-  const GuestQp& made = *qp;
+  GuestQp& made = *qp;
   const vibif_handle_t h = qps_.insert(std::move(qp));
   if (h == VIBIF_HANDLE_NONE) {
     free_slot(*sq_slot);
@@ -432,6 +436,7 @@ void ControlPath::create_qp(const vibif_request& req, vibif_response& rsp) {
   ++send_cq->users;
   ++recv_cq->users;
   if (srq) ++srq->users;
+  qps_by_num_[qp_num] = &made;
   pinned_pages_ += made.pages;
   announce(hca_object, true);
   auto& out = rsp.u.create_qp;
@@ -554,6 +559,7 @@ void ControlPath::destroy_qp(const vibif_request& req, vibif_response& rsp) {
   }
   GuestQp& qp = **owner;
   announce(qp.qp.get(), false);
+  qps_by_num_.erase(qp.qp->qp_num());
   --qp.send_cq->users;
   --qp.recv_cq->users;
   if (qp.srq) --qp.srq->users;

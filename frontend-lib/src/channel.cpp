@@ -80,6 +80,9 @@ class XenChannel final : public Channel {
   }
 
   unsigned context_id() const override { return ctxid_; }
+  bool backend_feature(const char* key) override {
+    return store_->read(kNoTransaction, backend_ + "/" + key) == std::optional<std::string>("1");
+  }
   platform::DomId backend_domid() const override { return backend_domid_; }
   vibif_doorbell_page& doorbell() override {
     return *reinterpret_cast<vibif_doorbell_page*>(doorbell_->bytes().data());

@@ -114,8 +114,20 @@ void copy_pages(void* to, const void* from, std::size_t bytes) {
   for (std::size_t i = 0; i < bytes / sizeof(std::uint64_t); ++i) out[i] = in[i];
 }
 
+// Full while the back-end has not consumed a slot's WQE (its memory is still
+// needed) or, with completion retires, while the application has `entries`
+// WQEs whose completions it has not polled: max_*_wr as on an HCA.
 bool queue_full(Channel& channel, const GuestQueue& q) {
-  return q.producer - load_acquire(channel.doorbell().slots[q.slot].consumer) >= q.entries;
+  if (q.producer - load_acquire(channel.doorbell().slots[q.slot].consumer) >= q.entries) return true;
+  return q.retired && q.producer - q.retired->load(std::memory_order_acquire) >= q.entries;
+}
+
+// Moves a retired counter forward to `to` (free-running: never backwards).
+void advance(std::atomic<std::uint32_t>& retired, std::uint32_t to) {
+  std::uint32_t now = retired.load(std::memory_order_relaxed);
+  while (static_cast<std::int32_t>(to - now) > 0 &&
+         !retired.compare_exchange_weak(now, to, std::memory_order_release, std::memory_order_relaxed)) {
+  }
 }
 
 }  // namespace
@@ -146,7 +158,9 @@ Device::Device(std::unique_ptr<Channel> channel) : channel_(std::move(channel)) 
 Device::~Device() = default;
 
 std::unique_ptr<Device> Device::open(const ChannelOptions& options) {
-  return std::unique_ptr<Device>(new Device(Channel::open(options)));
+  auto device = std::unique_ptr<Device>(new Device(Channel::open(options)));
+  device->completion_retires_ = device->channel_->backend_feature(VIBIF_XS_FEATURE_RETIRES);
+  return device;
 }
 
 vibif_response Device::call(const vibif_request& req, const char* what) {
@@ -408,11 +422,26 @@ int Cq::poll(std::span<ibv_wc> out) {
     wc.slid = e.slid;
     wc.sl = e.sl;
     wc.dlid_path_bits = e.dlid_path_bits;
+    if (e.wq != VIBIF_WQ_NONE) retire(e);
     ++consumer_;
     ++n;
   }
   if (n) store_release(device_.channel().doorbell().slots[slot_].consumer, consumer_);
   return n;
+}
+
+void Cq::retire(const vibif_cqe& e) {
+  auto it = qps_.find(e.qp_num);
+  if (it == qps_.end()) return;
+  Qp& qp = *it->second;
+  switch (e.wq) {
+    case VIBIF_WQ_SEND: advance(qp.sq_retired_, e.wqe_counter); break;
+    case VIBIF_WQ_RECV: advance(qp.rq_retired_, e.wqe_counter); break;
+    case VIBIF_WQ_SRQ:
+      if (qp.srq_) qp.srq_->retired_.fetch_add(1, std::memory_order_release);
+      break;
+    default: break;
+  }
 }
 
 void Cq::request_notify(bool solicited_only) {
@@ -460,7 +489,8 @@ std::unique_ptr<Srq> Pd::create_srq(const ibv_srq_init_attr& init) {
   auto srq = std::unique_ptr<Srq>(new Srq(device_));
   srq->pages_ = std::move(pages);
   srq->handle_ = rsp.srq;
-  srq->rq_ = GuestQueue{srq->pages_->bytes().data(), max_wr, rsp.wqe_stride, rsp.doorbell_slot, 0};
+  srq->rq_ = GuestQueue{srq->pages_->bytes().data(), max_wr, rsp.wqe_stride, rsp.doorbell_slot, 0,
+                        device_.completion_retires() ? &srq->retired_ : nullptr};
   srq->max_sge_ = max_sge;
   return srq;
 }
@@ -564,13 +594,30 @@ std::unique_ptr<Qp> Pd::create_qp(const QpInit& init) {
   qp->type_ = init.qp_type;
   qp->cap_ = from_wire(rsp.cap);
   qp->has_rq_ = has_rq;
-  qp->sq_ = GuestQueue{base, cap.max_send_wr, rsp.send_wqe_stride, rsp.sq_doorbell_slot, 0};
+  const bool retires = device_.completion_retires();
+  qp->sq_ = GuestQueue{base, cap.max_send_wr, rsp.send_wqe_stride, rsp.sq_doorbell_slot, 0,
+                       retires ? &qp->sq_retired_ : nullptr};
   if (has_rq)
-    qp->rq_ = GuestQueue{base + rsp.recv_queue_offset, cap.max_recv_wr, rsp.recv_wqe_stride, rsp.rq_doorbell_slot, 0};
+    qp->rq_ = GuestQueue{base + rsp.recv_queue_offset, cap.max_recv_wr, rsp.recv_wqe_stride, rsp.rq_doorbell_slot, 0,
+                         retires ? &qp->rq_retired_ : nullptr};
+  qp->send_cq_ = init.send_cq;
+  qp->recv_cq_ = init.recv_cq;
+  qp->srq_ = init.srq;
+  for (Cq* cq : {init.send_cq, init.recv_cq}) {
+    std::lock_guard lock(cq->mu_);
+    cq->qps_[qp->qp_num_] = qp.get();
+  }
   return qp;
 }
 
-Qp::~Qp() { device_.release(VIBIF_OP_DESTROY_QP, handle_); }
+Qp::~Qp() {
+  device_.release(VIBIF_OP_DESTROY_QP, handle_);
+  for (Cq* cq : {send_cq_, recv_cq_}) {
+    if (!cq) continue;
+    std::lock_guard lock(cq->mu_);
+    if (auto it = cq->qps_.find(qp_num_); it != cq->qps_.end() && it->second == this) cq->qps_.erase(it);
+  }
+}
 
 int Qp::modify(const ibv_qp_attr& a, int mask) {
   auto req = request(VIBIF_OP_MODIFY_QP);
@@ -607,6 +654,15 @@ int Qp::modify(const ibv_qp_attr& a, int mask) {
   vibif_response rsp;
   if (int err = device_.call_errno(req, rsp)) return err;
   if (mask & IBV_QP_STATE) state_ = a.qp_state;
+  if ((mask & IBV_QP_STATE) && a.qp_state == IBV_QPS_RESET) {
+    // RESET discards the queues' WQEs without completions: all slots are free.
+    {
+      std::lock_guard lock(send_mu_);
+      advance(sq_retired_, sq_.producer);
+    }
+    std::lock_guard lock(recv_mu_);
+    advance(rq_retired_, rq_.producer);
+  }
   return 0;
 }
 

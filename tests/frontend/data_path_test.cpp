@@ -340,6 +340,49 @@ TEST_F(DataPath, QueueFullIsAnErrorAndNothingIsOverwritten) {
   }
 }
 
+// max_recv_wr / max_send_wr bound what the application has outstanding, as
+// on an HCA: a slot is free when its completion is polled, not when vibd
+// has handed the WQE on to the HCA (before, a guest could have about twice
+// max_recv_wr receives outstanding).
+TEST_F(DataPath, QueueSlotsAreFreedWhenTheirCompletionsArePolled) {
+  Endpoint a(xen_.as(5)), b(xen_.as(6));
+  a.connect(b);
+  b.connect(a);
+  for (int i = 0; i < 16; ++i)
+    ASSERT_EQ(b.post_recv(static_cast<std::uint64_t>(i), 64 * static_cast<unsigned>(i), 64), 0);
+  // The send's success proves vibd handed all 16 receives to the HCA (it
+  // takes a queue's posted WQEs in one pass).
+  ASSERT_EQ(a.post(IBV_WR_SEND, 100, 0, 4), 0);
+  ASSERT_EQ(a.wait_completion().status, IBV_WC_SUCCESS);
+  EXPECT_EQ(b.post_recv(16, 0, 64), ENOMEM) << "15 receives wait, one completion is not polled";
+  EXPECT_EQ(b.wait_completion().wr_id, 0u);
+  EXPECT_EQ(b.post_recv(16, 0, 64), 0) << "polling the completion freed its slot";
+  EXPECT_EQ(b.post_recv(17, 0, 64), ENOMEM);
+
+  // Unsignaled sends keep their slots until a later signaled completion of
+  // the same queue is polled.
+  for (unsigned i = 0; i < 16; ++i) {
+    a.buf[512 + i] = static_cast<char>('A' + i);
+    ASSERT_EQ(a.post(IBV_WR_RDMA_WRITE, 200 + i, 512 + i, 1, &b, 2048 + i, i == 15 ? IBV_SEND_SIGNALED : 0), 0);
+  }
+  volatile const char* last = b.buf + 2048 + 15;
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (*last != 'P' && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  ASSERT_EQ(*last, 'P') << "the 16th write landed: vibd consumed every send WQE";
+  EXPECT_EQ(a.post(IBV_WR_RDMA_WRITE, 300, 0, 1, &b, 4000, 0), ENOMEM);
+  EXPECT_EQ(a.wait_completion().wr_id, 215u);
+  for (unsigned i = 0; i < 16; ++i)
+    EXPECT_EQ(a.post(IBV_WR_RDMA_WRITE, 300 + i, 0, 1, &b, 4000, 0), 0) << "one completion retired all 16";
+
+  // Flushed completions retire their slots too, once polled.
+  ibv_qp_attr error{};
+  error.qp_state = IBV_QPS_ERR;
+  ASSERT_EQ(b.qp->modify(error, IBV_QP_STATE), 0);
+  EXPECT_EQ(b.post_recv(18, 0, 64), ENOMEM) << "flushed, but not polled yet";
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(b.wait_completion().status, IBV_WC_WR_FLUSH_ERR);
+  EXPECT_EQ(b.post_recv(18, 0, 64), 0);
+}
+
 TEST_F(DataPath, AGuestCannotUseAnotherGuestsKeysOrHandles) {
   Endpoint a(xen_.as(5)), b(xen_.as(6));
   a.connect(b);

@@ -78,6 +78,9 @@
  *     feature-indirect-grants "1": page lists may be indirect
  *     feature-srq             "1"
  *     feature-atomics         "1"
+ *     feature-completion-retires "1": CQEs say which queue slots they free
+ *                             (see "Queue accounting"); absent: a slot is
+ *                             free once the back-end consumed its WQE
  *     error                   readable text when the device failed
  *
  *   /local/domain/<domid>/device/vib/<devid>/         guest-writable
@@ -144,6 +147,7 @@
 #define VIBIF_XS_FEATURE_INDIRECT   "feature-indirect-grants"
 #define VIBIF_XS_FEATURE_SRQ        "feature-srq"
 #define VIBIF_XS_FEATURE_ATOMICS    "feature-atomics"
+#define VIBIF_XS_FEATURE_RETIRES    "feature-completion-retires"
 #define VIBIF_XS_ERROR              "error"
 #define VIBIF_XS_CTX_DIR            "ctx"
 #define VIBIF_XS_RING_PAGE_ORDER    "ring-page-order"
@@ -675,11 +679,35 @@ struct vibif_cqe {
     uint32_t wc_flags;      /* IBV_WC_* flags */
     uint16_t pkey_index, slid;
     uint8_t  sl, dlid_path_bits;
-    uint8_t  reserved[17];
+    uint8_t  wq;            /* VIBIF_WQ_*: the guest queue this completion frees slots of */
+    uint8_t  reserved0;
+    uint32_t wqe_counter;   /* VIBIF_WQ_SEND/RECV: index of the WQE completed, plus one */
+    uint8_t  reserved[11];
     uint8_t  owner;         /* written last: phase of the lap it belongs to */
 };
 VIBIF_STATIC_ASSERT(sizeof(struct vibif_cqe) == 64, "CQE size");
+VIBIF_STATIC_ASSERT(offsetof(struct vibif_cqe, wq) == 46, "CQE wq offset");
+VIBIF_STATIC_ASSERT(offsetof(struct vibif_cqe, wqe_counter) == 48, "CQE wqe_counter offset");
 VIBIF_STATIC_ASSERT(offsetof(struct vibif_cqe, owner) == 63, "CQE owner offset");
+
+/*
+ * Queue accounting (with "feature-completion-retires"): a work queue slot is
+ * the guest's again when the guest POLLS the completion that retires it, not
+ * when the back-end consumed the WQE, so max_send_wr / max_recv_wr bound the
+ * work outstanding as on an HCA. Every CQE names the queue it retires:
+ *   VIBIF_WQ_SEND  send queue of QP qp_num: WQEs up to free-running index
+ *                  wqe_counter - 1 are retired (an unsignaled WQE is retired
+ *                  by the next completion of its queue, as on hardware);
+ *   VIBIF_WQ_RECV  receive queue of QP qp_num: likewise;
+ *   VIBIF_WQ_SRQ   one slot of the SRQ of QP qp_num (wqe_counter unused);
+ *   VIBIF_WQ_NONE  nothing (a back-end without the feature writes 0).
+ * Flushed and error completions retire like successful ones. A transition to
+ * RESET discards the queues' WQEs: every slot is free again.
+ */
+#define VIBIF_WQ_NONE 0
+#define VIBIF_WQ_SEND 1
+#define VIBIF_WQ_RECV 2
+#define VIBIF_WQ_SRQ  3
 
 /* Sizes the geometry functions use (checked against the structs above). */
 #define VIBIF_SEND_WQE_HEADER 64u

@@ -30,6 +30,8 @@ class Channel {
   // Sends one control request and waits for its response (hdr.id is set here).
   virtual vibif_response call(vibif_request request) = 0;
   virtual unsigned context_id() const = 0;
+  // True when the back-end announced feature `key` ("feature-*" = "1").
+  virtual bool backend_feature(const char* key) = 0;
   virtual platform::DomId backend_domid() const = 0;
 
   // The fast path's shared state (vibif.h, FAST PATH).

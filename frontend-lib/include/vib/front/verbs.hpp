@@ -20,8 +20,10 @@
 
 #include <infiniband/verbs.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
+#include <unordered_map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -72,6 +74,9 @@ class Device {
   void consume_notifications() { channel_->consume_notifications(); }
 
   Channel& channel() { return *channel_; }
+  // The back-end says which queue slots each completion frees (vibif.h,
+  // "Queue accounting"): slots are free when completions are polled.
+  bool completion_retires() const { return completion_retires_; }
   // Sends a request; throws on a non-zero status.
   vibif_response call(const vibif_request& request, const char* what);
   // Sends a request; 0 or the errno of the answer (or of no answer), as the
@@ -103,6 +108,7 @@ class Device {
   std::mutex mu_;  // the ring and the range map: verbs calls may come from any thread
   std::map<std::uintptr_t, std::weak_ptr<GrantedRange>> ranges_;
   std::uint32_t event_consumer_ = 0;
+  bool completion_retires_ = false;
 };
 
 class Mr {
@@ -156,12 +162,14 @@ class Pd {
 };
 
 // A queue in granted pages: `entries` slots of `stride` bytes, indices in a
-// doorbell slot.
+// doorbell slot. `retired` counts the WQEs whose completions were polled:
+// producer - retired is what the application has outstanding.
 struct GuestQueue {
   std::byte* base = nullptr;
   std::uint32_t entries = 0, stride = 0;
   std::uint16_t slot = 0;
   std::uint32_t producer = 0;
+  std::atomic<std::uint32_t>* retired = nullptr;
 };
 
 class Cq {
@@ -180,9 +188,14 @@ class Cq {
  private:
   friend class Device;
   Cq(Device& device) : device_(device) {}
+  friend class Qp;
+  friend class Pd;
   void attach(const vibif_create_cq_resp& rsp, std::unique_ptr<platform::SharedPages> pages, std::uint32_t entries);
+  // Frees the queue slots a polled completion retires; mu_ held.
+  void retire(const vibif_cqe& e);
   Device& device_;
   std::mutex mu_;
+  std::unordered_map<std::uint32_t, Qp*> qps_;  // QPs completing here, by number; mu_
   std::unique_ptr<platform::SharedPages> pages_;
   vibif_handle_t handle_ = 0;
   std::uint32_t entries_ = 0;
@@ -209,7 +222,9 @@ class Srq {
   std::unique_ptr<platform::SharedPages> pages_;
   vibif_handle_t handle_ = 0;
   GuestQueue rq_;
+  std::atomic<std::uint32_t> retired_{0};
   std::uint32_t max_sge_ = 0;
+  friend class Cq;
 };
 
 class Qp {
@@ -231,8 +246,13 @@ class Qp {
 
  private:
   friend class Pd;
+  friend class Cq;
   Qp(Device& device) : device_(device) {}
   Device& device_;
+  Cq* send_cq_ = nullptr;
+  Cq* recv_cq_ = nullptr;
+  Srq* srq_ = nullptr;
+  std::atomic<std::uint32_t> sq_retired_{0}, rq_retired_{0};
   std::mutex send_mu_, recv_mu_;
   std::unique_ptr<platform::SharedPages> pages_;
   vibif_handle_t handle_ = 0;
