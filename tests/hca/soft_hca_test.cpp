@@ -352,8 +352,28 @@ TEST_F(SoftHcaTest, UdSendHasGrhSpaceAndSourceQp) {
   auto r = one(*b.recv_cq);
   EXPECT_EQ(r.byte_len, 42U);
   EXPECT_EQ(r.src_qp, a.qp->qp_num());
-  EXPECT_NE(r.wc_flags & IBV_WC_GRH, 0U);
+  EXPECT_EQ(r.wc_flags & IBV_WC_GRH, 0U) << "a GRH only comes with a global AH";
   EXPECT_EQ(std::memcmp(b.buffer.data() + 40, "ud", 2), 0);
+  // Through a global AH the receiver finds the GRH in the first 40 bytes:
+  // source GID = the port's GID, destination GID = the AH's.
+  ibv_ah_attr global_attr = ah_attr;
+  global_attr.is_global = 1;
+  global_attr.grh.hop_limit = 64;
+  for (int i = 0; i < 16; ++i) global_attr.grh.dgid.raw[i] = static_cast<std::uint8_t>(0xa0 + i);
+  auto global_ah = hca->create_ah(*a.pd, global_attr);
+  ASSERT_EQ(post_recv(b, 0, 40 + 64), 0);
+  wr.wr.ud.ah = global_ah->native();
+  ASSERT_EQ(a.qp->post_send(&wr, &bad), 0);
+  EXPECT_EQ(one(*a.send_cq).status, IBV_WC_SUCCESS);
+  r = one(*b.recv_cq);
+  EXPECT_NE(r.wc_flags & IBV_WC_GRH, 0U);
+  ibv_gid port_gid;
+  hca->query_gid(1, 0, port_gid);
+  EXPECT_EQ(std::memcmp(b.buffer.data() + 8, port_gid.raw, 16), 0) << "source GID";
+  EXPECT_EQ(std::memcmp(b.buffer.data() + 24, global_attr.grh.dgid.raw, 16), 0) << "destination GID";
+  EXPECT_EQ(b.buffer[7], 64) << "hop limit";
+  EXPECT_EQ(std::memcmp(b.buffer.data() + 40, "ud", 2), 0);
+  wr.wr.ud.ah = ah->native();
   // Wrong qkey: silently dropped, the sender still succeeds.
   ASSERT_EQ(post_recv(b, 0, 104), 0);
   wr.wr.ud.remote_qkey = 0x22;

@@ -352,6 +352,7 @@ struct SendRequest {
   std::uint64_t swap;
   std::uint32_t remote_qpn;
   std::uint32_t remote_qkey;
+  std::optional<ibv_global_route> grh;  // UD through a global AH: the receiver gets a GRH
   std::uint64_t total_length() const {
     if (!inline_data.empty()) return inline_data.size();
     std::uint64_t total = 0;
@@ -616,7 +617,24 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
     return true;
   }
   scatter(*spans, data.data(), data.size(), grh);
-  if (grh != 0) wc.wc_flags |= IBV_WC_GRH;
+  if (grh != 0 && r.grh) {
+    // The first 40 bytes of a UD receive hold the GRH, when the packet had
+    // one (IBA 11.4.1.2): only a global AH's packets do.
+    std::uint8_t header[kGrhBytes] = {};
+    const std::uint32_t version_class_flow =
+        htobe32((6u << 28) | (std::uint32_t{r.grh->traffic_class} << 20) | (r.grh->flow_label & 0xfffff));
+    std::memcpy(header, &version_class_flow, 4);
+    const std::uint16_t payload = htobe16(static_cast<std::uint16_t>(data.size()));
+    std::memcpy(header + 4, &payload, 2);
+    header[6] = 0x1b;  // next header: IBA transport
+    header[7] = r.grh->hop_limit;
+    const std::uint64_t prefix = htobe64(0xfe80000000000000ULL), guid = htobe64(kNodeGuid);
+    std::memcpy(header + 8, &prefix, 8);
+    std::memcpy(header + 16, &guid, 8);
+    std::memcpy(header + 24, r.grh->dgid.raw, 16);
+    scatter(*spans, header, kGrhBytes);
+    wc.wc_flags |= IBV_WC_GRH;
+  }
   wc.byte_len = static_cast<std::uint32_t>(data.size() + grh);
   wc.status = IBV_WC_SUCCESS;
   dest.recv_cq_->push(wc, solicited);
@@ -806,6 +824,7 @@ int SoftQp::post_send(const ibv_send_wr* wr, const ibv_send_wr** bad_wr) {
       if (ah == fabric().ahs.end()) return EINVAL;
       r.remote_qpn = wr->wr.ud.remote_qpn;
       r.remote_qkey = wr->wr.ud.remote_qkey;
+      if (ah->second.is_global) r.grh = ah->second.grh;
     } else if (wr->opcode == IBV_WR_ATOMIC_CMP_AND_SWP ||
                wr->opcode == IBV_WR_ATOMIC_FETCH_AND_ADD) {
       r.remote_addr = wr->wr.atomic.remote_addr;
