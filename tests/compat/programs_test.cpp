@@ -25,75 +25,18 @@
 #include <thread>
 #include <vector>
 
+#include "guest_programs.hpp"
 #include "vibd_fixture.hpp"
 
 using namespace std::chrono_literals;
 
 namespace {
 
-// What one program run left behind.
-struct ProgramRun {
-  int status = -1;  // as from waitpid
-  std::string output;
-  bool timed_out = false;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// A TCP port nobody uses now (the kernel's pick), so that tests running in
-// parallel, or other suites on the machine, never share a port.
-unsigned free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  socklen_t len = sizeof(a);
-  unsigned port = 0;
-  if (fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
-    port = ntohs(a.sin_port);
-  if (fd >= 0) ::close(fd);
-  return port;
-}
-
-// The inodes of the sockets process `pid` has open.
-std::set<std::string> socket_inodes(pid_t pid) {
-  std::set<std::string> inodes;
-  const std::string dir = "/proc/" + std::to_string(pid) + "/fd";
-  std::error_code ec;
-  for (const auto& fd : std::filesystem::directory_iterator(dir, ec)) {
-    const auto target = std::filesystem::read_symlink(fd.path(), ec);
-    const std::string t = target.string();
-    if (!ec && t.rfind("socket:[", 0) == 0) inodes.insert(t.substr(8, t.size() - 9));
-  }
-  return inodes;
-}
-
-// Is process `pid` listening on TCP `port` (IPv4 or IPv6)? The servers
-// print nothing before they accept, and a client that finds no listener
-// gives up at once, so the client starts only after this.
-bool listening(pid_t pid, unsigned port) {
-  char hex[8];
-  std::snprintf(hex, sizeof(hex), ":%04X", port);
-  const auto mine = socket_inodes(pid);
-  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
-    std::ifstream in(table);
-    std::string line;
-    std::getline(in, line);  // header
-    while (std::getline(in, line)) {
-      std::istringstream fields(line);
-      std::string slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode;
-      fields >> slot >> local >> remote >> state >> queues >> timer >> retransmits >> uid >> timeout >> inode;
-      if (state == "0A" && local.size() > 5 && local.compare(local.size() - 5, 5, hex) == 0 && mine.count(inode))
-        return true;
-    }
-  }
-  return false;
-}
+using vib::test::finish_program;
+using vib::test::free_port;
+using vib::test::listening;
+using vib::test::ProgramRun;
+using vib::test::slurp;
 
 class Programs : public vib::test::VibdFixture {
  protected:
@@ -108,53 +51,16 @@ class Programs : public vib::test::VibdFixture {
 
   // Starts `argv` as a process of guest `domid`, output to a file.
   pid_t start(vib::platform::DomId domid, const std::vector<std::string>& argv, const std::string& out) {
-    std::vector<std::string> env = {
-        "LD_LIBRARY_PATH=" VIB_IBVERBS_DIR,
-        "VIB_LOCAL_XEN=" + xen_.dir(),
-        "VIB_DOMID=" + std::to_string(domid),
-        "PATH=/usr/bin:/bin",
-    };
+    vib::test::GuestEnvironment env;
+    env.library_dir = VIB_IBVERBS_DIR;
+    env.local_xen_dir = xen_.dir();
 #ifdef VIB_ASAN_RUNTIME
-    // Our library is built with AddressSanitizer, the programs are not:
-    // the sanitizer's runtime must be loaded first, and the programs' own
-    // leaks at exit (perftest frees little) are not ours to report.
-    env.push_back("LD_PRELOAD=" VIB_ASAN_RUNTIME);
-    env.push_back("ASAN_OPTIONS=detect_leaks=0");
+    env.asan_runtime = VIB_ASAN_RUNTIME;
 #endif
-    const pid_t parent = ::getpid();
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent) ::_exit(1);
-      const int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      if (fd < 0 || ::dup2(fd, 1) < 0 || ::dup2(fd, 2) < 0) ::_exit(126);
-      std::vector<char*> args, envp;
-      for (auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      for (auto& e : env) envp.push_back(const_cast<char*>(e.c_str()));
-      envp.push_back(nullptr);
-      ::execve(args[0], args.data(), envp.data());
-      ::_exit(127);
-    }
-    return pid;
+    return vib::test::start_guest_program(env, domid, argv, out);
   }
-
-  // Waits for `pid` at most until `deadline`, then kills it (a hard timeout).
   static ProgramRun finish(pid_t pid, const std::string& out, std::chrono::steady_clock::time_point deadline) {
-    ProgramRun run;
-    for (;;) {
-      const pid_t done = ::waitpid(pid, &run.status, WNOHANG);
-      if (done == pid) break;
-      if (std::chrono::steady_clock::now() > deadline) {
-        run.timed_out = true;
-        ::kill(pid, SIGKILL);
-        ::waitpid(pid, &run.status, 0);
-        break;
-      }
-      std::this_thread::sleep_for(10ms);
-    }
-    run.output = slurp(out);
-    return run;
+    return finish_program(pid, out, deadline);
   }
 
   ProgramRun run_one(vib::platform::DomId domid, const std::vector<std::string>& argv, std::chrono::seconds limit = 30s) {

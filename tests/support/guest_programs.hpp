@@ -1,0 +1,43 @@
+// Unmodified programs as processes of guest domains of the host-local Xen:
+// vib's libraries first on LD_LIBRARY_PATH, VIB_LOCAL_XEN and VIB_DOMID set,
+// output to a file, a hard time limit.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "vib/platform/types.hpp"
+
+namespace vib::test {
+
+// What one program run left behind.
+struct ProgramRun {
+  int status = -1;  // as from waitpid
+  std::string output;
+  bool timed_out = false;
+};
+
+struct GuestEnvironment {
+  std::string library_dir;  // vib's libibverbs.so.1 (and librdmacm.so.1)
+  std::string local_xen_dir;
+  std::string asan_runtime;  // preloaded when vib's libraries are sanitized
+  std::vector<std::string> extra;  // more NAME=value entries
+};
+
+std::string slurp(const std::string& path);
+// A TCP port nobody uses now (the kernel's pick).
+unsigned free_port();
+// Is process `pid` listening on TCP `port` (IPv4 or IPv6)?
+bool listening(pid_t pid, unsigned port);
+
+// Starts `argv` as a process of guest `domid`, stdout and stderr to `out`;
+// it dies with this process.
+pid_t start_guest_program(const GuestEnvironment& env, platform::DomId domid, const std::vector<std::string>& argv,
+                          const std::string& out);
+// Waits for `pid` until `deadline`, then kills it (a hard timeout).
+ProgramRun finish_program(pid_t pid, const std::string& out, std::chrono::steady_clock::time_point deadline);
+
+}  // namespace vib::test
