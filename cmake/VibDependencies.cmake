@@ -10,6 +10,8 @@ pkg_check_modules(xencontrol REQUIRED IMPORTED_TARGET xencontrol)
 pkg_check_modules(xenlight REQUIRED IMPORTED_TARGET xenlight)
 pkg_check_modules(xlutil REQUIRED IMPORTED_TARGET xlutil)
 pkg_check_modules(libibverbs REQUIRED IMPORTED_TARGET libibverbs)
+# librdmacm's header only: vib builds its own librdmacm.so.1 (frontend-lib/rdmacm).
+pkg_check_modules(librdmacm REQUIRED librdmacm)
 pkg_check_modules(yajl REQUIRED IMPORTED_TARGET yajl)
 pkg_check_modules(libsystemd IMPORTED_TARGET libsystemd)
 

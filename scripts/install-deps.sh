@@ -6,6 +6,7 @@ packages=(
   build-essential cmake pkg-config git
   libxen-dev xenstore-utils            # libxenstore/gnttab/evtchn/ctrl/light/xlutil + CLI tools
   libibverbs-dev rdma-core ibverbs-utils perftest
+  librdmacm-dev rdmacm-utils            # RDMA-CM: headers, and the programs the compat tests run
   libyajl-dev libsystemd-dev
   libgtest-dev libgmock-dev
   clang libclang-rt-14-dev             # libFuzzer targets and sanitizer runtimes

@@ -53,6 +53,7 @@ vibif_response ControlPath::execute(const vibif_request& req) {
   rsp.hdr.id = req.hdr.id;
   rsp.hdr.op = req.hdr.op;
   auto& status = rsp.hdr.status;
+  if (extension_ && extension_->handles(req.hdr.op)) return extension_->execute(req);
   try {
     switch (req.hdr.op) {
       case VIBIF_OP_QUERY_DEVICE: {

@@ -34,12 +34,23 @@ struct DeviceConfig {
   std::uint32_t max_mrs = VIBIF_DEFAULT_MAX_MRS;
   std::uint32_t max_ahs = VIBIF_DEFAULT_MAX_AHS;
   std::uint64_t max_pinned_pages = VIBIF_DEFAULT_MAX_PINNED_PAGES;
+  std::optional<std::string> ip;  // the "ip" node as written (RDMA-CM addresses)
 };
 
 // Told when HCA objects of the context appear and go, so that the HCA's
 // completion and asynchronous events (which name the HCA object) find the
 // context's worker.
 using HcaObjectListener = std::function<void(const void* hca_object, bool added)>;
+
+// Operations a context serves beside its verbs objects (connection
+// management): ControlPath hands them over unchanged.
+class ControlExtension {
+ public:
+  virtual ~ControlExtension() = default;
+  virtual bool handles(std::uint16_t op) const = 0;
+  // Never throws; every failure is a status in the response.
+  virtual vibif_response execute(const vibif_request& req) = 0;
+};
 
 class ControlPath {
  public:
@@ -51,6 +62,12 @@ class ControlPath {
 
   // Never throws; every failure is a status in the response.
   vibif_response execute(const vibif_request& req);
+  // Serves the ops `extension` handles (not owned; it outlives this).
+  void set_extension(ControlExtension* extension) { extension_ = extension; }
+  // Queues an event for the guest on the doorbell page (the worker notifies).
+  void queue_guest_event(std::uint16_t type, std::uint16_t event, vibif_handle_t handle) {
+    push_event(type, event, handle);
+  }
 
   // The fast path, one pass: consumes the WQEs the guest posted, moves the
   // HCA's completions into the guest's CQs (raising completion events for
@@ -189,6 +206,7 @@ class ControlPath {
   vibif_doorbell_page& doorbell_;
   std::string subject_;
   HcaObjectListener listener_;
+  ControlExtension* extension_ = nullptr;
   std::uint64_t pinned_pages_ = 0;
   std::bitset<VIBIF_DB_SLOTS> slots_used_;
   std::uint32_t event_producer_ = 0;

@@ -32,6 +32,7 @@ class Environment final : public DeviceEnvironment {
         mapper_(options.wrap_grant_mapper ? options.wrap_grant_mapper(platform::open_grant_mapper(options.xen))
                                           : platform::open_grant_mapper(options.xen)),
         sharer_(platform::open_grant_sharer(options.xen)),
+        cm_(options.cm_timeout),
         wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
     if (!wake_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
     hotplug_.scripts_dir = options.scripts_dir;
@@ -55,6 +56,7 @@ class Environment final : public DeviceEnvironment {
   }
   const std::string& default_hca() const override { return options_.default_hca; }
   HcaEventRouter& router() override { return router_; }
+  CmBroker& cm() override { return cm_; }
   const HotplugSettings& hotplug() const override { return hotplug_; }
   void wake() override {
     const std::uint64_t one = 1;
@@ -72,6 +74,7 @@ class Environment final : public DeviceEnvironment {
   std::unique_ptr<platform::XenStore> store_;
   std::unique_ptr<platform::GrantMapper> mapper_;
   std::unique_ptr<platform::GrantSharer> sharer_;
+  CmBroker cm_;
   HotplugSettings hotplug_;
   platform::UniqueFd wake_fd_;
   HcaEventRouter router_;

@@ -94,8 +94,52 @@ std::variant<DeviceConfig, std::string> read_device_config(platform::XenStore& s
     if (!v) return "bad max-pinned-pages '" + *pinned + "'";
     c.max_pinned_pages = *v;
   }
+  if (auto ip = store.read(kNoTransaction, be + "/" VIBIF_XS_IP)) {
+    if (ip->size() > 2048 || !parse_ip_list(*ip)) return "bad ip '" + ip->substr(0, 256) + "'";
+    c.ip = *ip;
+  }
   return c;
 }
+
+std::vector<IpAddress> device_addresses(platform::XenStore& store, const std::string& be, const DeviceConfig& config) {
+  if (config.ip) return parse_ip_list(*config.ip).value_or(std::vector<IpAddress>{});
+  // <root>/backend/vib/<domid>/<devid> -> <root>/backend/vif/<domid>/*/ip
+  const auto vib = be.rfind("/backend/vib/");
+  const auto slash = be.rfind('/');
+  if (vib == std::string::npos || slash <= vib) return {};
+  const std::string vifs = be.substr(0, vib) + "/backend/vif/" + be.substr(vib + 13, slash - vib - 13);
+  std::vector<IpAddress> out;
+  for (const auto& vif : store.directory(kNoTransaction, vifs).value_or(std::vector<std::string>{})) {
+    const auto ip = store.read(kNoTransaction, vifs + "/" + vif + "/ip");
+    if (!ip || ip->size() > 2048) continue;
+    for (const auto& a : parse_ip_list(*ip).value_or(std::vector<IpAddress>{})) out.push_back(a);
+    if (out.size() > 64) break;
+  }
+  return out;
+}
+
+namespace {
+
+// The port as the broker describes it to peers: LID, the GID at the guest's
+// index 0, link layer, MTU, the guest's first P_Key.
+CmPort cm_port(platform::Hca& hca, const DeviceConfig& config) {
+  CmPort port;
+  ibv_port_attr attr;
+  hca.query_port(config.port, attr);
+  port.lid = attr.lid;
+  port.link_layer = attr.link_layer;
+  port.active_mtu = static_cast<std::uint8_t>(attr.active_mtu);
+  ibv_gid gid{};
+  try {
+    hca.query_gid(config.port, static_cast<int>(config.gid_indices.front()), gid);
+  } catch (const std::system_error&) {
+  }
+  std::copy(std::begin(gid.raw), std::end(gid.raw), port.gid.begin());
+  port.pkey = config.pkeys.front();
+  return port;
+}
+
+}  // namespace
 
 Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
     : env_(env), id_(id), backend_path_(std::move(backend_path)), subject_(device_subject(id.domid, id.devid)) {
@@ -120,14 +164,15 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
       return;
     }
   }
+  CmPort port;
   try {
     hca_ = &env_.hca(config_->hca);
-    ibv_port_attr port;
-    hca_->query_port(config_->port, port);
+    port = cm_port(*hca_, *config_);
   } catch (const std::system_error& e) {
     fail(std::string("HCA unusable: ") + e.what());
     return;
   }
+  const auto addresses = device_addresses(env_.store(), backend_path_, *config_);
   platform::with_transaction(env_.store(), [&](platform::TransactionId tx) {
     auto put = [&](const char* key, const std::string& value) {
       env_.store().write(tx, backend_path_ + "/" + key, value);
@@ -139,15 +184,24 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
     put(VIBIF_XS_FEATURE_SRQ, "1");
     put(VIBIF_XS_FEATURE_ATOMICS, "1");
     put(VIBIF_XS_FEATURE_RETIRES, "1");
+    put(VIBIF_XS_FEATURE_RDMA_CM, "1");
     put("state", str(XenbusState::init_wait));
   });
   state_ = XenbusState::init_wait;
+  env_.cm().add_device(id_, addresses, port);
+  cm_registered_ = true;
+  std::string where;
+  for (const auto& ip : addresses) where += " " + ip.str();
   log_line(LogLevel::info, subject_,
-           "InitWait on HCA " + hca_->name() + " port " + std::to_string(config_->port));
+           "InitWait on HCA " + hca_->name() + " port " + std::to_string(config_->port) +
+               (where.empty() ? ", no RDMA-CM address" : ", RDMA-CM at" + where));
   if (script_) start_hotplug("add");
 }
 
-Device::~Device() { close_all_contexts("device closed"); }
+Device::~Device() {
+  close_all_contexts("device closed");
+  if (cm_registered_) env_.cm().remove_device(id_);
+}
 
 void Device::fail(const std::string& why) {
   failed_ = true;
@@ -355,6 +409,7 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
       doorbell_(env.sharer().share(device.domid, 1, /*writable=*/true)),
       memory_(std::make_unique<GrantedMemory>(env.mapper(), device.domid)),
       mailbox_(std::make_shared<ContextMailbox>()),
+      cm_(env.cm().open(device, subject_, [mailbox = mailbox_] { mailbox->wake(); })),
       control_(config, hca, *memory_, doorbell_of(*doorbell_), subject_,
                [router = &env.router(), mailbox = mailbox_](const void* object, bool added) {
                  if (added)
@@ -364,6 +419,7 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
                }),
       stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
   if (!stop_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
+  control_.set_extension(cm_.get());
   auto& store = env.store();
   auto need = [&](const char* key, std::uint64_t max) {
     auto text = store.read(kNoTransaction, fe + "/" + key);
@@ -403,6 +459,7 @@ Context::~Context() {
   const std::uint64_t one = 1;
   [[maybe_unused]] auto n = ::write(stop_fd_.get(), &one, sizeof one);
   if (worker_.joinable()) worker_.join();
+  env_.cm().close(*cm_);  // the peers of its connections learn it went
   log_line(LogLevel::info, subject_,
            "freed: " + control_.free_all() + "; " + std::to_string(requests_) + " requests served, worker slept " +
                std::to_string(sleeps_) + " times");
@@ -487,6 +544,10 @@ void Context::run_worker() {
         break;
       }
       for (const auto& event : mailbox_->take()) control_.deliver_async_event(event);
+      for (const vibif_handle_t id : cm_->take_announcements()) {
+        control_.queue_guest_event(VIBIF_EVENT_CM, 0, id);
+        did = true;
+      }
       did |= control_.service_queues();
       if (control_.take_guest_notification()) events_->notify(port_);
       const auto now = std::chrono::steady_clock::now();

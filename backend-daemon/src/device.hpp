@@ -10,7 +10,9 @@
 #include <variant>
 #include <vector>
 
+#include "cm_broker.hpp"
 #include "control.hpp"
+#include "device_id.hpp"
 #include "hca_events.hpp"
 #include "hotplug.hpp"
 #include "vib/platform/event_channels.hpp"
@@ -34,6 +36,8 @@ class DeviceEnvironment {
   virtual platform::Hca& hca(const std::string& name) = 0;
   virtual const std::string& default_hca() const = 0;
   virtual HcaEventRouter& router() = 0;
+  // The guests' connection manager (RDMA-CM), shared by every device.
+  virtual CmBroker& cm() = 0;
   virtual const HotplugSettings& hotplug() const = 0;
   // Called from another thread when the main thread has something to pick
   // up: a context's worker found its guest process gone (see
@@ -45,12 +49,10 @@ class DeviceEnvironment {
 std::variant<DeviceConfig, std::string> read_device_config(platform::XenStore& store,
                                                            const std::string& backend_path,
                                                            const std::string& default_hca);
-
-struct DeviceId {
-  platform::DomId domid;
-  unsigned devid;
-  auto operator<=>(const DeviceId&) const = default;
-};
+// The addresses a device's guest answers at for RDMA-CM: the device's "ip"
+// node, else the "ip" nodes of the guest's vifs served by the same domain.
+std::vector<IpAddress> device_addresses(platform::XenStore& store, const std::string& backend_path,
+                                        const DeviceConfig& config);
 
 class Context;
 
@@ -102,6 +104,7 @@ class Device {
   std::unique_ptr<HotplugRun> hotplug_;
   bool hotplug_added_ = false;  // "add" succeeded and "remove" has not run
   platform::Hca* hca_ = nullptr;
+  bool cm_registered_ = false;  // the broker knows this device's addresses
   std::map<unsigned, std::unique_ptr<Context>> contexts_;
 };
 
@@ -142,6 +145,7 @@ class Context {
   std::unique_ptr<platform::SharedPages> doorbell_;
   std::unique_ptr<GuestMemory> memory_;  // before control_, which uses it
   std::shared_ptr<ContextMailbox> mailbox_;
+  std::shared_ptr<CmEndpoint> cm_;  // before control_, which serves its ops
   ControlPath control_;
   std::uint64_t requests_ = 0;
   std::uint64_t sleeps_ = 0;

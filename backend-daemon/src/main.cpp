@@ -24,6 +24,7 @@ void usage(std::ostream& out) {
          "  --scripts-dir DIR   where relative hotplug script names live\n"
          "                      (default " VIB_XEN_SCRIPTS_DIR ")\n"
          "  --script-timeout MS how long a hotplug script may run (default 30000)\n"
+         "  --cm-timeout MS     how long an RDMA-CM request or reply waits for its answer (default 20000)\n"
          "  --no-provision      do not add the vib= devices of domains xl creates\n"
          "  --stash-dir DIR     where the xl front keeps domain configs\n"
          "                      (default /var/lib/vib/domains)\n"
@@ -78,6 +79,15 @@ int main(int argc, char** argv) {
         return 2;
       }
       options.script_timeout = std::chrono::milliseconds(ms);
+    } else if (arg == "--cm-timeout") {
+      const std::string v = value();
+      char* end = nullptr;
+      const long ms = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end || ms <= 0 || ms > 3600 * 1000) {
+        std::cerr << "vibd: bad --cm-timeout '" << v << "' (milliseconds, 1..3600000)\n";
+        return 2;
+      }
+      options.cm_timeout = std::chrono::milliseconds(ms);
     } else if (arg == "--local-xen") {
       local_dir = value();
     } else if (arg == "--domid") {

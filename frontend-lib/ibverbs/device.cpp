@@ -27,6 +27,7 @@
 #include <string>
 
 #include "objects.hpp"
+#include "vib_private.h"
 #include "vib/platform/xenbus.hpp"
 #include "vib/platform/xenstore.hpp"
 
@@ -201,6 +202,17 @@ platform::XenTarget xen_target_from_env() {
 void Context::pump() noexcept {
   try {
     for (const auto& e : device->take_events()) {
+      if (e.type == VIBIF_EVENT_CM) {
+        void (*handler)(void*, std::uint32_t) = nullptr;
+        void* arg = nullptr;
+        {
+          std::lock_guard lock(mu);
+          handler = cm_handler;
+          arg = cm_handler_arg;
+        }
+        if (handler) handler(arg, e.handle);
+        continue;
+      }
       std::lock_guard lock(mu);
       if (e.type == VIBIF_EVENT_COMPLETION) {
         auto it = cqs.find(e.handle);
@@ -477,6 +489,21 @@ int ibv_get_async_event(ibv_context* context, ibv_async_event* event) {
 }
 
 void ibv_ack_async_event(ibv_async_event*) {}  // destroying an object never waits for acks here
+
+// ---- vib's librdmacm ------------------------------------------------------------
+
+int vib_ibv_call(ibv_context* context, const vibif_request* request, vibif_response* response) {
+  auto& ctx = *to_ctx(context);
+  PumpAfter pump(ctx);
+  return or_errno([&] { return ctx.device->call_errno(*request, *response); });
+}
+
+void vib_ibv_set_cm_handler(ibv_context* context, vib_cm_handler handler, void* arg) {
+  auto& ctx = *to_ctx(context);
+  std::lock_guard lock(ctx.mu);
+  ctx.cm_handler = handler;
+  ctx.cm_handler_arg = arg;
+}
 
 // ---- sysfs, fork ------------------------------------------------------------------
 

@@ -100,6 +100,8 @@ struct Context {
   std::unordered_map<vibif_handle_t, Qp*> qps;
   std::unordered_map<vibif_handle_t, Srq*> srqs;
   std::deque<ibv_async_event> async_events;
+  void (*cm_handler)(void*, std::uint32_t) = nullptr;  // vib_ibv_set_cm_handler
+  void* cm_handler_arg = nullptr;
 
   platform::UniqueFd async_fd;  // eventfd counting async_events
   platform::UniqueFd stop_fd;   // tells the dispatcher thread to end

@@ -2,6 +2,7 @@
 // argument of `xl vib-attach`, "key=value,key=value" like vif=. Values are
 // checked here against the same bounds vibd's read_device_config enforces,
 // so a spec that parses is one the back-end accepts.
+#include <arpa/inet.h>
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
@@ -31,7 +32,7 @@ constexpr std::size_t kMaxHcaName = 64;
 
 constexpr const char* kKnownKeys =
     "hca, port, devid, backend, pkeys, gid-indices, max-pds, max-cqs, max-qps, max-srqs, max-mrs, "
-    "max-ahs, max-pinned-pages, script";
+    "max-ahs, max-pinned-pages, script, ip";
 
 std::string_view trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
@@ -142,6 +143,22 @@ class SpecParser {
       spec_.max_ahs = static_cast<std::uint32_t>(number(key, value, 0, kMaxQuota));
     } else if (key == VIBIF_XS_MAX_PINNED_PAGES) {
       spec_.max_pinned_pages = number(key, value, 0, kMaxPinnedPages);
+    } else if (key == VIBIF_XS_IP) {
+      // Space-separated addresses, as vif's ip=; vibd's parser takes the same.
+      std::size_t at = 0;
+      while (at < value.size()) {
+        std::size_t end = value.find(' ', at);
+        if (end == std::string::npos) end = value.size();
+        const std::string one = value.substr(at, end - at);
+        unsigned char bytes[16];
+        if (!one.empty()) {
+          if (::inet_pton(AF_INET, one.c_str(), bytes) != 1 && ::inet_pton(AF_INET6, one.c_str(), bytes) != 1)
+            bad(key, value, "IPv4 or IPv6 addresses separated by spaces");
+          spec_.ip.push_back(one);
+        }
+        at = end + 1;
+      }
+      if (spec_.ip.empty() || spec_.ip.size() > 64) bad(key, value, "1 to 64 addresses");
     } else if (key == "script") {
       for (char c : value)
         if (c < 0x20) bad(key, value, "a script name or path");
@@ -272,6 +289,7 @@ std::vector<std::pair<std::string, std::string>> DeviceSpec::backend_keys() cons
     if (*value) keys.emplace_back(key, std::to_string(**value));
   if (max_pinned_pages) keys.emplace_back(VIBIF_XS_MAX_PINNED_PAGES, std::to_string(*max_pinned_pages));
   if (script) keys.emplace_back("script", *script);
+  if (!ip.empty()) keys.emplace_back(VIBIF_XS_IP, join(ip, " ", [](const std::string& a) { return a; }));
   return keys;
 }
 

@@ -55,6 +55,15 @@ TEST(VibSpec, EveryKey) {
   EXPECT_EQ(parse_spec(s.to_string()).backend_keys(), keys) << s.to_string();
 }
 
+TEST(VibSpec, IpListsTheGuestsRdmaCmAddresses) {
+  auto s = parse_spec("hca=soft,ip=192.0.2.5 2001:db8::5");
+  EXPECT_EQ(s.ip, (std::vector<std::string>{"192.0.2.5", "2001:db8::5"}));
+  EXPECT_EQ(s.backend_keys().back(), (std::pair<std::string, std::string>{"ip", "192.0.2.5 2001:db8::5"}));
+  EXPECT_EQ(parse_spec(s.to_string()).ip, s.ip) << s.to_string();
+  expect_error("ip=192.0.2.300", "bad ip '192.0.2.300'");
+  expect_error("ip=host.example", "bad ip");
+}
+
 TEST(VibSpec, DefaultsAreLeftToTheBackend) {
   for (const char* item : {"", "  "}) {
     auto s = parse_spec(item);

@@ -58,6 +58,7 @@ struct DeviceSpec {
   std::optional<std::uint32_t> max_pds, max_cqs, max_qps, max_srqs, max_mrs, max_ahs;
   std::optional<std::uint64_t> max_pinned_pages;
   std::optional<std::string> script;  // relative names are under the scripts dir
+  std::vector<std::string> ip;        // RDMA-CM addresses (empty: the guest's vif addresses)
 
   // The back-end keys this spec sets, in the order they are written.
   std::vector<std::pair<std::string, std::string>> backend_keys() const;

@@ -71,6 +71,8 @@
  *     gid-indices     allowed GID table indices, "0,1" (default "0")
  *     max-pds max-cqs max-qps max-srqs max-mrs max-ahs   object quotas
  *     max-pinned-pages                                   registration quota (pages)
+ *     ip              the guest's addresses for RDMA-CM, "192.0.2.5 2001:db8::5"
+ *                     (default: its vifs' "ip" nodes; see CONNECTION MANAGEMENT)
  *   written by the back-end when it reaches InitWait:
  *     protocol-versions       "1"
  *     max-ring-page-order     largest ring-page-order it accepts
@@ -78,6 +80,7 @@
  *     feature-indirect-grants "1": page lists may be indirect
  *     feature-srq             "1"
  *     feature-atomics         "1"
+ *     feature-rdma-cm         "1": the CM_* operations (CONNECTION MANAGEMENT)
  *     feature-completion-retires "1": CQEs say which queue slots they free
  *                             (see "Queue accounting"); absent: a slot is
  *                             free once the back-end consumed its WQE
@@ -265,7 +268,7 @@ VIBIF_STATIC_ASSERT(sizeof(struct vibif_page_list) == 168, "vibif_page_list size
 #define VIBIF_OP_DESTROY_SRQ       19
 #define VIBIF_OP_CREATE_AH         20
 #define VIBIF_OP_DESTROY_AH        21
-#define VIBIF_OP_MAX               21
+#define VIBIF_OP_MAX               35   /* CM ops: see CONNECTION MANAGEMENT */
 
 /* Verbs values the back-end checks (rdma-core numbering). */
 #define VIBIF_QPT_RC               2    /* IBV_QPT_RC */
@@ -381,6 +384,177 @@ struct vibif_create_ah_req {
     struct vibif_ah_attr attr;
 };
 
+/******************************************************************************
+ * CONNECTION MANAGEMENT (RDMA-CM), with "feature-rdma-cm"
+ *
+ * The back-end is the guest's connection manager (docs/rdma-cm.md): the
+ * guest never sees QP1 or a MAD. A CM id is an object of the context, named
+ * by a handle like any other; the guest addresses peers by IP address and
+ * port, and the back-end runs the exchange (REQ/REP/RTU/REJ/DREQ/DREP,
+ * SIDR for UD) with the peer, a guest of the same back-end or - through the
+ * host's own rdma_cm on an rdma-core HCA - any node of the fabric.
+ *
+ * Addresses. The back-end node "ip" (written by the toolstack: space-
+ * separated IPv4/IPv6 addresses) lists the addresses the guest may bind to
+ * and be reached at; without it, the back-end uses the "ip" nodes of the
+ * guest's vifs. Loopback addresses are the guest itself. Binding, listening
+ * at, or resolving from any other address fails with VIBIF_EADDRNOTAVAIL.
+ * Ports are in host byte order in vibif_cm_addr.
+ *
+ * Events. The back-end queues CM events per id and announces each with a
+ * doorbell event { VIBIF_EVENT_CM, 0, id }; the guest fetches them, oldest
+ * first, with CM_GET_EVENT. Events are rdma_cm's (enum rdma_cm_event_type);
+ * statuses are rdma_cm's too: 0, a negative errno (ADDR_ERROR -EHOSTUNREACH,
+ * UNREACHABLE -ETIMEDOUT), or for REJECTED the IB CM reject reason
+ * (8: no listener, "invalid service ID"; 28: consumer defined, i.e.
+ * rdma_reject, a peer that closed its id or died mid-handshake).
+ *
+ * Who sends what (the active side connects, the passive side listens):
+ *   CM_CREATE_ID     either   u.cm_create_id -> u.handle (the id)
+ *   CM_DESTROY_ID    either   u.cm_id. A connected id disconnects (the peer
+ *                             gets DISCONNECTED), a half-open one rejects
+ *                             (the peer gets REJECTED 28).
+ *   CM_BIND          either   u.cm_bind -> u.cm_addr (port filled in).
+ *                             EADDRNOTAVAIL: not the guest's address;
+ *                             EADDRINUSE: port taken on this device.
+ *   CM_RESOLVE_ADDR  active   u.cm_resolve_addr (src may be family 0) ->
+ *                             u.cm_addr (the source used); then event
+ *                             ADDR_RESOLVED, or ADDR_ERROR when no node
+ *                             answers at dst.
+ *   CM_RESOLVE_ROUTE active   u.cm_id (arg: timeout ms) -> ROUTE_RESOLVED.
+ *   CM_LISTEN        passive  u.cm_id (arg: backlog, 0 = default) -> each
+ *                             REQ is a CONNECT_REQUEST event on the listener
+ *                             with u.cm_event.new_id, a new id already
+ *                             carrying the connection.
+ *   CM_CONNECT       active   u.cm_connect: param.qp_num (and for UD nothing
+ *                             else), the active side's conn params, private
+ *                             data (<= 56 bytes RC, <= 180 UD). RC: event
+ *                             CONNECT_RESPONSE (REP, with the passive side's
+ *                             params and private data), or REJECTED, or
+ *                             UNREACHABLE (no answer in time). UD: event
+ *                             ESTABLISHED with the peer's QPN and Q_Key.
+ *   CM_ACCEPT        passive  u.cm_connect: param.qp_num (param.qkey for
+ *                             UD), private data (<= 196 RC, <= 136 UD). RC:
+ *                             the passive QP must already be in RTS; event
+ *                             ESTABLISHED once the active side sent RTU, or
+ *                             UNREACHABLE if it never does.
+ *   CM_REJECT        passive  u.cm_reject (private data <= 148) -> the
+ *                             active side gets REJECTED 28 with it.
+ *   CM_ESTABLISH     active   u.cm_id: RTU, after the active QP reached RTS
+ *                             -> the passive side gets ESTABLISHED.
+ *   CM_DISCONNECT    either   u.cm_id: DREQ (or DREP) -> DISCONNECTED on both
+ *                             sides. ENOTCONN when not connected.
+ *   CM_INIT_QP_ATTR  either   u.cm_id (arg: IBV_QPS_INIT/RTR/RTS) ->
+ *                             u.cm_qp_attr: the attributes and mask that
+ *                             take the id's QP there (rdma_init_qp_attr);
+ *                             the guest applies them with MODIFY_QP.
+ *   CM_QUERY_ROUTE   either   u.cm_id -> u.cm_route: addresses, the RoCE v2
+ *                             GIDs of the IPs, the path as the guest's port
+ *                             reaches the peer (an AH attribute), P_Key.
+ *   CM_GET_EVENT     either   u.cm_id -> u.cm_event, or VIBIF_EAGAIN when
+ *                             no event is queued for the id.
+ * Every op answers VIBIF_ENOENT for an unknown id, VIBIF_EINVAL for an op
+ * the id's state does not allow, VIBIF_ENOSYS without the feature.
+ * Bounds: VIBIF_CM_MAX_IDS ids per context, VIBIF_CM_MAX_EVENTS queued per
+ * id (a listener rejects requests beyond that, as a full backlog does).
+ */
+#define VIBIF_XS_FEATURE_RDMA_CM    "feature-rdma-cm"
+#define VIBIF_XS_IP                 "ip"
+
+#define VIBIF_OP_CM_CREATE_ID      22
+#define VIBIF_OP_CM_DESTROY_ID     23
+#define VIBIF_OP_CM_BIND           24
+#define VIBIF_OP_CM_RESOLVE_ADDR   25
+#define VIBIF_OP_CM_RESOLVE_ROUTE  26
+#define VIBIF_OP_CM_LISTEN         27
+#define VIBIF_OP_CM_CONNECT        28
+#define VIBIF_OP_CM_ACCEPT         29
+#define VIBIF_OP_CM_REJECT         30
+#define VIBIF_OP_CM_ESTABLISH      31
+#define VIBIF_OP_CM_DISCONNECT     32
+#define VIBIF_OP_CM_INIT_QP_ATTR   33
+#define VIBIF_OP_CM_QUERY_ROUTE    34
+#define VIBIF_OP_CM_GET_EVENT      35
+
+#define VIBIF_EADDRINUSE     (-98)
+#define VIBIF_EADDRNOTAVAIL  (-99)
+#define VIBIF_ENOTCONN       (-107)
+
+#define VIBIF_CM_MAX_IDS           1024
+#define VIBIF_CM_MAX_EVENTS        64
+#define VIBIF_CM_MAX_PRIVATE_DATA  196   /* REP; REQ 56, REJ 148, SIDR 180/136 */
+#define VIBIF_CM_PS_TCP            0x0106   /* RDMA_PS_TCP: RC */
+#define VIBIF_CM_PS_UDP            0x0111   /* RDMA_PS_UDP: UD */
+#define VIBIF_AF_INET              2
+#define VIBIF_AF_INET6             10
+
+struct vibif_cm_addr {
+    uint16_t family;        /* VIBIF_AF_INET, VIBIF_AF_INET6, or 0: unspecified */
+    uint16_t port;          /* host byte order; 0: any */
+    uint32_t scope_id;      /* IPv6 scope */
+    uint8_t  addr[16];      /* IPv4: the first 4 bytes; all zero: wildcard */
+};
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_cm_addr) == 24, "vibif_cm_addr size");
+
+struct vibif_cm_create_id_req {
+    uint16_t port_space;    /* VIBIF_CM_PS_TCP or VIBIF_CM_PS_UDP */
+    uint8_t  qp_type;       /* VIBIF_QPT_RC or VIBIF_QPT_UD */
+    uint8_t  pad[5];
+};
+struct vibif_cm_id_req { vibif_handle_t id; uint32_t arg; };
+struct vibif_cm_bind_req { vibif_handle_t id; uint32_t pad; struct vibif_cm_addr addr; };
+struct vibif_cm_resolve_addr_req {
+    vibif_handle_t id;
+    uint32_t timeout_ms;
+    struct vibif_cm_addr src, dst;
+};
+/* rdma_conn_param / rdma_ud_param, the private data apart. */
+struct vibif_cm_conn_param {
+    uint8_t  responder_resources, initiator_depth, flow_control, retry_count;
+    uint8_t  rnr_retry_count, srq, private_data_len, pad;
+    uint32_t qp_num;
+    uint32_t qkey;          /* UD */
+};
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_cm_conn_param) == 16, "vibif_cm_conn_param size");
+struct vibif_cm_connect_req {   /* CM_CONNECT and CM_ACCEPT */
+    vibif_handle_t id;
+    uint32_t pad;
+    struct vibif_cm_conn_param param;
+    uint8_t  private_data[VIBIF_CM_MAX_PRIVATE_DATA];
+};
+struct vibif_cm_reject_req {
+    vibif_handle_t id;
+    uint8_t  private_data_len;
+    uint8_t  pad[3];
+    uint8_t  private_data[VIBIF_CM_MAX_PRIVATE_DATA];
+};
+
+struct vibif_cm_addr_resp { struct vibif_cm_addr addr; };
+struct vibif_cm_qp_attr_resp {
+    uint32_t attr_mask;     /* IBV_QP_* */
+    uint32_t pad;
+    struct vibif_qp_attr attr;
+};
+struct vibif_cm_route_resp {
+    struct vibif_cm_addr src, dst;
+    uint8_t  sgid[16], dgid[16];     /* ::ffff:a.b.c.d for IPv4, the IPv6 address */
+    struct vibif_ah_attr ah_attr;    /* the path to the peer, in the guest's port terms */
+    uint16_t pkey;                   /* host byte order */
+    uint8_t  path_mtu;               /* IBV_MTU_* */
+    uint8_t  link_layer;             /* IBV_LINK_LAYER_* of the guest's port */
+    uint8_t  pad[4];
+};
+struct vibif_cm_event_resp {
+    uint8_t  event;         /* RDMA_CM_EVENT_* */
+    uint8_t  remaining;     /* events still queued for this id (at most 255) */
+    uint16_t pad;
+    int32_t  status;
+    vibif_handle_t new_id;  /* CONNECT_REQUEST: the id of the new connection */
+    uint32_t pad2;
+    struct vibif_cm_conn_param param;   /* the peer's; private_data_len bytes follow */
+    uint8_t  private_data[VIBIF_CM_MAX_PRIVATE_DATA];
+};
+
 #define VIBIF_REQUEST_SIZE 256
 #define VIBIF_REQUEST_BODY (VIBIF_REQUEST_SIZE - sizeof(struct vibif_request_header))
 
@@ -399,6 +573,12 @@ struct vibif_request {
         struct vibif_create_srq_req   create_srq;
         struct vibif_modify_srq_req   modify_srq;
         struct vibif_create_ah_req    create_ah;
+        struct vibif_cm_create_id_req cm_create_id;
+        struct vibif_cm_id_req        cm_id;
+        struct vibif_cm_bind_req      cm_bind;
+        struct vibif_cm_resolve_addr_req cm_resolve_addr;
+        struct vibif_cm_connect_req   cm_connect;
+        struct vibif_cm_reject_req    cm_reject;
         uint8_t raw[VIBIF_REQUEST_SIZE - 16];
     } u;
 };
@@ -489,6 +669,10 @@ struct vibif_response {
         struct vibif_query_qp_resp    query_qp;
         struct vibif_create_srq_resp  create_srq;
         struct vibif_query_srq_resp   query_srq;
+        struct vibif_cm_addr_resp     cm_addr;
+        struct vibif_cm_qp_attr_resp  cm_qp_attr;
+        struct vibif_cm_route_resp    cm_route;
+        struct vibif_cm_event_resp    cm_event;
         uint8_t raw[VIBIF_REQUEST_SIZE - 16];
     } u;
 };
@@ -502,6 +686,11 @@ VIBIF_STATIC_ASSERT(offsetof(struct vibif_reg_mr_req, pages) == 32, "reg_mr page
 VIBIF_STATIC_ASSERT(sizeof(struct vibif_create_qp_req) <= VIBIF_REQUEST_SIZE - 16, "create_qp fits");
 VIBIF_STATIC_ASSERT(sizeof(struct vibif_modify_qp_req) <= VIBIF_REQUEST_SIZE - 16, "modify_qp fits");
 VIBIF_STATIC_ASSERT(sizeof(struct vibif_query_qp_resp) <= VIBIF_REQUEST_SIZE - 16, "query_qp fits");
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_cm_connect_req) <= VIBIF_REQUEST_SIZE - 16, "cm_connect fits");
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_cm_reject_req) <= VIBIF_REQUEST_SIZE - 16, "cm_reject fits");
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_cm_event_resp) <= VIBIF_REQUEST_SIZE - 16, "cm_event fits");
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_cm_route_resp) <= VIBIF_REQUEST_SIZE - 16, "cm_route fits");
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_cm_qp_attr_resp) <= VIBIF_REQUEST_SIZE - 16, "cm_qp_attr fits");
 
 /* The request ring: Xen's ring.h, (1 << ring-page-order) pages. */
 DEFINE_RING_TYPES(vibif_ctrl, struct vibif_request, struct vibif_response);
@@ -766,6 +955,7 @@ struct vibif_db_slot {
 /* Event queue entry types. */
 #define VIBIF_EVENT_COMPLETION 1   /* handle = CQ */
 #define VIBIF_EVENT_ASYNC      2   /* handle = QP/CQ/SRQ, event = IBV_EVENT_* */
+#define VIBIF_EVENT_CM         3   /* handle = CM id with a queued CM event (CM_GET_EVENT) */
 
 struct vibif_event {
     uint16_t type;

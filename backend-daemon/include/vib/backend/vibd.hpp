@@ -23,6 +23,10 @@ struct DaemonOptions {
   // and how long one may run before vibd kills it and fails the device.
   std::string scripts_dir = "/etc/xen/scripts";
   std::chrono::milliseconds script_timeout{30000};
+  // RDMA-CM: how long a connection request waits for the listener's answer,
+  // and an accepted one for the active side's RTU (rdma_cm's own is ~4 s
+  // times its retries).
+  std::chrono::milliseconds cm_timeout{20000};
   // Provisioning at `xl create`: the vib= lines of each new domain's config,
   // as the xl front kept it by domain name (stash_dir; unset: libxl-ib's
   // kConfigStashDir), or else as xl saved it after `xl config-update`

@@ -1,0 +1,186 @@
+// Unmodified RDMA-CM programs on vib: Debian's rdmacm-utils and perftest's
+// -R mode, with vib's librdmacm.so.1 and libibverbs.so.1 on
+// LD_LIBRARY_PATH, as processes of guest domains 5 (192.0.2.5) and 6
+// (192.0.2.6) of the host-local Xen; vibd on the software HCA is their
+// connection manager. The addresses are names inside vibd only: no IP
+// packet is sent (documentation range, RFC 5737).
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "guest_programs.hpp"
+#include "vibd_fixture.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+using vib::test::ProgramRun;
+using vib::test::slurp;
+
+constexpr const char* kAddress5 = "192.0.2.5";
+constexpr const char* kAddress6 = "192.0.2.6";
+
+class RdmaCm : public vib::test::VibdFixture {
+ protected:
+  void SetUp() override {
+    VibdFixture::SetUp();
+    log_ = xen_.dir() + "/vibd.log";
+    for (auto [domid, ip] : {std::pair{5, kAddress5}, std::pair{6, kAddress6}}) {
+      const auto d = static_cast<vib::platform::DomId>(domid);
+      vib::platform::with_transaction(*store_, [&](vib::platform::TransactionId tx) {
+        provision_in(tx, d, "soft");
+        // The toolstack's `ip=`: the address this guest answers at.
+        store_->write(tx, be(d) + "/" VIBIF_XS_IP, ip);
+        store_->set_permissions(tx, be(d) + "/" VIBIF_XS_IP,
+                                {{vib::platform::kDom0, vib::platform::Access::none}, {d, vib::platform::Access::read}});
+      });
+    }
+    start_vibd(VIBD, log_);
+    ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+    ASSERT_TRUE(eventually(be(6) + "/state", "2"));
+  }
+
+  pid_t start(vib::platform::DomId domid, const std::vector<std::string>& argv, const std::string& out) {
+    vib::test::GuestEnvironment env;
+    env.library_dir = VIB_LIBRARY_DIR;
+    env.local_xen_dir = xen_.dir();
+#ifdef VIB_ASAN_RUNTIME
+    env.asan_runtime = VIB_ASAN_RUNTIME;
+#endif
+    return vib::test::start_guest_program(env, domid, argv, out);
+  }
+
+  // Waits (bounded) until vibd logged a listener at `where` ("192.0.2.5
+  // port 7174"): the servers print nothing before a client connects, and a
+  // client that finds no listener is rejected at once.
+  bool listening_at(const std::string& where, pid_t server) {
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (slurp(log_).find("RDMA-CM listening at " + where) != std::string::npos) return true;
+      if (::waitpid(server, nullptr, WNOHANG) == server) return false;
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  }
+
+  ProgramRun run_one(vib::platform::DomId domid, const std::vector<std::string>& argv, std::chrono::seconds limit = 30s) {
+    const std::string out = xen_.dir() + "/single.out";
+    return vib::test::finish_program(start(domid, argv, out), out, std::chrono::steady_clock::now() + limit);
+  }
+
+  // The server in `server_dom`, once it listens at `where`, then the client.
+  std::pair<ProgramRun, ProgramRun> run_pair(vib::platform::DomId server_dom, const std::vector<std::string>& server,
+                                             const std::string& where, vib::platform::DomId client_dom,
+                                             const std::vector<std::string>& client, std::chrono::seconds limit = 60s) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    const std::string server_out = xen_.dir() + "/server.out", client_out = xen_.dir() + "/client.out";
+    const pid_t s = start(server_dom, server, server_out);
+    EXPECT_TRUE(listening_at(where, s)) << "no listener at " << where << ":\n" << slurp(log_);
+    const pid_t c = start(client_dom, client, client_out);
+    ProgramRun client_run = vib::test::finish_program(c, client_out, deadline);
+    ProgramRun server_run = vib::test::finish_program(s, server_out, deadline);
+    return {server_run, client_run};
+  }
+
+  void expect_ok(const ProgramRun& run, const std::string& who, const std::string& pattern) {
+    EXPECT_FALSE(run.timed_out) << who << " timed out:\n" << run.output;
+    EXPECT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0)
+        << who << " failed (status " << run.status << "):\n"
+        << run.output;
+    EXPECT_TRUE(std::regex_search(run.output, std::regex(pattern)))
+        << who << " printed no /" << pattern << "/:\n"
+        << run.output;
+  }
+
+  void expect_pair_ok(const std::pair<ProgramRun, ProgramRun>& runs, const std::string& server_pattern,
+                      const std::string& client_pattern) {
+    expect_ok(runs.first, "server", server_pattern);
+    expect_ok(runs.second, "client", client_pattern);
+    if (HasFailure()) ADD_FAILURE() << "vibd log:\n" << slurp(log_);
+  }
+
+  std::string log_;
+};
+
+// rping verifies every byte of every ping (-V); a few thousand round trips,
+// each an RDMA READ of the client's buffer and an RDMA WRITE back.
+TEST_F(RdmaCm, RpingBetweenTwoGuests) {
+  const std::string count = "2000";
+  auto runs = run_pair(5, {"/usr/bin/rping", "-s", "-a", kAddress5, "-V", "-C", count, "-S", "100"},
+                       std::string(kAddress5) + " port 7174", 6,
+                       {"/usr/bin/rping", "-c", "-a", kAddress5, "-V", "-C", count, "-S", "100"});
+  expect_pair_ok(runs, "", "");
+}
+
+TEST_F(RdmaCm, RpingOverLoopbackInOneGuest) {
+  auto runs = run_pair(5, {"/usr/bin/rping", "-s", "-a", "127.0.0.1", "-V", "-C", "200"}, "127.0.0.1 port 7174", 5,
+                       {"/usr/bin/rping", "-c", "-a", "127.0.0.1", "-V", "-C", "200", "-v"});
+  expect_pair_ok(runs, "", "ping data: rdma-ping-199");
+}
+
+TEST_F(RdmaCm, RpingWithTheApplicationsOwnQp) {
+  // -q: rping creates and moves its QP itself, with rdma_init_qp_attr, and
+  // passes its number in rdma_conn_param.
+  auto runs = run_pair(5, {"/usr/bin/rping", "-s", "-q", "-a", kAddress5, "-V", "-C", "100"},
+                       std::string(kAddress5) + " port 7174", 6,
+                       {"/usr/bin/rping", "-c", "-q", "-a", kAddress5, "-V", "-C", "100"});
+  expect_pair_ok(runs, "", "");
+}
+
+TEST_F(RdmaCm, AGuestCannotListenAtAnotherGuestsAddress) {
+  const ProgramRun run = run_one(6, {"/usr/bin/rping", "-s", "-a", kAddress5, "-C", "1"});
+  EXPECT_FALSE(run.timed_out);
+  EXPECT_FALSE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+  EXPECT_NE(run.output.find("Cannot assign requested address"), std::string::npos) << run.output;
+  EXPECT_NE(slurp(log_).find("CM bind to 192.0.2.5 refused"), std::string::npos);
+}
+
+TEST_F(RdmaCm, NoListenerIsARejection) {
+  const ProgramRun run = run_one(6, {"/usr/bin/rping", "-c", "-a", kAddress5, "-C", "1"});
+  EXPECT_FALSE(run.timed_out);
+  EXPECT_FALSE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+  EXPECT_NE(run.output.find("RDMA_CM_EVENT_REJECTED, error 8"), std::string::npos) << run.output;
+}
+
+TEST_F(RdmaCm, Ucmatose) {
+  auto runs = run_pair(5, {"/usr/bin/ucmatose", "-b", kAddress5, "-c", "4", "-C", "50"},
+                       std::string(kAddress5) + " port 7471", 6,
+                       {"/usr/bin/ucmatose", "-s", kAddress5, "-c", "4", "-C", "50"});
+  expect_pair_ok(runs, "data transfers complete", "data transfers complete");
+}
+
+TEST_F(RdmaCm, Udaddy) {
+  auto runs = run_pair(5, {"/usr/bin/udaddy", "-b", kAddress5, "-c", "2", "-C", "20"},
+                       std::string(kAddress5) + " port 7174 (UDP)", 6,
+                       {"/usr/bin/udaddy", "-s", kAddress5, "-c", "2", "-C", "20"});
+  expect_pair_ok(runs, "data transfers complete", "data transfers complete");
+}
+
+TEST_F(RdmaCm, RdmaServerAndRdmaClient) {
+  auto runs = run_pair(5, {"/usr/bin/rdma_server", "-s", kAddress5}, std::string(kAddress5) + " port 7471", 6,
+                       {"/usr/bin/rdma_client", "-s", kAddress5});
+  expect_pair_ok(runs, "rdma_server: end 0", "rdma_client: end 0");
+}
+
+// perftest's result rows: "<bytes> <iterations> ..." under the header.
+const std::string kPerftestRow = R"(#bytes\s+#iterations[^\n]*\n\s*\d+\s+\d+\s+\d)";
+
+TEST_F(RdmaCm, IbSendLatWithRdmaCm) {
+  auto runs = run_pair(5, {"/usr/bin/ib_send_lat", "-R", "-n", "100"}, "0.0.0.0 port 18515", 6,
+                       {"/usr/bin/ib_send_lat", "-R", "-n", "100", kAddress5});
+  expect_pair_ok(runs, kPerftestRow, kPerftestRow);
+}
+
+TEST_F(RdmaCm, IbWriteBwWithRdmaCm) {
+  auto runs = run_pair(5, {"/usr/bin/ib_write_bw", "-R", "-n", "100"}, "0.0.0.0 port 18515", 6,
+                       {"/usr/bin/ib_write_bw", "-R", "-n", "100", kAddress5});
+  expect_pair_ok(runs, "", kPerftestRow);
+}
+
+}  // namespace
