@@ -7,6 +7,7 @@ packages=(
   libxen-dev xenstore-utils            # libxenstore/gnttab/evtchn/ctrl/light/xlutil + CLI tools
   libibverbs-dev rdma-core ibverbs-utils perftest
   librdmacm-dev rdmacm-utils            # RDMA-CM: headers, and the programs the compat tests run
+  ucx-utils                            # ucx_info: UCX sees vib devices (compat test)
   libyajl-dev libsystemd-dev
   libgtest-dev libgmock-dev
   clang libclang-rt-14-dev             # libFuzzer targets and sanitizer runtimes

@@ -56,6 +56,8 @@ Registry& registry() {
   return *r;
 }
 
+constexpr const char* kDeviceNodeName = "vib";
+
 DeviceEntry& entry_for(unsigned devid) {
   auto& r = registry();
   std::lock_guard lock(r.mu);
@@ -66,7 +68,11 @@ DeviceEntry& entry_for(unsigned devid) {
     d.node_type = IBV_NODE_CA;
     d.transport_type = IBV_TRANSPORT_IB;
     std::snprintf(d.name, sizeof(d.name), "vib%u", devid);
-    std::snprintf(d.dev_name, sizeof(d.dev_name), "uverbs-vib%u", devid);
+    // UCX uses a device only if /dev/infiniband/<dev_name> is a character
+    // device the process may read and write. Every vib device is reached
+    // through the same grant-allocation device, which vib's guest udev rule
+    // links there (frontend-lib/udev/90-vib.rules): one name for all.
+    std::snprintf(d.dev_name, sizeof(d.dev_name), "%s", kDeviceNodeName);
     // No kernel device backs it: sysfs reads of these paths fail cleanly.
     std::snprintf(d.dev_path, sizeof(d.dev_path), "/sys/class/infiniband_verbs/uverbs-vib%u", devid);
     std::snprintf(d.ibdev_path, sizeof(d.ibdev_path), "/sys/class/infiniband/vib%u", devid);
