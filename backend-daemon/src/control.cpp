@@ -82,8 +82,10 @@ vibif_response ControlPath::execute(const vibif_request& req) {
         d.atomic_cap = a.atomic_cap;
         d.max_ah = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_ah), config_.max_ahs);
         d.max_srq = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_srq), config_.max_srqs);
-        d.max_srq_wr = static_cast<std::uint32_t>(a.max_srq_wr);
-        d.max_srq_sge = static_cast<std::uint32_t>(a.max_srq_sge);
+        d.max_srq_wr = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_srq_wr), VIBIF_MAX_QUEUE_WR);
+        d.max_srq_sge = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_srq_sge), VIBIF_MAX_SGE);
+        d.max_sge_rd = std::min<std::uint32_t>(static_cast<std::uint32_t>(a.max_sge_rd), VIBIF_MAX_SGE);
+        d.max_res_rd_atom = static_cast<std::uint32_t>(a.max_res_rd_atom);
         d.max_pkeys = static_cast<std::uint32_t>(config_.pkeys.size());
         d.phys_port_cnt = 1;  // the guest sees only its configured port, as port 1
         d.local_ca_ack_delay = a.local_ca_ack_delay;

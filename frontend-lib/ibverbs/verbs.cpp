@@ -303,6 +303,8 @@ int vctx_query_device_ex(ibv_context* context, const ibv_query_device_ex_input* 
   return or_errno([&] {
     ibv_device_attr_ex attr{};
     ctx.device->query_device(attr.orig_attr);
+    // The extended flags start with the basic ones, as rdma-core's do.
+    attr.device_cap_flags_ex = attr.orig_attr.device_cap_flags;
     // Nothing beyond the basic attributes: no ODP, TSO, RSS, timestamps.
     std::memset(static_cast<void*>(out), 0, len);
     std::memcpy(static_cast<void*>(out), &attr, std::min(len, sizeof(attr)));

@@ -224,6 +224,8 @@ void Device::query_device(ibv_device_attr& attr) {
   attr.max_pkeys = static_cast<std::uint16_t>(d.max_pkeys);
   attr.phys_port_cnt = d.phys_port_cnt;
   attr.local_ca_ack_delay = d.local_ca_ack_delay;
+  attr.max_sge_rd = static_cast<int>(d.max_sge_rd);
+  attr.max_res_rd_atom = static_cast<int>(d.max_res_rd_atom);
 }
 
 void Device::query_port(std::uint8_t port, ibv_port_attr& attr) {

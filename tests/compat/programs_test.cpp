@@ -116,6 +116,15 @@ TEST_F(Programs, IbvDevinfoShowsTheDeviceAndAnActivePort) {
   EXPECT_NE(run.output.find("PORT_ACTIVE"), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("vib-soft"), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("GID[  0]"), std::string::npos) << run.output;
+  // Every attribute the device reports, as vibd's limits shape it.
+  EXPECT_TRUE(std::regex_search(run.output, std::regex(R"(max_sge_rd:\s+16
+)"))) << run.output;
+  EXPECT_TRUE(std::regex_search(run.output, std::regex(R"(max_res_rd_atom:\s+[1-9]\d*
+)"))) << run.output;
+  EXPECT_TRUE(std::regex_search(run.output, std::regex(R"(max_srq_sge:\s+16
+)"))) << run.output;
+  EXPECT_TRUE(std::regex_search(run.output, std::regex(R"(device_cap_flags_ex:\s+0x3400
+)"))) << run.output;
 }
 
 TEST_F(Programs, IbvRcPingpong) {

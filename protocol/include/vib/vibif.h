@@ -601,8 +601,9 @@ struct vibif_device_attr {
     uint32_t max_ah, max_srq, max_srq_wr, max_srq_sge, max_pkeys;
     uint8_t  phys_port_cnt, local_ca_ack_delay;
     uint8_t  pad[2];
+    uint32_t max_sge_rd, max_res_rd_atom;   /* 0 from a back-end before these existed */
 };
-VIBIF_STATIC_ASSERT(sizeof(struct vibif_device_attr) == 176, "vibif_device_attr size");
+VIBIF_STATIC_ASSERT(sizeof(struct vibif_device_attr) == 184, "vibif_device_attr size");
 
 /* ibv_port_attr's fields. */
 struct vibif_port_attr {
