@@ -12,6 +12,8 @@ pkg_check_modules(xlutil REQUIRED IMPORTED_TARGET xlutil)
 pkg_check_modules(libibverbs REQUIRED IMPORTED_TARGET libibverbs)
 # librdmacm's header only: vib builds its own librdmacm.so.1 (frontend-lib/rdmacm).
 pkg_check_modules(librdmacm REQUIRED librdmacm)
+# libibumad's header only: vib builds its own libibumad.so.3 (frontend-lib/umad).
+pkg_check_modules(libibumad REQUIRED libibumad)
 pkg_check_modules(yajl REQUIRED IMPORTED_TARGET yajl)
 pkg_check_modules(libsystemd IMPORTED_TARGET libsystemd)
 

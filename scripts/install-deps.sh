@@ -8,6 +8,7 @@ packages=(
   libibverbs-dev rdma-core ibverbs-utils perftest
   librdmacm-dev rdmacm-utils            # RDMA-CM: headers, and the programs the compat tests run
   ucx-utils                            # ucx_info: UCX sees vib devices (compat test)
+  libibumad-dev infiniband-diags       # ibstat over vib's libibumad (compat test)
   libyajl-dev libsystemd-dev
   libgtest-dev libgmock-dev
   clang libclang-rt-14-dev             # libFuzzer targets and sanitizer runtimes

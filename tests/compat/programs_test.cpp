@@ -127,6 +127,16 @@ TEST_F(Programs, IbvDevinfoShowsTheDeviceAndAnActivePort) {
 )"))) << run.output;
 }
 
+// infiniband-diags' ibstat reads CAs through libibumad, which vib answers
+// from verbs (no sysfs CA in a guest).
+TEST_F(Programs, IbstatShowsTheVibCaAndItsPort) {
+  const ProgramRun run = run_one(5, {"/usr/sbin/ibstat"});
+  expect_ok(run, "ibstat", R"(CA 'vib0')");
+  for (const char* line : {"Firmware version: vib-soft 1.0", "State: Active", "Physical state: LinkUp", "Rate: 100",
+                           "Base lid: 1", "Port GUID: 0x0002c9fffe000001", "Link layer: InfiniBand"})
+    EXPECT_NE(run.output.find(line), std::string::npos) << line << " in:\n" << run.output;
+}
+
 TEST_F(Programs, IbvRcPingpong) {
   expect_pair_ok(run_pair("/usr/bin/ibv_rc_pingpong", {"-n", "100"}), R"(100 iters in)");
 }
