@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "vib/front/wire.hpp"
 #include "vib_private.h"
 
 namespace vib::rdmacm {
@@ -149,21 +150,6 @@ bool is_any(const sockaddr* sa) {
   return std::all_of(std::begin(a.addr), std::end(a.addr), [](std::uint8_t b) { return b == 0; });
 }
 
-void from_wire(const vibif_ah_attr& in, ibv_ah_attr& out) {
-  out = ibv_ah_attr{};
-  std::memcpy(out.grh.dgid.raw, in.dgid, 16);
-  out.grh.flow_label = in.flow_label;
-  out.grh.sgid_index = in.sgid_index;
-  out.grh.hop_limit = in.hop_limit;
-  out.grh.traffic_class = in.traffic_class;
-  out.is_global = in.is_global;
-  out.dlid = in.dlid;
-  out.sl = in.sl;
-  out.src_path_bits = in.src_path_bits;
-  out.static_rate = in.static_rate;
-  out.port_num = in.port_num ? in.port_num : 1;
-}
-
 // ---- ids on devices -------------------------------------------------------------------
 
 // Makes `p` the id `handle` of `dev`, and delivers what was announced early.
@@ -257,24 +243,7 @@ int qp_attr_from_vibd(IdPriv* p, ibv_qp_state state, ibv_qp_attr& attr, int& mas
   req.u.cm_id.arg = state;
   vibif_response rsp;
   if (int err = call(*p->device, req, rsp)) return err;
-  const auto& w = rsp.u.cm_qp_attr.attr;
-  attr = ibv_qp_attr{};
-  attr.qp_state = static_cast<ibv_qp_state>(w.qp_state);
-  attr.path_mtu = static_cast<ibv_mtu>(w.path_mtu);
-  attr.qkey = w.qkey;
-  attr.rq_psn = w.rq_psn;
-  attr.sq_psn = w.sq_psn;
-  attr.dest_qp_num = w.dest_qp_num;
-  attr.qp_access_flags = static_cast<int>(w.qp_access_flags);
-  from_wire(w.ah_attr, attr.ah_attr);
-  attr.pkey_index = w.pkey_index;
-  attr.max_rd_atomic = w.max_rd_atomic;
-  attr.max_dest_rd_atomic = w.max_dest_rd_atomic;
-  attr.min_rnr_timer = w.min_rnr_timer;
-  attr.port_num = w.port_num;
-  attr.timeout = w.timeout;
-  attr.retry_cnt = w.retry_cnt;
-  attr.rnr_retry = w.rnr_retry;
+  vib::front::from_wire(rsp.u.cm_qp_attr.attr, attr);
   mask = static_cast<int>(rsp.u.cm_qp_attr.attr_mask);
   return 0;
 }
@@ -679,7 +648,7 @@ int rdma_get_cm_event(rdma_event_channel* channel, rdma_cm_event** event) {
         if (ud) {
           vibif_cm_route_resp route{};
           query_route(p, &route);
-          from_wire(route.ah_attr, e->event.param.ud.ah_attr);
+          vib::front::from_wire(route.ah_attr, e->event.param.ud.ah_attr);
         }
         break;
       case RDMA_CM_EVENT_REJECTED:

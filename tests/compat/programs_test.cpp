@@ -3,24 +3,11 @@
 // two guest processes — the server in domain 5, the client in domain 6 —
 // of the host-local Xen, through a real vibd on the software HCA. They
 // exchange LID/QPN/PSN (and GID) over TCP on localhost, as on a fabric.
-#include <fcntl.h>
 #include <gtest/gtest.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
-#include <unistd.h>
-
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 
 #include <chrono>
-#include <filesystem>
-#include <set>
-#include <fstream>
 #include <regex>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -51,12 +38,7 @@ class Programs : public vib::test::VibdFixture {
 
   // Starts `argv` as a process of guest `domid`, output to a file.
   pid_t start(vib::platform::DomId domid, const std::vector<std::string>& argv, const std::string& out) {
-    vib::test::GuestEnvironment env;
-    env.library_dir = VIB_IBVERBS_DIR;
-    env.local_xen_dir = xen_.dir();
-#ifdef VIB_ASAN_RUNTIME
-    env.asan_runtime = VIB_ASAN_RUNTIME;
-#endif
+    const auto env = vib::test::guest_environment(VIB_IBVERBS_DIR, xen_.dir());
     return vib::test::start_guest_program(env, domid, argv, out);
   }
   static ProgramRun finish(pid_t pid, const std::string& out, std::chrono::steady_clock::time_point deadline) {

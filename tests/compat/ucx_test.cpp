@@ -36,12 +36,7 @@ class Ucx : public vib::test::VibdFixture {
                                "exec \"$@\"";
     std::vector<std::string> wrapped = {"/usr/bin/unshare", "--mount", "/bin/sh", "-c", script, "sh"};
     wrapped.insert(wrapped.end(), argv.begin(), argv.end());
-    vib::test::GuestEnvironment env;
-    env.library_dir = VIB_LIBRARY_DIR;
-    env.local_xen_dir = xen_.dir();
-#ifdef VIB_ASAN_RUNTIME
-    env.asan_runtime = VIB_ASAN_RUNTIME;
-#endif
+    const auto env = vib::test::guest_environment(VIB_LIBRARY_DIR, xen_.dir());
     const std::string out = xen_.dir() + "/ucx.out";
     const pid_t pid = vib::test::start_guest_program(env, domid, wrapped, out);
     return vib::test::finish_program(pid, out, std::chrono::steady_clock::now() + 60s);

@@ -129,15 +129,8 @@ class Cm : public vib::test::VibdFixture {
   void SetUp() override {
     VibdFixture::SetUp();
     log_ = xen_.dir() + "/vibd.log";
-    for (auto [domid, ip] : {std::pair{5, "192.0.2.5"}, std::pair{6, "192.0.2.6"}}) {
-      const auto d = static_cast<vib::platform::DomId>(domid);
-      vib::platform::with_transaction(*store_, [&](vib::platform::TransactionId tx) {
-        provision_in(tx, d, "soft");
-        store_->write(tx, be(d) + "/" VIBIF_XS_IP, ip);
-        store_->set_permissions(tx, be(d) + "/" VIBIF_XS_IP,
-                                {{vib::platform::kDom0, vib::platform::Access::none}, {d, vib::platform::Access::read}});
-      });
-    }
+    provision_with_ip(5, "192.0.2.5");
+    provision_with_ip(6, "192.0.2.6");
     start_vibd(VIBD, log_, {"--cm-timeout", cm_timeout()});
     ASSERT_TRUE(eventually(be(5) + "/state", "2"));
     ASSERT_TRUE(eventually(be(6) + "/state", "2"));

@@ -27,6 +27,18 @@ struct GuestEnvironment {
   std::vector<std::string> extra;  // more NAME=value entries
 };
 
+// vib's libraries in `library_dir`; with a sanitized build (the including
+// test target defines VIB_ASAN_RUNTIME), the sanitizer runtime preloaded.
+inline GuestEnvironment guest_environment(const std::string& library_dir, const std::string& local_xen_dir) {
+  GuestEnvironment env;
+  env.library_dir = library_dir;
+  env.local_xen_dir = local_xen_dir;
+#ifdef VIB_ASAN_RUNTIME
+  env.asan_runtime = VIB_ASAN_RUNTIME;
+#endif
+  return env;
+}
+
 std::string slurp(const std::string& path);
 // A TCP port nobody uses now (the kernel's pick).
 unsigned free_port();

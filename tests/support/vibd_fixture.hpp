@@ -49,6 +49,15 @@ class VibdFixture : public ::testing::Test {
   void provision_in(platform::TransactionId tx, platform::DomId domid, const std::string& hca) {
     provision_device(*store_, tx, domid, hca);
   }
+  // A device with the RDMA-CM address `ip` (the toolstack's `ip=`).
+  void provision_with_ip(platform::DomId domid, const std::string& ip, const std::string& hca = "soft") {
+    platform::with_transaction(*store_, [&](platform::TransactionId tx) {
+      provision_in(tx, domid, hca);
+      store_->write(tx, be(domid) + "/" VIBIF_XS_IP, ip);
+      store_->set_permissions(tx, be(domid) + "/" VIBIF_XS_IP,
+                              {{platform::kDom0, platform::Access::none}, {domid, platform::Access::read}});
+    });
+  }
 
   // Polls xenstore (bounded) until `path` reads `want` (nullopt: is absent).
   bool eventually(const std::string& path, std::optional<std::string> want,
