@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <system_error>
 
@@ -25,7 +26,8 @@ using wire::Op;
 }
 
 // One connection to the domain's hypervisor socket. Calls are synchronous;
-// event messages that arrive meanwhile are queued for pending().
+// messages the service sends unasked (wire::Op::bound, peer_closed) that
+// arrive meanwhile are queued for next_notice().
 class Channel {
  public:
   Channel(const std::string& dir, DomId self)
@@ -35,6 +37,13 @@ class Channel {
     std::uint32_t value = 0;
     std::vector<std::uint32_t> entries;
     std::vector<UniqueFd> fds;
+  };
+
+  // Something the service said unasked.
+  struct Notice {
+    Op what;
+    EventPort port;
+    UniqueFd fd;
   };
 
   // Returns 0 or the errno the hypervisor answered with.
@@ -48,15 +57,13 @@ class Channel {
     if (!send_message(fd_.get(), msg, fds)) return EPIPE;
     std::vector<std::byte> bytes;
     for (;;) {
+      answer.fds.clear();
       if (!receive_message(fd_.get(), bytes, answer.fds, wire::kMaxMessage, wire::kMaxFdsPerMessage))
         return errno ? errno : EPIPE;
       wire::Reply reply;
       if (bytes.size() < sizeof(reply)) return EPROTO;
       std::memcpy(&reply, bytes.data(), sizeof(reply));
-      if (reply.op == Op::event) {
-        queue_event(reply.value);
-        continue;
-      }
+      if (queue_notice(reply, answer.fds)) continue;
       if (reply.op != req.op || reply.count > (bytes.size() - sizeof(reply)) / 4) return EPROTO;
       answer.value = reply.value;
       answer.entries.resize(reply.count);
@@ -72,29 +79,29 @@ class Channel {
 
   int fd() const { return fd_.get(); }
 
-  // Event channels only: moves arrived events into the queue, pops one.
-  std::optional<EventPort> next_event() {
+  // Moves arrived notices into the queue, pops one.
+  std::optional<Notice> next_notice() {
     std::lock_guard lock(mutex_);
     std::vector<std::byte> bytes;
     std::vector<UniqueFd> fds;
-    while (receive_message(fd_.get(), bytes, fds, wire::kMaxMessage, 0, /*nonblocking=*/true)) {
+    while (receive_message(fd_.get(), bytes, fds, wire::kMaxMessage, 1, /*nonblocking=*/true)) {
       wire::Reply reply;
       if (bytes.size() >= sizeof(reply)) {
         std::memcpy(&reply, bytes.data(), sizeof(reply));
-        if (reply.op == Op::event) queue_event(reply.value);
+        queue_notice(reply, fds);
       }
     }
-    if (events_.empty()) return std::nullopt;
-    const EventPort port = events_.front();
-    events_.pop_front();
-    if (events_.empty() && queued_signal_) {
+    if (notices_.empty()) return std::nullopt;
+    Notice notice = std::move(notices_.front());
+    notices_.pop_front();
+    if (notices_.empty() && queued_signal_) {
       std::uint64_t v;
       [[maybe_unused]] auto n = ::read(queued_signal_.get(), &v, sizeof(v));
     }
-    return port;
+    return notice;
   }
 
-  // An eventfd readable while events wait in the queue (set up on demand).
+  // An eventfd readable while notices wait in the queue (set up on demand).
   int queued_signal() {
     std::lock_guard lock(mutex_);
     if (!queued_signal_) queued_signal_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -102,17 +109,22 @@ class Channel {
   }
 
  private:
-  void queue_event(EventPort port) {
-    events_.push_back(port);
+  bool queue_notice(const wire::Reply& reply, std::vector<UniqueFd>& fds) {
+    if (reply.op != Op::bound && reply.op != Op::peer_closed) return false;
+    Notice n{reply.op, reply.value, {}};
+    if (reply.op == Op::bound && !fds.empty()) n.fd = std::move(fds.front());
+    fds.clear();
+    notices_.push_back(std::move(n));
     if (queued_signal_) {
       const std::uint64_t one = 1;
-      [[maybe_unused]] auto n = ::write(queued_signal_.get(), &one, sizeof(one));
+      [[maybe_unused]] auto w = ::write(queued_signal_.get(), &one, sizeof(one));
     }
+    return true;
   }
 
   UniqueFd fd_;
   std::mutex mutex_;
-  std::deque<EventPort> events_;
+  std::deque<Notice> notices_;
   UniqueFd queued_signal_;
 };
 
@@ -276,17 +288,17 @@ class LocalSharer final : public GrantSharer {
   std::shared_ptr<Channel> channel_;
 };
 
+// Event channels with Xen's semantics, where a notify is one write(2) to the
+// peer port's signal eventfd (wire.hpp) and masking is kept here: a raised
+// port's eventfd leaves the epoll set (EPOLLONESHOT) until unmask() puts it
+// back, and raises meanwhile add up in its count, seen once on unmask.
 class LocalEventChannels final : public EventChannels {
  public:
-  LocalEventChannels(const std::string& dir, DomId self) : channel_(dir, self) {
+  LocalEventChannels(const std::string& dir, DomId self)
+      : channel_(dir, self), ready_signal_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
     epoll_.reset(::epoll_create1(EPOLL_CLOEXEC));
-    if (!epoll_) fail(errno, "epoll");
-    for (int fd : {channel_.fd(), channel_.queued_signal()}) {
-      epoll_event ev{};
-      ev.events = EPOLLIN;
-      ev.data.fd = fd;
-      if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) fail(errno, "epoll_ctl");
-    }
+    if (!epoll_ || !ready_signal_) fail(errno, "epoll");
+    for (int fd : {channel_.fd(), channel_.queued_signal(), ready_signal_.get()}) watch(fd, EPOLLIN, kNotAPort);
   }
 
   EventPort bind_unbound(DomId remote) override {
@@ -294,6 +306,8 @@ class LocalEventChannels final : public EventChannels {
     req.domid = remote;
     Channel::Answer a;
     channel_.call_or_throw(req, "allocating an event channel for domain " + std::to_string(remote), a);
+    if (a.fds.size() != 1) fail(EPROTO, "hypervisor alloc_unbound reply");
+    add_port(a.value, std::move(a.fds[0]), {});
     return a.value;
   }
 
@@ -304,16 +318,96 @@ class LocalEventChannels final : public EventChannels {
     Channel::Answer a;
     channel_.call_or_throw(req, "binding to port " + std::to_string(remote_port) + " of domain " +
                                     std::to_string(remote), a);
+    if (a.fds.size() != 2) fail(EPROTO, "hypervisor bind_interdomain reply");
+    add_port(a.value, std::move(a.fds[0]), std::move(a.fds[1]));
     return a.value;
   }
 
-  void unbind(EventPort port) override { simple(Op::unbind, port, "unbinding"); }
-  void notify(EventPort port) override { simple(Op::notify, port, "notifying"); }
-  void unmask(EventPort port) override { simple(Op::unmask, port, "unmasking"); }
+  void unbind(EventPort port) override {
+    simple(Op::unbind, port, "unbinding");
+    std::lock_guard lock(mu_);
+    if (auto it = ports_.find(port); it != ports_.end()) {
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, it->second.signal.get(), nullptr);
+      ports_.erase(it);
+    }
+    std::erase(ready_, port);
+  }
+
+  void notify(EventPort port) override {
+    {
+      std::lock_guard lock(mu_);
+      auto it = ports_.find(port);
+      if (it != ports_.end() && !it->second.peer) {
+        take_notices();
+        it = ports_.find(port);
+      }
+      if (it != ports_.end() && it->second.peer) {
+        const std::uint64_t one = 1;
+        [[maybe_unused]] auto n = ::write(it->second.peer.get(), &one, sizeof one);
+        return;
+      }
+    }
+    // Not bound yet (Xen drops that notify), or not ours: the service decides.
+    simple(Op::notify, port, "notifying");
+  }
+
+  void unmask(EventPort port) override {
+    std::lock_guard lock(mu_);
+    auto it = ports_.find(port);
+    if (it == ports_.end()) fail(ENOENT, "unmasking port " + std::to_string(port));
+    if (!it->second.masked) return;
+    it->second.masked = false;
+    // Back in the set: a count that built up while masked raises it at once.
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.data.u64 = port;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, it->second.signal.get(), &ev) != 0) fail(errno, "epoll_ctl");
+  }
+
   int fd() override { return epoll_.get(); }
-  std::optional<EventPort> pending() override { return channel_.next_event(); }
+
+  std::optional<EventPort> pending() override {
+    std::lock_guard lock(mu_);
+    if (ready_.empty()) {
+      epoll_event evs[64];
+      const int n = ::epoll_wait(epoll_.get(), evs, 64, 0);
+      for (int i = 0; i < n; ++i) {
+        if (evs[i].data.u64 == kNotAPort) {
+          take_notices();  // the service said something (or a call queued it)
+          continue;
+        }
+        const auto port = static_cast<EventPort>(evs[i].data.u64);
+        auto it = ports_.find(port);
+        if (it == ports_.end()) continue;
+        std::uint64_t count;
+        [[maybe_unused]] auto r = ::read(it->second.signal.get(), &count, sizeof count);
+        it->second.masked = true;
+        ready_.push_back(port);
+      }
+    }
+    if (ready_signalled_) {
+      std::uint64_t v;
+      [[maybe_unused]] auto r = ::read(ready_signal_.get(), &v, sizeof v);
+      ready_signalled_ = false;
+    }
+    if (ready_.empty()) return std::nullopt;
+    const EventPort port = ready_.front();
+    ready_.pop_front();
+    if (!ready_.empty()) {
+      // More raised ports wait here: fd() stays readable for them.
+      const std::uint64_t one = 1;
+      [[maybe_unused]] auto w = ::write(ready_signal_.get(), &one, sizeof one);
+      ready_signalled_ = true;
+    }
+    return port;
+  }
 
   std::optional<bool> peer_closed(EventPort port) override {
+    {
+      std::lock_guard lock(mu_);
+      take_notices();
+      if (auto it = ports_.find(port); it != ports_.end()) return it->second.closed;
+    }
     auto req = request(Op::peer_status);
     req.port = port;
     Channel::Answer a;
@@ -322,6 +416,38 @@ class LocalEventChannels final : public EventChannels {
   }
 
  private:
+  static constexpr std::uint64_t kNotAPort = ~std::uint64_t{0};
+
+  struct PortState {
+    UniqueFd signal;  // raised by the peer and the service; read here
+    UniqueFd peer;    // the peer port's signal: written to notify it
+    bool masked = false;
+    bool closed = false;
+  };
+
+  void watch(int fd, std::uint32_t events, std::uint64_t data) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.u64 = data;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) fail(errno, "epoll_ctl");
+  }
+
+  void add_port(EventPort port, UniqueFd signal, UniqueFd peer) {
+    std::lock_guard lock(mu_);
+    watch(signal.get(), EPOLLIN | EPOLLONESHOT, port);
+    ports_[port] = PortState{std::move(signal), std::move(peer)};
+  }
+
+  // What the service said unasked; mu_ held.
+  void take_notices() {
+    while (auto notice = channel_.next_notice()) {
+      auto it = ports_.find(notice->port);
+      if (it == ports_.end()) continue;
+      if (notice->what == Op::bound) it->second.peer = std::move(notice->fd);
+      if (notice->what == Op::peer_closed) it->second.closed = true;
+    }
+  }
+
   void simple(Op op, EventPort port, const char* what) {
     auto req = request(op);
     req.port = port;
@@ -331,6 +457,11 @@ class LocalEventChannels final : public EventChannels {
 
   Channel channel_;
   UniqueFd epoll_;
+  UniqueFd ready_signal_;  // readable while ready_ holds ports
+  std::mutex mu_;
+  bool ready_signalled_ = false;
+  std::map<EventPort, PortState> ports_;
+  std::deque<EventPort> ready_;
 };
 
 }  // namespace

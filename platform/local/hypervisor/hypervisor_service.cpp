@@ -70,10 +70,22 @@ struct Port {
   enum class State { unbound, connected, peer_gone } state = State::unbound;
   DomId remote_dom;
   EventPort remote_port = 0;
-  bool masked = false;
-  bool pending = false;
   bool owner_gone = false;  // kept only so a pending unmap-notify can still fire
+  // Written to raise the port (wire.hpp); the owner and, once bound, the
+  // peer hold it too.
+  std::shared_ptr<UniqueFd> signal;
 };
+
+std::shared_ptr<UniqueFd> make_signal() {
+  auto fd = std::make_shared<UniqueFd>(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!*fd) throw std::system_error(errno, std::generic_category(), "eventfd");
+  return fd;
+}
+
+void raise(const UniqueFd& signal) {
+  const std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(signal.get(), &one, sizeof one);
+}
 
 struct Connection {
   DomId domid;
@@ -214,11 +226,10 @@ class Service final : public HypervisorService {
       case Op::end_grant: reply.status = end_grants(conn_id, req.id); break;
       case Op::map: reply.status = map(conn_id, req, args, out, out_fds, reply.value); break;
       case Op::unmap: reply.status = unmap(conn_id, req.id); break;
-      case Op::alloc_unbound: reply.status = alloc_unbound(conn_id, req, reply.value); break;
-      case Op::bind_interdomain: reply.status = bind_interdomain(conn_id, req, reply.value); break;
+      case Op::alloc_unbound: reply.status = alloc_unbound(conn_id, req, reply.value, out_fds); break;
+      case Op::bind_interdomain: reply.status = bind_interdomain(conn_id, req, reply.value, out_fds); break;
       case Op::unbind: reply.status = unbind(conn_id, req.port); break;
       case Op::notify: reply.status = notify(c.domid, req.port); break;
-      case Op::unmask: reply.status = unmask(conn_id, req.port); break;
       case Op::peer_status: reply.status = peer_status(c.domid, req.port, reply.value); break;
       default: return close_connection(conn_id);
     }
@@ -363,17 +374,30 @@ class Service final : public HypervisorService {
     }
   }
 
-  int alloc_unbound(std::uint32_t conn_id, const wire::Request& req, std::uint32_t& port_out) {
+  int alloc_unbound(std::uint32_t conn_id, const wire::Request& req, std::uint32_t& port_out,
+                    std::vector<int>& out_fds) {
     Domain* self = domain(connections_.at(conn_id).domid);
     if (!self || !domain(static_cast<DomId>(req.domid))) return ESRCH;
     if (self->ports.size() >= wire::kMaxPortsPerDomain) return ENOSPC;
     const EventPort port = self->next_port++;
-    self->ports[port] = Port{conn_id, Port::State::unbound, static_cast<DomId>(req.domid)};
+    self->ports[port] = Port{conn_id, Port::State::unbound, static_cast<DomId>(req.domid), 0, false, make_signal()};
+    Port& p = self->ports[port];
+    out_fds.push_back(p.signal->get());
     port_out = port;
     return 0;
   }
 
-  int bind_interdomain(std::uint32_t conn_id, const wire::Request& req, std::uint32_t& port_out) {
+  // Tells the owner of `port` of domain `dom` something unasked (wire::Op::bound, peer_closed).
+  void tell_owner(DomId dom, EventPort port, const Port& p, Op what, std::span<const int> fds = {}) {
+    if (p.owner_gone) return;
+    auto c = connections_.find(p.owner_conn);
+    if (c == connections_.end() || c->second.domid != dom) return;
+    const wire::Reply message{what, 0, port, 0};
+    send_message(c->second.fd.get(), std::as_bytes(std::span(&message, 1)), fds);
+  }
+
+  int bind_interdomain(std::uint32_t conn_id, const wire::Request& req, std::uint32_t& port_out,
+                       std::vector<int>& out_fds) {
     const DomId self_id = connections_.at(conn_id).domid;
     Domain* self = domain(self_id);
     Domain* remote = domain(static_cast<DomId>(req.domid));
@@ -385,9 +409,16 @@ class Service final : public HypervisorService {
       return EINVAL;
     if (self->ports.size() >= wire::kMaxPortsPerDomain) return ENOSPC;
     const EventPort port = self->next_port++;
-    self->ports[port] = Port{conn_id, Port::State::connected, static_cast<DomId>(req.domid), req.port};
+    self->ports[port] =
+        Port{conn_id, Port::State::connected, static_cast<DomId>(req.domid), req.port, false, make_signal()};
+    Port& p = self->ports[port];
     rp->second.state = Port::State::connected;
     rp->second.remote_port = port;
+    // Each end gets the other's signal fd: from now on a notify is a write.
+    const int mine = p.signal->get();
+    tell_owner(static_cast<DomId>(req.domid), req.port, rp->second, Op::bound, std::span(&mine, 1));
+    out_fds.push_back(mine);
+    out_fds.push_back(rp->second.signal->get());
     port_out = port;
     return 0;
   }
@@ -396,7 +427,10 @@ class Service final : public HypervisorService {
     if (p.state != Port::State::connected) return;
     if (Domain* r = domain(p.remote_dom)) {
       auto rp = r->ports.find(p.remote_port);
-      if (rp != r->ports.end()) rp->second.state = Port::State::peer_gone;
+      if (rp != r->ports.end() && rp->second.state == Port::State::connected) {
+        rp->second.state = Port::State::peer_gone;
+        tell_owner(p.remote_dom, p.remote_port, rp->second, Op::peer_closed);
+      }
     }
   }
 
@@ -452,36 +486,10 @@ class Service final : public HypervisorService {
     if (!r) return 0;
     auto rp = r->ports.find(it->second.remote_port);
     if (rp == r->ports.end() || rp->second.owner_gone) return 0;
-    deliver(it->second.remote_port, rp->second);
+    raise(*rp->second.signal);
     return 0;
   }
 
-  // Xen's rule: a delivered port stays masked until unmasked; events in
-  // between are remembered once and delivered on unmask.
-  void deliver(EventPort port, Port& p) {
-    if (p.masked) {
-      p.pending = true;
-      return;
-    }
-    p.masked = true;
-    auto c = connections_.find(p.owner_conn);
-    if (c == connections_.end()) return;
-    const wire::Reply event{Op::event, 0, port, 0};
-    send_message(c->second.fd.get(), std::as_bytes(std::span(&event, 1)));
-  }
-
-  int unmask(std::uint32_t conn_id, EventPort port) {
-    Domain* d = domain(connections_.at(conn_id).domid);
-    if (!d) return ESRCH;
-    auto it = d->ports.find(port);
-    if (it == d->ports.end() || it->second.owner_conn != conn_id) return ENOENT;
-    it->second.masked = false;
-    if (it->second.pending) {
-      it->second.pending = false;
-      deliver(port, it->second);
-    }
-    return 0;
-  }
 
   int peer_status(DomId dom, EventPort port, std::uint32_t& gone) {
     Domain* d = domain(dom);

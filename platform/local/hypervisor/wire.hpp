@@ -12,14 +12,22 @@ enum class Op : std::uint32_t {
   end_grant,         // `count` refs of the caller's own grant table
   map,               // `count` refs of domain `domid`; reply: (fd index, page) pairs + fds
   unmap,             // mapping `id`
-  alloc_unbound,     // remote `domid`; reply: port in `value`
+  alloc_unbound,     // remote `domid`; reply: port in `value` + the port's signal fd
   bind_interdomain,  // remote `domid`, remote `port`; reply: local port in `value`
+                     // + the port's signal fd + the remote port's signal fd
   unbind,            // `port`
-  notify,            // `port`
-  unmask,            // `port`
+  notify,            // `port` (when the caller has no signal fd of the peer yet)
   peer_status,       // `port`; reply: `value` 1 when the peer has gone
-  event,             // service -> client: `port` is pending
+  // Service -> client, unasked, to the connection owning `port`:
+  bound,             // a peer bound to `port`; its signal fd rides along
+  peer_closed,       // the peer of `port` has gone
 };
+
+// Each port has a signal fd (an eventfd) that the service and the peer
+// write to raise the port: a notify is one write(2), no round trip through
+// the service. The owner keeps Xen's masking rule itself: a raised port is
+// masked until unmasked, and raises meanwhile are remembered once (the
+// eventfd's count) and seen on unmask.
 
 inline constexpr std::uint32_t kWritable = 1u << 0;
 inline constexpr std::uint32_t kNotifyByte = 1u << 1;
