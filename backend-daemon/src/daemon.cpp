@@ -1,9 +1,10 @@
 // vibd's main thread: it watches xenstore for devices and drives their
-// handshakes, routes the HCAs' events to the contexts they concern, and
-// closes contexts whose guest process has gone. Each context's requests and
-// queues are served by that context's own worker thread (see Context), so a
-// slow request of one guest never delays another guest.
+// handshakes, routes the HCAs' asynchronous events to the contexts they
+// concern, and closes contexts whose guest process has gone. The contexts'
+// rings and queues are served by the fast-path workers and the control pool
+// (workers.hpp), so a slow request of one guest never delays another guest.
 #include <poll.h>
+#include <unistd.h>
 #include <sys/eventfd.h>
 
 #include <cstring>
@@ -24,6 +25,11 @@ using platform::kNoTransaction;
 
 namespace {
 
+unsigned online_cpus() {
+  const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<unsigned>(n) : 1u;
+}
+
 class Environment final : public DeviceEnvironment {
  public:
   explicit Environment(const DaemonOptions& options)
@@ -33,7 +39,9 @@ class Environment final : public DeviceEnvironment {
                                           : platform::open_grant_mapper(options.xen)),
         sharer_(platform::open_grant_sharer(options.xen)),
         cm_(options.cm_timeout),
-        wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+        wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+        control_pool_(options.control_threads),
+        fast_path_(options.workers ? options.workers : online_cpus(), options.max_spin, router_) {
     if (!wake_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
     hotplug_.scripts_dir = options.scripts_dir;
     hotplug_.timeout = options.script_timeout;
@@ -57,6 +65,8 @@ class Environment final : public DeviceEnvironment {
   const std::string& default_hca() const override { return options_.default_hca; }
   HcaEventRouter& router() override { return router_; }
   CmBroker& cm() override { return cm_; }
+  FastPathPool& fast_path() override { return fast_path_; }
+  ControlPool& control_pool() override { return control_pool_; }
   const HotplugSettings& hotplug() const override { return hotplug_; }
   void wake() override {
     const std::uint64_t one = 1;
@@ -78,8 +88,12 @@ class Environment final : public DeviceEnvironment {
   HotplugSettings hotplug_;
   platform::UniqueFd wake_fd_;
   HcaEventRouter router_;
-  // Last: devices are gone before their HCAs (Daemon owns the devices).
+  // Devices are gone before their HCAs (Daemon owns the devices).
   std::map<std::string, std::unique_ptr<platform::Hca>> hcas_;
+  // Last, destroyed first: the workers let go of every context, then the
+  // control pool frees them (with the HCAs and the Xen handles still here).
+  ControlPool control_pool_;
+  FastPathPool fast_path_;
 };
 
 class Daemon {
@@ -114,7 +128,6 @@ class Daemon {
                               {env_.wake_fd(), POLLIN, 0}};
       std::vector<platform::Hca*> hcas;
       for (auto& [name, hca] : env_.hcas()) {
-        fds.push_back({hca->completion_fd(), POLLIN, 0});
         fds.push_back({hca->async_fd(), POLLIN, 0});
         hcas.push_back(hca.get());
       }
@@ -125,7 +138,7 @@ class Daemon {
       }
       if (fds[0].revents) return 0;
       for (std::size_t i = 0; i < hcas.size(); ++i)
-        if (fds[3 + 2 * i].revents | fds[4 + 2 * i].revents) env_.router().dispatch(*hcas[i]);
+        if (fds[3 + i].revents) env_.router().dispatch_async(*hcas[i]);
       if (fds[2].revents) {
         env_.clear_wake();
         for (auto& [id, device] : devices_) device->close_finished_contexts();

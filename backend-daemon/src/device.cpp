@@ -342,7 +342,11 @@ void Device::refresh_contexts() {
       continue;
     }
     try {
-      contexts_[id] = std::make_unique<Context>(env_, *config_, *hca_, id_, id, fe_ctx + "/" + std::to_string(id), be_ctx);
+      auto context = make_context(
+          std::make_unique<Context>(env_, *config_, *hca_, id_, id, fe_ctx + "/" + std::to_string(id), be_ctx),
+          env_.control_pool());
+      env_.fast_path().add(context, *hca_);
+      contexts_[id] = std::move(context);
     } catch (const std::exception& e) {
       log_line(LogLevel::warning, context_subject(id_.domid, id_.devid, id), std::string("refused: ") + e.what());
       store.write(kNoTransaction, be_ctx + "/" VIBIF_XS_ERROR, e.what());
@@ -351,16 +355,14 @@ void Device::refresh_contexts() {
   }
 }
 
-std::vector<Context*> Device::contexts() {
-  std::vector<Context*> out;
-  for (auto& [id, ctx] : contexts_) out.push_back(ctx.get());
-  return out;
-}
-
 void Device::close_context(unsigned ctxid, const char* why) {
   auto it = contexts_.find(ctxid);
   if (it == contexts_.end()) return;
   log_line(LogLevel::info, context_subject(id_.domid, id_.devid, ctxid), std::string("closing: ") + why);
+  // Never waits: the worker and the control pool let go on their own, and
+  // the last of them hands it to the control pool to be freed.
+  it->second->close();
+  env_.fast_path().remove(it->second);
   contexts_.erase(it);
   // The back-end's node goes; the guest's node is the guest's to remove.
   try {
@@ -394,31 +396,64 @@ vibif_doorbell_page& doorbell_of(platform::SharedPages& pages) {
   return *reinterpret_cast<vibif_doorbell_page*>(pages.bytes().data());
 }
 
-// How long the worker keeps polling after the last work before it sleeps:
-// long enough to catch a ping-pong's next message, short enough that an
-// idle guest costs nothing.
-constexpr auto kBusyPollWindow = std::chrono::microseconds(200);
+// Requests that may take long: they map or unmap guest pages (as much as the
+// guest's quota allows), or may block in the HCA (a QP's or AH's path
+// resolution on RoCE). They run on the control pool; every other request
+// runs on the fast-path worker at once.
+bool may_take_long(std::uint16_t op) {
+  switch (op) {
+    case VIBIF_OP_REG_MR:
+    case VIBIF_OP_DEREG_MR:
+    case VIBIF_OP_CREATE_CQ:
+    case VIBIF_OP_RESIZE_CQ:
+    case VIBIF_OP_DESTROY_CQ:
+    case VIBIF_OP_CREATE_QP:
+    case VIBIF_OP_MODIFY_QP:
+    case VIBIF_OP_DESTROY_QP:
+    case VIBIF_OP_CREATE_SRQ:
+    case VIBIF_OP_DESTROY_SRQ:
+    case VIBIF_OP_CREATE_AH:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Requests the control pool serves of one context before it lets others
+// have the thread.
+constexpr int kControlBatch = 16;
+// How often a kick makes the worker ask whether the guest's end of the event
+// channel is still there (a process that died without its unmap
+// notification reaching us): at most this often per context.
+constexpr auto kPeerCheckInterval = std::chrono::milliseconds(50);
 
 }  // namespace
+
+std::shared_ptr<Context> make_context(std::unique_ptr<Context> context, ControlPool& pool) {
+  return std::shared_ptr<Context>(context.release(), [&pool](Context* last) {
+    // The task owns it now; destroyed when the task is.
+    std::shared_ptr<Context> owned(last);
+    pool.submit([owned] {});
+  });
+}
 
 Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
                  unsigned ctxid, const std::string& fe, const std::string& be)
     : env_(env),
+      config_(config),
       ctxid_(ctxid),
       subject_(context_subject(device.domid, device.devid, ctxid)),
       doorbell_(env.sharer().share(device.domid, 1, /*writable=*/true)),
       memory_(std::make_unique<GrantedMemory>(env.mapper(), device.domid)),
       mailbox_(std::make_shared<ContextMailbox>()),
       cm_(env.cm().open(device, subject_, [mailbox = mailbox_] { mailbox->wake(); })),
-      control_(config, hca, *memory_, doorbell_of(*doorbell_), subject_,
+      control_(config_, hca, *memory_, doorbell_of(*doorbell_), subject_,
                [router = &env.router(), mailbox = mailbox_](const void* object, bool added) {
                  if (added)
                    router->add(object, mailbox);
                  else
                    router->remove(object);
-               }),
-      stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
-  if (!stop_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
+               }) {
   control_.set_extension(cm_.get());
   auto& store = env.store();
   auto need = [&](const char* key, std::uint64_t max) {
@@ -443,7 +478,7 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
   ring_pages_ = env.mapper().map(device.domid, refs, /*writable=*/true);
   vibif_ctrl_back_ring_init(&ring_, reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data()),
                             ring_pages_->bytes().size());
-  // Busy until the worker first goes to sleep: the guest need not kick.
+  // Awake until its worker first puts it to sleep: the guest need not kick.
   __atomic_store_n(&doorbell_of(*doorbell_).backend_polling, 1u, __ATOMIC_RELEASE);
   platform::with_transaction(store, [&](platform::TransactionId tx) {
     store.write(tx, be + "/" VIBIF_XS_DOORBELL_REF, std::to_string(doorbell_->refs()[0]));
@@ -452,17 +487,13 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
   log_line(LogLevel::info, subject_,
            "connected: " + std::to_string(refs.size()) + "-page ring, event channel " + std::to_string(port_) +
                ", doorbell grant " + std::to_string(doorbell_->refs()[0]));
-  worker_ = std::thread([this] { run_worker(); });
 }
 
 Context::~Context() {
-  const std::uint64_t one = 1;
-  [[maybe_unused]] auto n = ::write(stop_fd_.get(), &one, sizeof one);
-  if (worker_.joinable()) worker_.join();
   env_.cm().close(*cm_);  // the peers of its connections learn it went
   log_line(LogLevel::info, subject_,
-           "freed: " + control_.free_all() + "; " + std::to_string(requests_) + " requests served, worker slept " +
-               std::to_string(sleeps_) + " times");
+           "freed: " + control_.free_all() + "; " + std::to_string(requests_) + " requests served (" +
+               std::to_string(handed_over_) + " on the control pool), slept " + std::to_string(sleeps_) + " times");
 }
 
 bool Context::guest_alive() const {
@@ -471,118 +502,154 @@ bool Context::guest_alive() const {
   return __atomic_load_n(alive, __ATOMIC_ACQUIRE) != 0;
 }
 
-bool Context::serve_ring(bool& did) {
-  bool served = false;
-  for (int more = 1; more;) {
-    // The producer index is guest-written: read it once, and refuse one
-    // that claims more requests than the ring can hold.
-    const RING_IDX prod = __atomic_load_n(&ring_.sring->req_prod, __ATOMIC_ACQUIRE);
-    if (RING_REQUEST_PROD_OVERFLOW(&ring_, prod)) {
-      log_line(LogLevel::warning, subject_, "request producer beyond the ring: closing");
-      return false;
-    }
-    while (ring_.req_cons != prod) {
-      // Copy the request out of the shared page once; only the copy is read.
-      vibif_request req;
-      std::memcpy(&req, RING_GET_REQUEST(&ring_, ring_.req_cons), sizeof(req));
-      ring_.req_cons++;
-      const vibif_response rsp = control_.execute(req);
-      std::memcpy(RING_GET_RESPONSE(&ring_, ring_.rsp_prod_pvt), &rsp, sizeof(rsp));
-      ring_.rsp_prod_pvt++;
-      ++requests_;
-      served = true;
-    }
-    more = vibif_ctrl_back_final_check(&ring_);
-  }
-  if (served && vibif_ctrl_back_push(&ring_)) events_->notify(port_);
-  did |= served;
-  return true;
+void Context::finish(const char* why) {
+  const char* none = nullptr;
+  if (finished_.compare_exchange_strong(none, why, std::memory_order_acq_rel)) env_.wake();
 }
 
-// Sleeps until the guest kicks the event channel, the HCA has an event for
-// this context, or the context is stopped. False when the guest has gone
-// (its port's peer closed) or the context is stopping.
-bool Context::sleep_until_woken() {
-  ++sleeps_;
-  pollfd fds[3] = {{events_->fd(), POLLIN, 0}, {mailbox_->fd(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
-  while (::poll(fds, 3, -1) < 0) {
-    if (errno != EINTR) {
-      log_line(LogLevel::error, subject_, std::string("poll: ") + std::strerror(errno));
-      return false;
+void Context::respond(const vibif_request& req) {
+  const vibif_response rsp = control_.execute(req);
+  std::memcpy(RING_GET_RESPONSE(&ring_, ring_.rsp_prod_pvt), &rsp, sizeof(rsp));
+  ring_.rsp_prod_pvt++;
+  ++requests_;
+}
+
+void Context::push_responses() {
+  if (vibif_ctrl_back_push(&ring_)) events_->notify(port_);
+}
+
+Context::Ring Context::serve_ring(bool& did) {
+  // The producer index is guest-written: read it once, and refuse one that
+  // claims more requests than the ring can hold. At most one ring's worth
+  // per pass, however fast the guest produces.
+  const RING_IDX prod = __atomic_load_n(&ring_.sring->req_prod, __ATOMIC_ACQUIRE);
+  if (RING_REQUEST_PROD_OVERFLOW(&ring_, prod)) {
+    log_line(LogLevel::warning, subject_, "request producer beyond the ring: closing");
+    return Ring::broken;
+  }
+  Ring result = Ring::served;
+  bool served = false;
+  while (ring_.req_cons != prod) {
+    // Copy the request out of the shared page once; only the copy is read.
+    vibif_request req;
+    std::memcpy(&req, RING_GET_REQUEST(&ring_, ring_.req_cons), sizeof(req));
+    ring_.req_cons++;
+    if (may_take_long(req.hdr.op)) {
+      in_control_ = true;
+      ++handed_over_;
+      env_.control_pool().submit([self = shared_from_this(), req] { self->serve_control(req); });
+      result = Ring::handed_over;
+      break;
+    }
+    respond(req);
+    served = true;
+  }
+  if (served) push_responses();
+  // Asks the guest to notify for the next request, unless one is there.
+  if (result == Ring::served && vibif_ctrl_back_final_check(&ring_)) did = true;
+  did |= served;
+  return result;
+}
+
+void Context::serve_control(std::optional<vibif_request> first) {
+  {
+    std::lock_guard lock(mu_);
+    if (!closing_.load(std::memory_order_acquire)) {
+      if (first) respond(*first);
+      for (int n = first ? 1 : 0; n < kControlBatch && !closing_.load(std::memory_order_acquire); ++n) {
+        const RING_IDX prod = __atomic_load_n(&ring_.sring->req_prod, __ATOMIC_ACQUIRE);
+        if (RING_REQUEST_PROD_OVERFLOW(&ring_, prod)) break;  // the worker closes it
+        if (ring_.req_cons == prod && !vibif_ctrl_back_final_check(&ring_)) {
+          in_control_ = false;
+          break;
+        }
+        if (ring_.req_cons == prod) continue;
+        vibif_request req;
+        std::memcpy(&req, RING_GET_REQUEST(&ring_, ring_.req_cons), sizeof(req));
+        ring_.req_cons++;
+        respond(req);
+      }
+      push_responses();
+    } else {
+      in_control_ = false;
+    }
+    if (in_control_) {
+      // More waiting: back of the queue, so other contexts get the thread too.
+      env_.control_pool().submit([self = shared_from_this()] { self->serve_control(std::nullopt); });
+      return;
     }
   }
-  if (fds[2].revents) return false;
-  if (fds[1].revents) mailbox_->clear_wake();
+  mailbox_->wake();  // back to the worker
+}
+
+void Context::consume_kick() {
   bool kicked = false;
   while (auto port = events_->pending()) {
     events_->unmask(*port);
     kicked = true;
   }
-  // A kick may be the port's peer closing (a process that died without its
-  // unmap notification reaching us).
-  return !(kicked && events_->peer_closed(port_).value_or(false));
-}
-
-bool Context::stop_requested() const {
-  pollfd fd{stop_fd_.get(), POLLIN, 0};
-  return ::poll(&fd, 1, 0) > 0;
-}
-
-void Context::run_worker() {
-  auto& doorbell = doorbell_of(*doorbell_);
-  auto last_work = std::chrono::steady_clock::now();
-  const char* why = nullptr;
-  try {
-    for (;;) {
-      if (!guest_alive()) {
-        why = "guest process gone (ring released)";
-        break;
-      }
-      bool did = false;
-      if (!serve_ring(did)) {
-        why = "ring broken by the guest";
-        break;
-      }
-      for (const auto& event : mailbox_->take()) control_.deliver_async_event(event);
-      for (const vibif_handle_t id : cm_->take_announcements()) {
-        control_.queue_guest_event(VIBIF_EVENT_CM, 0, id);
-        did = true;
-      }
-      did |= control_.service_queues();
-      if (control_.take_guest_notification()) events_->notify(port_);
-      const auto now = std::chrono::steady_clock::now();
-      if (did || control_.queues_pending()) {
-        last_work = now;
-        continue;
-      }
-      if (now - last_work < kBusyPollWindow) {
-        std::this_thread::yield();
-        continue;
-      }
-      // Going idle. Tell the guest to kick us, ask the HCA for an event at
-      // the next completion, then look once more: whatever arrived before
-      // those two stores is seen here, whatever arrives after wakes us.
-      __atomic_store_n(&doorbell.backend_polling, 0u, __ATOMIC_SEQ_CST);
-      control_.arm_hca_cqs();
-      __atomic_thread_fence(__ATOMIC_SEQ_CST);
-      bool late = vibif_ctrl_back_final_check(&ring_) || control_.service_queues() || control_.queues_pending();
-      if (control_.take_guest_notification()) events_->notify(port_);
-      if (!late) {
-        if (!sleep_until_woken()) {
-          if (stop_requested()) return;
-          why = "guest process gone (event channel closed)";
-          break;
-        }
-      }
-      __atomic_store_n(&doorbell.backend_polling, 1u, __ATOMIC_SEQ_CST);
-      last_work = std::chrono::steady_clock::now();
-    }
-  } catch (const std::exception& e) {
-    log_line(LogLevel::error, subject_, std::string("worker failed: ") + e.what());
-    why = "worker failed";
+  const auto now = std::chrono::steady_clock::now();
+  if (kicked && now - last_peer_check_ >= kPeerCheckInterval) {
+    last_peer_check_ = now;
+    if (events_->peer_closed(port_).value_or(false)) peer_gone_.store(true, std::memory_order_release);
   }
-  finished_.store(why, std::memory_order_release);
-  env_.wake();
 }
+
+Schedulable::Pass Context::pass() {
+  if (finished()) return Pass::finished;
+  if (!guest_alive()) {
+    finish("guest process gone (ring released)");
+    return Pass::finished;
+  }
+  if (peer_gone_.load(std::memory_order_acquire)) {
+    finish("guest process gone (event channel closed)");
+    return Pass::finished;
+  }
+  std::unique_lock lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock() || in_control_) return Pass::parked;
+  bool did = false;
+  try {
+    const Ring ring = serve_ring(did);
+    if (ring == Ring::broken) {
+      finish("ring broken by the guest");
+      return Pass::finished;
+    }
+    for (const auto& event : mailbox_->take()) control_.deliver_async_event(event);
+    for (const vibif_handle_t id : cm_->take_announcements()) {
+      control_.queue_guest_event(VIBIF_EVENT_CM, 0, id);
+      did = true;
+    }
+    did |= control_.service_queues();
+    if (control_.take_guest_notification()) events_->notify(port_);
+    if (ring == Ring::handed_over) return Pass::parked;
+    return did || control_.queues_pending() ? Pass::worked : Pass::idle;
+  } catch (const std::exception& e) {
+    log_line(LogLevel::error, subject_, std::string("fast path failed: ") + e.what());
+    finish("fast path failed");
+    return Pass::finished;
+  }
+}
+
+bool Context::prepare_sleep() {
+  std::unique_lock lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock() || in_control_) return true;  // parked: the pool wakes it
+  auto& doorbell = doorbell_of(*doorbell_);
+  // Tell the guest to kick us, ask the HCA for an event at the next
+  // completion, then look once more: whatever arrived before those two
+  // stores is seen here, whatever arrives after wakes us.
+  __atomic_store_n(&doorbell.backend_polling, 0u, __ATOMIC_SEQ_CST);
+  control_.arm_hca_cqs();
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  bool late = vibif_ctrl_back_final_check(&ring_) || control_.service_queues() || control_.queues_pending();
+  if (control_.take_guest_notification()) events_->notify(port_);
+  if (late) {
+    __atomic_store_n(&doorbell.backend_polling, 1u, __ATOMIC_SEQ_CST);
+    return false;
+  }
+  ++sleeps_;
+  return true;
+}
+
+void Context::woke() { __atomic_store_n(&doorbell_of(*doorbell_).backend_polling, 1u, __ATOMIC_SEQ_CST); }
 
 }  // namespace vib::backend

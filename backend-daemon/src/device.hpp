@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <optional>
 #include <string>
@@ -21,6 +22,7 @@
 #include "vib/platform/xenbus.hpp"
 #include "vib/platform/xenstore.hpp"
 #include "vib/vibif.h"
+#include "workers.hpp"
 
 namespace vib::backend {
 
@@ -38,6 +40,8 @@ class DeviceEnvironment {
   virtual HcaEventRouter& router() = 0;
   // The guests' connection manager (RDMA-CM), shared by every device.
   virtual CmBroker& cm() = 0;
+  virtual FastPathPool& fast_path() = 0;
+  virtual ControlPool& control_pool() = 0;
   virtual const HotplugSettings& hotplug() const = 0;
   // Called from another thread when the main thread has something to pick
   // up: a context's worker found its guest process gone (see
@@ -71,7 +75,6 @@ class Device {
   // The frontend's domain died: free everything at once.
   void domain_gone();
 
-  std::vector<Context*> contexts();
   void close_context(unsigned ctxid, const char* why);
   // Closes the contexts whose workers found their guest process gone.
   void close_finished_contexts();
@@ -105,53 +108,80 @@ class Device {
   bool hotplug_added_ = false;  // "add" succeeded and "remove" has not run
   platform::Hca* hca_ = nullptr;
   bool cm_registered_ = false;  // the broker knows this device's addresses
-  std::map<unsigned, std::unique_ptr<Context>> contexts_;
+  std::map<unsigned, std::shared_ptr<Context>> contexts_;
 };
 
 // One guest process's channel: its ring, event channel, doorbell page and
 // every verbs object it created, all freed with it.
 //
-// Threads: the constructor and destructor run on vibd's main thread; in
-// between, the context's own worker thread alone touches the ring, the
-// doorbell page and the ControlPath, so one guest's slow request (a large
-// registration) never stalls another's. The worker busy-polls while the
-// guest is busy and sleeps on the event channel (with backend_polling = 0 in
-// the doorbell page, so the guest kicks it) when it is idle.
-class Context {
+// Threads: the constructor runs on vibd's main thread, which then hands the
+// context to a fast-path worker (FastPathPool) and keeps a reference until
+// it closes it. The worker alone polls it; a control request that may take
+// long goes, with every request after it, to the ControlPool, and the worker
+// leaves the context alone (parked) until the pool gives it back: mu_ says
+// who holds the ring and the ControlPath. Whoever lets go last hands the
+// context to the ControlPool to be destroyed (make_context), so freeing a
+// guest's objects never stalls a worker or the main thread.
+class Context final : public Schedulable, public std::enable_shared_from_this<Context> {
  public:
   Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
           unsigned ctxid, const std::string& frontend_ctx, const std::string& backend_ctx);
-  ~Context();
+  ~Context() override;
 
   unsigned id() const { return ctxid_; }
   // Set by the worker once the guest process has gone; the reason, for the log.
   const char* finished() const { return finished_.load(std::memory_order_acquire); }
+  // The main thread closes it: the control pool stops serving it.
+  void close() { closing_.store(true, std::memory_order_release); }
+
+  // Schedulable, on the context's worker.
+  int event_fd() override { return events_->fd(); }
+  int mailbox_fd() override { return mailbox_->fd(); }
+  void consume_kick() override;
+  void consume_mail() override { mailbox_->clear_wake(); }
+  Pass pass() override;
+  bool prepare_sleep() override;
+  void woke() override;
 
  private:
-  void run_worker();
-  // One pass over the ring; false when the guest process has gone.
-  bool serve_ring(bool& did);
+  enum class Ring { served, handed_over, broken };
+  // Executes the requests the guest queued, up to a ring's worth, until one
+  // that may take long: that one (copied) goes to the control pool. mu_ held.
+  Ring serve_ring(bool& did);
+  // On the control pool: `first`, then the ring's requests in order, up to a
+  // bounded number; the worker gets the context back when the ring is empty.
+  void serve_control(std::optional<vibif_request> first);
+  void respond(const vibif_request& req);  // executes and queues the response; mu_ held
+  void push_responses();                   // mu_ held
   bool guest_alive() const;
-  bool sleep_until_woken();
-  bool stop_requested() const;
+  void finish(const char* why);
 
   DeviceEnvironment& env_;
+  DeviceConfig config_;  // a copy: the context may outlive its Device by a little
   unsigned ctxid_;
   std::string subject_;
   std::unique_ptr<platform::EventChannels> events_;
   platform::EventPort port_ = 0;
   std::unique_ptr<platform::GrantMapping> ring_pages_;
-  vibif_ctrl_back_ring ring_{};
   std::unique_ptr<platform::SharedPages> doorbell_;
   std::unique_ptr<GuestMemory> memory_;  // before control_, which uses it
   std::shared_ptr<ContextMailbox> mailbox_;
   std::shared_ptr<CmEndpoint> cm_;  // before control_, which serves its ops
+  std::mutex mu_;  // the ring and control_: the worker's pass or the control pool
+  vibif_ctrl_back_ring ring_{};
+  bool in_control_ = false;  // the control pool serves the ring; mu_
   ControlPath control_;
   std::uint64_t requests_ = 0;
   std::uint64_t sleeps_ = 0;
-  platform::UniqueFd stop_fd_;
+  std::uint64_t handed_over_ = 0;
+  std::chrono::steady_clock::time_point last_peer_check_{};
+  std::atomic<bool> peer_gone_{false};
+  std::atomic<bool> closing_{false};
   std::atomic<const char*> finished_{nullptr};
-  std::thread worker_;  // last: started when everything else exists
 };
+
+// Makes a context whose last owner hands it to the control pool to be
+// destroyed there.
+std::shared_ptr<Context> make_context(std::unique_ptr<Context> context, ControlPool& pool);
 
 }  // namespace vib::backend

@@ -1,8 +1,9 @@
 // How the HCA's events reach the context that owns the object they name.
 //
 // An HCA has one completion-event fd and one async-event fd for all of its
-// objects; vibd's main thread waits on them and routes each event to the
-// owning context's mailbox, which wakes that context's worker. Workers
+// objects; the fast-path workers wait on the first, vibd's main thread on the
+// second, and each event goes to the owning context's mailbox, which wakes
+// the context on its worker. Workers
 // register and unregister their objects (ControlPath's HcaObjectListener).
 #pragma once
 
@@ -73,10 +74,13 @@ class HcaEventRouter {
     std::lock_guard lock(mu_);
     owners_.erase(object);
   }
-  // Main thread: drains the HCA's pending events and wakes their owners.
-  void dispatch(platform::Hca& hca) {
+  // Completion events (a fast-path worker): wakes the owners of the CQs.
+  void dispatch_completions(platform::Hca& hca) {
     while (platform::CompletionQueue* cq = hca.next_completion_event())
       if (auto mailbox = owner(cq)) mailbox->wake();
+  }
+  // Asynchronous events (vibd's main thread): queued for their owners.
+  void dispatch_async(platform::Hca& hca) {
     while (auto event = hca.next_async_event()) {
       const void* object = event->qp ? static_cast<const void*>(event->qp)
                            : event->cq ? static_cast<const void*>(event->cq)

@@ -32,6 +32,11 @@ void usage(std::ostream& out) {
          "  --local-xen DIR     use the host-local Xen served by `vib-localxen serve --dir DIR`\n"
          "                      instead of the real one (machines without a hypervisor)\n"
          "  --domid N           with --local-xen: the domain vibd acts as (default 0)\n"
+         "  --workers N         fast-path worker threads serving the contexts\n"
+         "                      (default: one per online CPU)\n"
+         "  --max-spin US       how long an idle worker may busy-poll before it sleeps, when\n"
+         "                      spinning pays and takes no CPU from anyone (default 50; 0: never)\n"
+         "  --control-threads N threads for slow control requests, at most (default 8)\n"
          "  --systemd           log with journald priorities (also when JOURNAL_STREAM is set)\n"
          "  --verbose           log every object created and freed\n"
          "  --list-hcas         print the HCAs vibd can use and exit\n"
@@ -98,6 +103,18 @@ int main(int argc, char** argv) {
         std::cerr << "vibd: bad --domid '" << v << "'\n";
         return 2;
       }
+    } else if (arg == "--workers" || arg == "--max-spin" || arg == "--control-threads") {
+      const std::string v = value();
+      char* end = nullptr;
+      const long n = std::strtol(v.c_str(), &end, 10);
+      const long min = arg == "--max-spin" ? 0 : 1, max = arg == "--max-spin" ? 100000 : 1024;
+      if (v.empty() || *end || n < min || n > max) {
+        std::cerr << "vibd: bad " << arg << " '" << v << "' (" << min << ".." << max << ")\n";
+        return 2;
+      }
+      if (arg == "--workers") options.workers = static_cast<unsigned>(n);
+      if (arg == "--max-spin") options.max_spin = std::chrono::microseconds(n);
+      if (arg == "--control-threads") options.control_threads = static_cast<unsigned>(n);
     } else if (arg == "--systemd") {
       options.systemd_logging = true;
     } else if (arg == "--verbose") {

@@ -39,6 +39,13 @@ struct DaemonOptions {
   // mapped with, so a test can hold one guest's mapping in the middle and
   // watch what else vibd still does meanwhile.
   std::function<std::unique_ptr<platform::GrantMapper>(std::unique_ptr<platform::GrantMapper>)> wrap_grant_mapper;
+  // The fast path: how many workers serve the contexts (0: one per online
+  // CPU), how long an idle worker may spin before it sleeps (when spinning
+  // pays and takes no CPU from anyone: workers.hpp, SpinPolicy; 0: never),
+  // and how many threads the control pool may grow to.
+  unsigned workers = 0;
+  std::chrono::microseconds max_spin{50};
+  unsigned control_threads = 8;
   bool systemd_logging = false;
   bool verbose = false;
 };

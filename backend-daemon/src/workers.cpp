@@ -1,0 +1,421 @@
+#include "workers.hpp"
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <map>
+#include <system_error>
+
+#include "hca_events.hpp"
+#include "log.hpp"
+
+namespace vib::backend {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+// ---- SpinPolicy ------------------------------------------------------------
+
+namespace {
+
+// A spin that got less CPU than this share of its wall time was contended.
+constexpr double kFairShare = 0.9;
+// How long spinning stays off after contention was seen, at least and at most.
+constexpr auto kMinBackoff = 10ms;
+constexpr auto kMaxBackoff = 1000ms;
+// Below this share of idle periods caught by a spin, spinning does not pay.
+constexpr std::uint32_t kMinHitRate = 512;  // of 1024
+
+}  // namespace
+
+std::int64_t SpinPolicy::thread_cpu_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+long SpinPolicy::involuntary_switches() {
+  rusage usage{};
+  ::getrusage(RUSAGE_THREAD, &usage);
+  return usage.ru_nivcsw;
+}
+
+std::chrono::microseconds SpinPolicy::budget(Clock::time_point now) const {
+  if (max_spin_.count() == 0 || now < quiet_until_ || hit_rate_ < kMinHitRate) return 0us;
+  return max_spin_;
+}
+
+void SpinPolicy::spin_started() {
+  spin_start_ = Clock::now();
+  spin_cpu_start_ = thread_cpu_ns();
+  spin_switches_start_ = involuntary_switches();
+  ++spins_;
+}
+
+void SpinPolicy::spin_ended(Clock::time_point now, bool found_work) {
+  const auto wall = std::chrono::duration_cast<std::chrono::nanoseconds>(now - spin_start_).count();
+  const auto cpu = thread_cpu_ns() - spin_cpu_start_;
+  const bool preempted = involuntary_switches() != spin_switches_start_;
+  // Short spins say little about the CPU share (the clocks' own cost); the
+  // scheduler's preemption always counts.
+  const bool starved = wall > 20'000 && static_cast<double>(cpu) < kFairShare * static_cast<double>(wall);
+  if (preempted || starved) {
+    ++contended_count_;
+    quiet_until_ = now + backoff_;
+    backoff_ = std::min<std::chrono::milliseconds>(backoff_ * 2, kMaxBackoff);
+  } else {
+    backoff_ = std::max<std::chrono::milliseconds>(backoff_ / 2, kMinBackoff);
+  }
+  hit_rate_ = hit_rate_ - hit_rate_ / 8 + (found_work ? 1024 / 8 : 0);
+}
+
+void SpinPolicy::slept(std::chrono::nanoseconds gap) {
+  // Work that came back within a spin window after a sleep is a hit a spin
+  // would have had; one that came later confirms the sleep.
+  const bool would_hit = gap <= max_spin_;
+  hit_rate_ = hit_rate_ - hit_rate_ / 8 + (would_hit ? 1024 / 8 : 0);
+}
+
+// ---- Worker ----------------------------------------------------------------
+
+class Worker {
+ public:
+  Worker(unsigned index, std::chrono::microseconds max_spin, HcaEventRouter& router)
+      : index_(index), policy_(max_spin), router_(router), epoll_(::epoll_create1(EPOLL_CLOEXEC)),
+        inbox_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (!epoll_ || !inbox_fd_) throw std::system_error(errno, std::generic_category(), "worker epoll");
+    inbox_source_.kind = Source::Kind::inbox;
+    watch(inbox_fd_.get(), &inbox_source_, EPOLLIN);
+    thread_ = std::thread([this] { run(); });
+  }
+
+  ~Worker() {
+    stop_.store(true, std::memory_order_release);
+    kick();
+    thread_.join();
+  }
+
+  void adopt(std::shared_ptr<Schedulable> context, platform::Hca& hca) {
+    post(Command{Command::Kind::adopt, std::move(context), &hca, nullptr});
+  }
+  void drop(std::shared_ptr<Schedulable> context) {
+    post(Command{Command::Kind::drop, std::move(context), nullptr, nullptr});
+  }
+  void hand_over(std::shared_ptr<Schedulable> context, platform::Hca& hca, Worker& to) {
+    post(Command{Command::Kind::hand_over, std::move(context), &hca, &to});
+  }
+
+ private:
+  struct Entry;
+  struct Source {
+    enum class Kind { inbox, hca, kick, mail } kind = Kind::inbox;
+    Entry* entry = nullptr;
+    platform::Hca* hca = nullptr;
+  };
+  struct Entry {
+    std::shared_ptr<Schedulable> context;
+    platform::Hca* hca = nullptr;
+    enum class State { awake, asleep, parked, finished } state = State::awake;
+    Clock::time_point last_work;
+    std::vector<int> fds;
+    Source kick, mail;
+  };
+  struct Command {
+    enum class Kind { adopt, drop, hand_over } kind;
+    std::shared_ptr<Schedulable> context;
+    platform::Hca* hca;
+    Worker* to;
+  };
+
+  void post(Command command) {
+    {
+      std::lock_guard lock(inbox_mu_);
+      inbox_.push_back(std::move(command));
+    }
+    kick();
+  }
+  void kick() {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(inbox_fd_.get(), &one, sizeof one);
+  }
+
+  void watch(int fd, Source* source, std::uint32_t events) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.ptr = source;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0)
+      throw std::system_error(errno, std::generic_category(), "epoll_ctl");
+  }
+
+  void take_inbox() {
+    std::vector<Command> commands;
+    {
+      std::lock_guard lock(inbox_mu_);
+      commands.swap(inbox_);
+    }
+    for (auto& c : commands) {
+      if (c.kind == Command::Kind::adopt) {
+        add(std::move(c.context), *c.hca);
+        continue;
+      }
+      auto it = std::find_if(entries_.begin(), entries_.end(),
+                             [&](const std::unique_ptr<Entry>& e) { return e->context == c.context; });
+      if (it == entries_.end()) continue;
+      for (int fd : (*it)->fds) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+      std::erase(awake_, it->get());
+      if (c.kind == Command::Kind::hand_over && (*it)->state != Entry::State::finished) {
+        // The new worker starts with it awake: whatever is pending is seen.
+        (*it)->context->woke();
+        c.to->adopt(std::move((*it)->context), *c.hca);
+      }
+      entries_.erase(it);
+    }
+  }
+
+  void add(std::shared_ptr<Schedulable> context, platform::Hca& hca) {
+    if (!hcas_.count(&hca)) {
+      // Completion events of sleeping contexts: whichever worker is free
+      // takes each one (EPOLLEXCLUSIVE) and wakes the owner.
+      auto& source = hca_sources_.emplace_back(std::make_unique<Source>());
+      source->kind = Source::Kind::hca;
+      source->hca = &hca;
+      watch(hca.completion_fd(), source.get(), EPOLLIN | EPOLLEXCLUSIVE);
+      hcas_.insert(&hca);
+    }
+    auto entry = std::make_unique<Entry>();
+    entry->context = std::move(context);
+    entry->hca = &hca;
+    entry->last_work = Clock::now();
+    entry->fds = {entry->context->event_fd(), entry->context->mailbox_fd()};
+    entry->kick = Source{Source::Kind::kick, entry.get(), nullptr};
+    entry->mail = Source{Source::Kind::mail, entry.get(), nullptr};
+    watch(entry->fds[0], &entry->kick, EPOLLIN);
+    watch(entry->fds[1], &entry->mail, EPOLLIN);
+    awake_.push_back(entry.get());
+    entries_.push_back(std::move(entry));
+  }
+
+  void wake_entry(Entry& e, bool kicked, Clock::time_point now) {
+    if (kicked)
+      e.context->consume_kick();
+    else
+      e.context->consume_mail();
+    if (e.state == Entry::State::asleep || e.state == Entry::State::parked) {
+      e.context->woke();
+      e.state = Entry::State::awake;
+      e.last_work = now;
+      awake_.push_back(&e);
+    }
+  }
+
+  // Waits for wake-ups (timeout in ms, -1 forever) and handles them.
+  void wait_events(int timeout_ms) {
+    epoll_event evs[64];
+    const int n = ::epoll_wait(epoll_.get(), evs, 64, timeout_ms);
+    if (n < 0 && errno != EINTR)
+      log_line(LogLevel::error, "vibd/worker" + std::to_string(index_), std::string("epoll_wait: ") + std::strerror(errno));
+    const auto now = Clock::now();
+    for (int i = 0; i < n; ++i) {
+      auto* source = static_cast<Source*>(evs[i].data.ptr);
+      switch (source->kind) {
+        case Source::Kind::inbox: {
+          std::uint64_t v;
+          [[maybe_unused]] auto r = ::read(inbox_fd_.get(), &v, sizeof v);
+          break;
+        }
+        case Source::Kind::hca: router_.dispatch_completions(*source->hca); break;
+        case Source::Kind::kick:
+        case Source::Kind::mail:
+          if (source->entry->state != Entry::State::finished)
+            wake_entry(*source->entry, source->kind == Source::Kind::kick, now);
+          break;
+      }
+    }
+  }
+
+  void finish(Entry& e) {
+    e.state = Entry::State::finished;
+    for (int fd : e.fds) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+    e.fds.clear();
+  }
+
+  void run() {
+    bool spinning = false;
+    auto last_work = Clock::now();
+    unsigned idle_passes = 0;
+    while (!stop_.load(std::memory_order_acquire)) {
+      take_inbox();
+      auto now = Clock::now();
+      const auto budget = policy_.budget(now);
+      bool did = false;
+      // One bounded pass over every awake context; the sleepy ones go to sleep.
+      for (std::size_t i = 0; i < awake_.size();) {
+        Entry& e = *awake_[i];
+        bool keep = true;
+        switch (e.context->pass()) {
+          case Schedulable::Pass::worked:
+            did = true;
+            e.last_work = now;
+            break;
+          case Schedulable::Pass::idle:
+            if (now - e.last_work >= budget && e.context->prepare_sleep()) {
+              e.state = Entry::State::asleep;
+              keep = false;
+            }
+            break;
+          case Schedulable::Pass::parked:
+            e.state = Entry::State::parked;
+            keep = false;
+            break;
+          case Schedulable::Pass::finished:
+            finish(e);
+            keep = false;
+            break;
+        }
+        if (keep) {
+          ++i;
+        } else {
+          awake_[i] = awake_.back();
+          awake_.pop_back();
+        }
+      }
+      now = Clock::now();
+      if (did) {
+        if (spinning) policy_.spin_ended(now, true);
+        spinning = false;
+        last_work = now;
+        // Sleeping contexts' kicks, now and then while busy.
+        if (++idle_passes % 64 == 0) wait_events(0);
+        continue;
+      }
+      if (!awake_.empty()) {
+        // Idle but some contexts are still within their spin window.
+        if (!spinning) policy_.spin_started();
+        spinning = true;
+        wait_events(0);
+        continue;
+      }
+      if (spinning) policy_.spin_ended(now, false);
+      spinning = false;
+      wait_events(-1);
+      policy_.slept(Clock::now() - last_work);
+    }
+    entries_.clear();  // lets go of every context (destroyed elsewhere: ControlPool)
+  }
+
+  unsigned index_;
+  SpinPolicy policy_;
+  HcaEventRouter& router_;
+  platform::UniqueFd epoll_;
+  platform::UniqueFd inbox_fd_;
+  Source inbox_source_;
+  std::mutex inbox_mu_;
+  std::vector<Command> inbox_;
+  // The worker thread's own.
+  std::vector<std::unique_ptr<Entry>> entries_;
+  std::vector<Entry*> awake_;
+  std::set<platform::Hca*> hcas_;
+  std::vector<std::unique_ptr<Source>> hca_sources_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: runs on everything above
+};
+
+// ---- FastPathPool ----------------------------------------------------------
+
+FastPathPool::FastPathPool(unsigned workers, std::chrono::microseconds max_spin, HcaEventRouter& router) {
+  for (unsigned i = 0; i < std::max(1u, workers); ++i)
+    workers_.push_back(std::make_unique<Worker>(i, max_spin, router));
+}
+
+FastPathPool::~FastPathPool() { workers_.clear(); }
+
+void FastPathPool::add(std::shared_ptr<Schedulable> context, platform::Hca& hca) {
+  std::lock_guard lock(mu_);
+  std::vector<unsigned> count(workers_.size(), 0);
+  for (auto& [ctx, p] : placed_) ++count[p.worker];
+  const auto least = static_cast<unsigned>(std::min_element(count.begin(), count.end()) - count.begin());
+  placed_[context.get()] = Placement{context, least, &hca};
+  workers_[least]->adopt(std::move(context), hca);
+}
+
+void FastPathPool::remove(const std::shared_ptr<Schedulable>& context) {
+  std::lock_guard lock(mu_);
+  auto it = placed_.find(context.get());
+  if (it == placed_.end()) return;
+  workers_[it->second.worker]->drop(context);
+  placed_.erase(it);
+  rebalance();
+}
+
+// Moves one context from the busiest worker to the least busy when their
+// counts differ by more than one (after a removal, at most one move is due).
+void FastPathPool::rebalance() {
+  std::vector<unsigned> count(workers_.size(), 0);
+  for (auto& [ctx, p] : placed_) ++count[p.worker];
+  const auto most = static_cast<unsigned>(std::max_element(count.begin(), count.end()) - count.begin());
+  const auto least = static_cast<unsigned>(std::min_element(count.begin(), count.end()) - count.begin());
+  if (count[most] <= count[least] + 1) return;
+  for (auto& [ctx, p] : placed_) {
+    if (p.worker != most) continue;
+    auto context = p.context.lock();
+    if (!context) continue;
+    p.worker = least;
+    workers_[most]->hand_over(std::move(context), *p.hca, *workers_[least]);
+    return;
+  }
+}
+
+// ---- ControlPool -----------------------------------------------------------
+
+ControlPool::ControlPool(unsigned max_threads) : max_threads_(std::max(1u, max_threads)) {}
+
+ControlPool::~ControlPool() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : threads_) t.join();
+  // Whatever a finishing task queued after the threads left.
+  while (!queue_.empty()) {
+    Task task = std::move(queue_.front());
+    queue_.pop_front();
+    task();
+  }
+}
+
+void ControlPool::submit(Task task) {
+  std::lock_guard lock(mu_);
+  queue_.push_back(std::move(task));
+  if (idle_ == 0 && threads_.size() < max_threads_ && !stopping_)
+    threads_.emplace_back([this] { run(); });
+  else
+    cv_.notify_one();
+}
+
+unsigned ControlPool::threads() const {
+  std::lock_guard lock(mu_);
+  return static_cast<unsigned>(threads_.size());
+}
+
+void ControlPool::run() {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    ++idle_;
+    cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    --idle_;
+    if (queue_.empty()) return;  // stopping, nothing left
+    Task task = std::move(queue_.front());
+    queue_.pop_front();
+    lock.unlock();
+    task();
+    task = nullptr;  // whatever it owned goes before the lock is taken again
+    lock.lock();
+  }
+}
+
+}  // namespace vib::backend

@@ -1,0 +1,152 @@
+// vibd's execution model (docs/design.md, "vibd threads"): a fixed set of
+// fast-path workers, each serving many contexts, and a small pool for the
+// control requests that may take long. What a worker or the pool does with a
+// context is the context's business (Context); this file only schedules.
+#pragma once
+
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "vib/platform/hca.hpp"
+#include "vib/platform/unique_fd.hpp"
+
+namespace vib::backend {
+
+class HcaEventRouter;
+
+// What a worker needs from a context. Every call but the constructor's
+// happens on the context's current worker thread.
+class Schedulable {
+ public:
+  virtual ~Schedulable() = default;
+  // The fds that wake the context when it sleeps: its event channel's and
+  // its mailbox's.
+  virtual int event_fd() = 0;
+  virtual int mailbox_fd() = 0;
+  // After event_fd() (or mailbox_fd()) was readable: consumes what made it so.
+  virtual void consume_kick() = 0;
+  virtual void consume_mail() = 0;
+  enum class Pass {
+    worked,    // did something: poll again soon
+    idle,      // nothing to do
+    parked,    // the control pool has it: do not poll it until it wakes
+    finished,  // the guest has gone: never poll it again
+  };
+  // One bounded pass over the context's ring and queues.
+  virtual Pass pass() = 0;
+  // Going to sleep: tells the guest to kick and the HCA to raise completion
+  // events, then looks once more. False if work arrived meanwhile (the
+  // context stays awake).
+  virtual bool prepare_sleep() = 0;
+  // Woken: the guest may stop kicking.
+  virtual void woke() = 0;
+};
+
+// Decides whether an idle worker spins or sleeps. Spinning pays only when
+// work comes back within the spin window, and is acceptable only while the
+// worker is not taking a CPU someone else wants. Measured per spin: the
+// worker's involuntary context switches (getrusage RUSAGE_THREAD) and its
+// CPU time against wall time; a spin during which the scheduler preempted
+// the worker, or gave it less than 90% of the wall time, means the CPUs are
+// contended, and the worker stops spinning for a back-off period that grows
+// while contention lasts.
+class SpinPolicy {
+ public:
+  using Clock = std::chrono::steady_clock;
+  explicit SpinPolicy(std::chrono::microseconds max_spin) : max_spin_(max_spin) {}
+  // How long to spin now before sleeping (zero: sleep at once).
+  std::chrono::microseconds budget(Clock::time_point now) const;
+  void spin_started();
+  // A spin ended; `found_work` says whether it caught work.
+  void spin_ended(Clock::time_point now, bool found_work);
+  // After a sleep: `gap` from the last work to the next; a short one would
+  // have been caught by a spin.
+  void slept(std::chrono::nanoseconds gap);
+
+  std::uint64_t spins() const { return spins_; }
+  std::uint64_t contended() const { return contended_count_; }
+
+ private:
+  static std::int64_t thread_cpu_ns();
+  static long involuntary_switches();
+
+  std::chrono::microseconds max_spin_;
+  Clock::time_point spin_start_{};
+  std::int64_t spin_cpu_start_ = 0;
+  long spin_switches_start_ = 0;
+  Clock::time_point quiet_until_{};  // no spinning before this
+  std::chrono::milliseconds backoff_{10};
+  // Exponentially weighted share of idle periods that a spin would catch
+  // (fixed point, 1024 = all).
+  std::uint32_t hit_rate_ = 1024;
+  std::uint64_t spins_ = 0, contended_count_ = 0;
+};
+
+class Worker;
+
+// The fast-path workers. Contexts are added by vibd's main thread, go to
+// the worker serving the fewest, and move when the counts drift apart.
+class FastPathPool {
+ public:
+  FastPathPool(unsigned workers, std::chrono::microseconds max_spin, HcaEventRouter& router);
+  ~FastPathPool();  // stops and joins the workers (each pass is bounded)
+  FastPathPool(const FastPathPool&) = delete;
+  FastPathPool& operator=(const FastPathPool&) = delete;
+
+  void add(std::shared_ptr<Schedulable> context, platform::Hca& hca);
+  // Never waits for the worker: it lets go of the context on its next loop.
+  void remove(const std::shared_ptr<Schedulable>& context);
+  unsigned size() const { return static_cast<unsigned>(workers_.size()); }
+
+ private:
+  struct Placement {
+    std::weak_ptr<Schedulable> context;
+    unsigned worker;
+    platform::Hca* hca;
+  };
+  void rebalance();
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::mutex mu_;
+  std::map<const Schedulable*, Placement> placed_;
+};
+
+// Threads for control requests that may take long (registrations, queue
+// creation: anything that maps guest pages or may block in the HCA). A
+// context is queued at most once and served by one thread at a time, so its
+// requests stay in order. The pool grows while every thread is busy and
+// work waits, up to `max_threads`, so one guest's slow request stalls no
+// other guest.
+class ControlPool {
+ public:
+  using Task = std::function<void()>;
+  explicit ControlPool(unsigned max_threads);
+  ~ControlPool();  // runs what is queued, then joins
+  ControlPool(const ControlPool&) = delete;
+  ControlPool& operator=(const ControlPool&) = delete;
+  void submit(Task task);
+  unsigned threads() const;
+
+ private:
+  void run();
+  unsigned max_threads_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Task> queue_;
+  unsigned idle_ = 0;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace vib::backend
