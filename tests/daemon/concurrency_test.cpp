@@ -1,17 +1,20 @@
 // vibd's threads: one guest's slow request (a large registration, held in
 // the middle of mapping its pages) stalls neither other guests nor the same
-// guest's other processes. vibd runs in this process (run_daemon) so the
-// test can hold that mapping; the guests use libvibfront as usual.
+// guest's other processes, nor the data path of contexts served by the same
+// fast-path worker. vibd runs in this process (run_daemon) so the test can
+// hold that mapping; the guests use libvibfront as usual.
 #include <gtest/gtest.h>
 #include <sys/eventfd.h>
 
 #include <condition_variable>
+#include <cstring>
 #include <future>
 #include <mutex>
 #include <thread>
 
 #include "vib/backend/vibd.hpp"
 #include "vib/front/verbs.hpp"
+#include "rc_connect.hpp"
 #include "vib/platform/unique_fd.hpp"
 #include "vibd_fixture.hpp"
 
@@ -50,10 +53,11 @@ class HoldingMapper final : public GrantMapper {
 
 class VibdThreads : public vib::test::VibdFixture {
  protected:
-  void start_in_process() {
+  void start_in_process(unsigned workers = 0) {
     vib::backend::DaemonOptions options;
     options.xen = xen_.as(0);
     options.provision = false;
+    options.workers = workers;
     options.wrap_grant_mapper = [this](std::unique_ptr<GrantMapper> real) {
       auto holding = std::make_unique<HoldingMapper>(std::move(real));
       mapper_ = holding.get();
@@ -114,7 +118,91 @@ void exercise(Device& device) {
   EXPECT_NE(mr->lkey(), 0u);
 }
 
+// A context with a connected RC QP and a registered buffer.
+struct Peer {
+  std::unique_ptr<Device> device;
+  std::unique_ptr<vib::front::Pd> pd;
+  std::unique_ptr<vib::front::Cq> cq;
+  std::unique_ptr<vib::front::Qp> qp;
+  std::vector<char> buffer = std::vector<char>(4096);
+  std::unique_ptr<vib::front::Mr> mr;
+
+  explicit Peer(std::unique_ptr<Device> opened) : device(std::move(opened)) {
+    pd = device->alloc_pd();
+    cq = device->create_cq(16);
+    vib::front::QpInit init;
+    init.send_cq = init.recv_cq = cq.get();
+    init.cap = ibv_qp_cap{16, 16, 1, 1, 0};
+    qp = pd->create_qp(init);
+    mr = pd->reg_mr(buffer.data(), buffer.size(), IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+  }
+  void connect(const Peer& peer) {
+    ibv_port_attr port;
+    device->query_port(1, port);
+    for (auto& step : vib::test::rc_connect_steps(port.lid, peer.qp->qp_num(), IBV_ACCESS_REMOTE_WRITE))
+      ASSERT_EQ(qp->modify(step.attr, step.mask), 0);
+  }
+  // RDMA-writes `n` bytes of value `byte` into the peer; true once completed.
+  bool write_to(Peer& peer, char byte, std::size_t n) {
+    std::memset(buffer.data(), byte, n);
+    ibv_sge sge{reinterpret_cast<std::uintptr_t>(buffer.data()), static_cast<std::uint32_t>(n), mr->lkey()};
+    ibv_send_wr wr{};
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = IBV_WR_RDMA_WRITE;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    wr.wr.rdma.remote_addr = reinterpret_cast<std::uintptr_t>(peer.buffer.data());
+    wr.wr.rdma.rkey = peer.mr->rkey();
+    ibv_send_wr* bad = nullptr;
+    if (qp->post_send(&wr, &bad) != 0) return false;
+    ibv_wc wc{};
+    for (const auto deadline = std::chrono::steady_clock::now() + 10s; std::chrono::steady_clock::now() < deadline;)
+      if (cq->poll(std::span<ibv_wc>(&wc, 1)) == 1) return wc.status == IBV_WC_SUCCESS;
+    return false;
+  }
+};
+
 }  // namespace
+
+TEST_F(VibdThreads, ALargeRegistrationStallsNoDataPathOnTheSameWorker) {
+  provision(5);
+  provision(6);
+  start_in_process(/*workers=*/1);  // every context on one worker
+  auto slow = open(kSlowGuest);
+  auto slow_pd = slow->alloc_pd();
+  // Two processes' contexts, connected, before the registration is held:
+  // one of the slow guest, one of another guest.
+  auto a = std::make_unique<Peer>(open(kSlowGuest));
+  auto b = std::make_unique<Peer>(open(6));
+  a->connect(*b);
+  b->connect(*a);
+  std::vector<char> large(kLargePages * 4096 * 2);
+  auto registration = std::async(std::launch::async, [&] {
+    return slow_pd->reg_mr(large.data(), large.size(), IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+  });
+  ASSERT_TRUE(wait_until_held()) << "the large registration reached vibd's mapping";
+
+  // The control pool is inside the slow context's request; the worker that
+  // serves all three contexts must still carry the others' writes.
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(a->write_to(*b, static_cast<char>('a' + i), 512)) << "write " << i;
+    EXPECT_EQ(std::string(b->buffer.data(), 512), std::string(512, static_cast<char>('a' + i)));
+    ASSERT_TRUE(b->write_to(*a, static_cast<char>('A' + i), 1024)) << "write back " << i;
+    EXPECT_EQ(std::string(a->buffer.data(), 1024), std::string(1024, static_cast<char>('A' + i)));
+  }
+  EXPECT_EQ(registration.wait_for(0s), std::future_status::timeout) << "still held";
+
+  release();
+  auto mr = registration.get();
+  EXPECT_NE(mr->rkey(), 0u);
+  mr.reset();
+  slow_pd.reset();
+  slow.reset();
+  a.reset();
+  b.reset();
+  stop_in_process();
+  EXPECT_EQ(exit_code_, 0);
+}
 
 TEST_F(VibdThreads, ALargeRegistrationStallsNoOtherGuestNorProcess) {
   provision(5);
