@@ -479,14 +479,14 @@ int write_recv_wqes(Channel& channel, GuestQueue& q, std::uint32_t max_sge, cons
       err = ENOMEM;
       break;
     }
-    std::array<std::byte, 1024> wqe{};
-    vibif_recv_wqe h{wr->wr_id, static_cast<std::uint32_t>(wr->num_sge), 0};
-    std::memcpy(wqe.data(), &h, sizeof(h));
+    // Straight into the queue slot, as Qp::post_send does.
+    std::byte* wqe = q.base + std::size_t{q.producer & (q.entries - 1)} * q.stride;
+    const vibif_recv_wqe h{wr->wr_id, static_cast<std::uint32_t>(wr->num_sge), 0};
+    std::memcpy(wqe, &h, sizeof(h));
     for (int i = 0; i < wr->num_sge; ++i) {
       const vibif_sge g{wr->sg_list[i].addr, wr->sg_list[i].length, wr->sg_list[i].lkey};
-      std::memcpy(wqe.data() + sizeof(h) + static_cast<std::size_t>(i) * sizeof(g), &g, sizeof(g));
+      std::memcpy(wqe + sizeof(h) + static_cast<std::size_t>(i) * sizeof(g), &g, sizeof(g));
     }
-    std::memcpy(q.base + std::size_t{q.producer & (q.entries - 1)} * q.stride, wqe.data(), q.stride);
     ++q.producer;
     posted = true;
   }
@@ -669,7 +669,10 @@ int Qp::post_send(const ibv_send_wr* wr, ibv_send_wr** bad_wr) {
       err = ENOMEM;
       break;
     }
-    std::array<std::byte, 1024> wqe{};
+    // Written straight into the queue slot (ours until the producer index
+    // moves): no staging copy, and the bytes past what vibd reads stay as
+    // they were.
+    std::byte* wqe = sq_.base + std::size_t{sq_.producer & (sq_.entries - 1)} * sq_.stride;
     vibif_send_wqe h{};
     h.wr_id = wr->wr_id;
     h.opcode = static_cast<std::uint8_t>(wr->opcode);
@@ -698,7 +701,7 @@ int Qp::post_send(const ibv_send_wr* wr, ibv_send_wr** bad_wr) {
       }
       std::size_t at = sizeof(h);
       for (int i = 0; i < wr->num_sge; ++i) {
-        std::memcpy(wqe.data() + at, reinterpret_cast<const void*>(wr->sg_list[i].addr), wr->sg_list[i].length);
+        std::memcpy(wqe + at, reinterpret_cast<const void*>(wr->sg_list[i].addr), wr->sg_list[i].length);
         at += wr->sg_list[i].length;
       }
       h.inline_length = static_cast<std::uint32_t>(total);
@@ -706,11 +709,10 @@ int Qp::post_send(const ibv_send_wr* wr, ibv_send_wr** bad_wr) {
       h.num_sge = static_cast<std::uint8_t>(wr->num_sge);
       for (int i = 0; i < wr->num_sge; ++i) {
         const vibif_sge g{wr->sg_list[i].addr, wr->sg_list[i].length, wr->sg_list[i].lkey};
-        std::memcpy(wqe.data() + sizeof(h) + static_cast<std::size_t>(i) * sizeof(g), &g, sizeof(g));
+        std::memcpy(wqe + sizeof(h) + static_cast<std::size_t>(i) * sizeof(g), &g, sizeof(g));
       }
     }
-    std::memcpy(wqe.data(), &h, sizeof(h));
-    std::memcpy(sq_.base + std::size_t{sq_.producer & (sq_.entries - 1)} * sq_.stride, wqe.data(), sq_.stride);
+    std::memcpy(wqe, &h, sizeof(h));
     ++sq_.producer;
     posted = true;
   }
