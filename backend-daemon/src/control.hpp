@@ -78,7 +78,8 @@ class ControlPath {
   // Before sleeping: asks the HCA for an event at the next completion of any
   // CQ, so the worker wakes for it.
   void arm_hca_cqs();
-  // An asynchronous event of one of this context's HCA objects.
+  // An asynchronous event of one of this context's HCA objects, or of its
+  // port (which may have changed the P_Key table).
   void deliver_async_event(const platform::AsyncEvent& event);
   // True once after the fast path queued events for the guest: time to
   // notify its event channel.
@@ -174,9 +175,12 @@ class ControlPath {
   // The guest's address vector (port 1, its GID indices) as the HCA's.
   int to_hca_ah_attr(const vibif_ah_attr& in, ibv_ah_attr& out);
   void from_hca_ah_attr(const ibv_ah_attr& in, vibif_ah_attr& out);
-  // Guest P_Key index -> the HCA's index of that P_Key, and back.
+  // Guest P_Key index -> the HCA's index of that P_Key, and back, through
+  // the HCA's table as last read (every CQE needs it: read once, and again
+  // after a port event).
   std::optional<std::uint16_t> hca_pkey_index(std::uint16_t guest_index);
   std::optional<std::uint16_t> guest_pkey_index(std::uint16_t hca_index);
+  const std::vector<std::uint16_t>& hca_pkeys();
 
   std::optional<std::uint16_t> alloc_slot();
   void free_slot(std::uint16_t slot);
@@ -212,6 +216,7 @@ class ControlPath {
   std::uint32_t event_producer_ = 0;
   bool notify_guest_ = false;
   std::uint64_t events_dropped_ = 0;
+  std::optional<std::vector<std::uint16_t>> hca_pkeys_;  // host order; unset: read it
   // Declared parents first: members are destroyed children first.
   HandleTable<platform::ProtectionDomain> pds_;
   HandleTable<platform::AddressHandle> ahs_;

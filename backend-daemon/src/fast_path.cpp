@@ -404,6 +404,10 @@ void ControlPath::arm_hca_cqs() {
 }
 
 void ControlPath::deliver_async_event(const platform::AsyncEvent& event) {
+  if (!event.qp && !event.cq && !event.srq) {
+    hca_pkeys_.reset();  // a port event: the table is read again when next needed
+    return;
+  }
   vibif_handle_t handle = VIBIF_HANDLE_NONE;
   qps_.for_each([&](vibif_handle_t h, GuestQp& qp) {
     if (event.qp && event.qp == qp.qp.get()) handle = h;

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <system_error>
 #include <vector>
 
@@ -79,17 +80,30 @@ class HcaEventRouter {
     while (platform::CompletionQueue* cq = hca.next_completion_event())
       if (auto mailbox = owner(cq)) mailbox->wake();
   }
-  // Asynchronous events (vibd's main thread): queued for their owners.
+  // Asynchronous events (vibd's main thread): queued for their owners; a
+  // port's event for every context with an object on the HCA.
   void dispatch_async(platform::Hca& hca) {
     while (auto event = hca.next_async_event()) {
       const void* object = event->qp ? static_cast<const void*>(event->qp)
                            : event->cq ? static_cast<const void*>(event->cq)
                                        : static_cast<const void*>(event->srq);
-      if (auto mailbox = owner(object)) mailbox->post(*event);
+      if (object) {
+        if (auto mailbox = owner(object)) mailbox->post(*event);
+        continue;
+      }
+      std::set<ContextMailbox*> told;
+      for (auto& mailbox : all_owners())
+        if (told.insert(mailbox.get()).second) mailbox->post(*event);
     }
   }
 
  private:
+  std::vector<std::shared_ptr<ContextMailbox>> all_owners() {
+    std::lock_guard lock(mu_);
+    std::vector<std::shared_ptr<ContextMailbox>> out;
+    for (auto& [object, mailbox] : owners_) out.push_back(mailbox);
+    return out;
+  }
   std::shared_ptr<ContextMailbox> owner(const void* object) {
     std::lock_guard lock(mu_);
     auto it = owners_.find(object);

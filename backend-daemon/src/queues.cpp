@@ -2,6 +2,7 @@
 // pages and whose indices live in the context's doorbell page. Every request
 // is a copy; every size is checked against the page list the guest gave
 // before anything is mapped.
+#include <algorithm>
 #include <cstring>
 #include <system_error>
 
@@ -101,30 +102,35 @@ void ControlPath::from_hca_ah_attr(const ibv_ah_attr& in, vibif_ah_attr& out) {
   }
 }
 
+const std::vector<std::uint16_t>& ControlPath::hca_pkeys() {
+  if (!hca_pkeys_) {
+    std::vector<std::uint16_t> table;
+    ibv_port_attr port;
+    hca_.query_port(config_.port, port);
+    for (int i = 0; i < port.pkey_tbl_len; ++i) {
+      std::uint16_t pkey = 0;
+      hca_.query_pkey(config_.port, i, pkey);  // network byte order
+      table.push_back(static_cast<std::uint16_t>((pkey >> 8) | (pkey << 8)));
+    }
+    hca_pkeys_ = std::move(table);
+  }
+  return *hca_pkeys_;
+}
+
 std::optional<std::uint16_t> ControlPath::hca_pkey_index(std::uint16_t guest_index) {
   if (guest_index >= config_.pkeys.size()) return std::nullopt;
-  const std::uint16_t wanted = config_.pkeys[guest_index];
-  ibv_port_attr port;
-  hca_.query_port(config_.port, port);
-  for (int i = 0; i < port.pkey_tbl_len; ++i) {
-    std::uint16_t pkey = 0;
-    hca_.query_pkey(config_.port, i, pkey);
-    if (static_cast<std::uint16_t>((pkey >> 8) | (pkey << 8)) == wanted) return static_cast<std::uint16_t>(i);
-  }
-  return std::nullopt;
+  const auto& table = hca_pkeys();
+  const auto it = std::find(table.begin(), table.end(), config_.pkeys[guest_index]);
+  if (it == table.end()) return std::nullopt;
+  return static_cast<std::uint16_t>(it - table.begin());
 }
 
 std::optional<std::uint16_t> ControlPath::guest_pkey_index(std::uint16_t hca_index) {
-  std::uint16_t pkey = 0;
-  try {
-    hca_.query_pkey(config_.port, hca_index, pkey);
-  } catch (const std::system_error&) {
-    return std::nullopt;
-  }
-  pkey = static_cast<std::uint16_t>((pkey >> 8) | (pkey << 8));
-  for (std::size_t i = 0; i < config_.pkeys.size(); ++i)
-    if (config_.pkeys[i] == pkey) return static_cast<std::uint16_t>(i);
-  return std::nullopt;
+  const auto& table = hca_pkeys();
+  if (hca_index >= table.size()) return std::nullopt;
+  const auto it = std::find(config_.pkeys.begin(), config_.pkeys.end(), table[hca_index]);
+  if (it == config_.pkeys.end()) return std::nullopt;
+  return static_cast<std::uint16_t>(it - config_.pkeys.begin());
 }
 
 // A CQ or SRQ: EBUSY while a QP still uses it, else freed with its slot and pages.
