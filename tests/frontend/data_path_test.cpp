@@ -9,6 +9,8 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <dirent.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -109,6 +111,29 @@ struct Endpoint {
     return qp->post_send(&wr, &bad);
   }
 };
+
+// kill(SIGSTOP) returns before the target has stopped: waits (bounded)
+// until every thread of `pid` is in the stopped state.
+bool wait_until_stopped(pid_t pid) {
+  const std::string tasks = "/proc/" + std::to_string(pid) + "/task";
+  for (int attempt = 0; attempt < 500; ++attempt) {
+    bool all = true;
+    if (DIR* dir = ::opendir(tasks.c_str())) {
+      while (dirent* e = ::readdir(dir)) {
+        if (e->d_name[0] == '.') continue;
+        std::ifstream stat(tasks + "/" + e->d_name + "/stat");
+        std::string line;
+        std::getline(stat, line);
+        const auto close = line.rfind(')');
+        if (close != std::string::npos && close + 2 < line.size() && line[close + 2] != 'T') all = false;
+      }
+      ::closedir(dir);
+    }
+    if (all) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return false;
+}
 
 class DataPath : public vib::test::VibdFixture {
  protected:
@@ -325,6 +350,7 @@ TEST_F(DataPath, QueueFullIsAnErrorAndNothingIsOverwritten) {
       pid_t pid;
       ~Resume() { ::kill(pid, SIGCONT); }
     } resume{pid_};
+    ASSERT_TRUE(wait_until_stopped(pid_)) << "vibd did not stop";
     for (int i = 0; i < 16; ++i)
       ASSERT_EQ(b.post_recv(static_cast<std::uint64_t>(i), 64 * static_cast<unsigned>(i), 64), 0);
     EXPECT_EQ(b.post_recv(99, 0, 64), ENOMEM);
