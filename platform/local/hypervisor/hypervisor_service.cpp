@@ -3,7 +3,7 @@
 // a page file is handed only to the domain it was granted to.
 #include "hypervisor_service.hpp"
 
-#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -104,8 +104,10 @@ struct Domain {
 
 class Service final : public HypervisorService {
  public:
-  explicit Service(std::string dir) : dir_(std::move(dir)), wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
-    if (!wake_) throw std::system_error(errno, std::generic_category(), "eventfd");
+  explicit Service(std::string dir)
+      : dir_(std::move(dir)), wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)), epoll_(::epoll_create1(EPOLL_CLOEXEC)) {
+    if (!wake_ || !epoll_) throw std::system_error(errno, std::generic_category(), "eventfd");
+    watch(wake_.get(), kWake);
     domain_created(kDom0);
     thread_ = std::thread([this] { run(); });
   }
@@ -134,6 +136,7 @@ class Service final : public HypervisorService {
     if (!d.listener || ::bind(d.listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
         ::listen(d.listener.get(), 64) != 0)
       throw std::system_error(errno, std::generic_category(), "hypervisor socket " + d.socket_path);
+    watch(d.listener.get(), kListener | domid);
     domains_.emplace(domid, std::move(d));
     wake();
   }
@@ -159,36 +162,35 @@ class Service final : public HypervisorService {
     [[maybe_unused]] auto n = ::write(wake_.get(), &one, sizeof(one));
   }
 
+  // Ready sockets come from one epoll set: one message costs the same with
+  // two connections as with thousands (a guest context alone has three).
+  static constexpr std::uint64_t kListener = std::uint64_t{1} << 32;
+  static constexpr std::uint64_t kWake = std::uint64_t{1} << 33;
+
+  void watch(int fd, std::uint64_t what) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = what;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0)
+      throw std::system_error(errno, std::generic_category(), "hypervisor epoll_ctl");
+  }
+
   void run() {
-    std::vector<pollfd> fds;
-    std::vector<std::pair<bool, std::uint32_t>> who;  // (is listener, domid or conn id)
+    epoll_event evs[64];
     for (;;) {
-      {
-        std::lock_guard lock(mutex_);
-        if (stopping_) return;
-        fds.assign(1, {wake_.get(), POLLIN, 0});
-        who.assign(1, {false, 0});
-        for (auto& [id, d] : domains_) {
-          fds.push_back({d.listener.get(), POLLIN, 0});
-          who.push_back({true, id});
-        }
-        for (auto& [id, c] : connections_) {
-          fds.push_back({c.fd.get(), POLLIN, 0});
-          who.push_back({false, id});
-        }
-      }
-      if (::poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR) return;
+      const int n = ::epoll_wait(epoll_.get(), evs, 64, -1);
+      if (n < 0 && errno != EINTR) return;
       std::lock_guard lock(mutex_);
-      if (fds[0].revents) {
-        std::uint64_t v;
-        [[maybe_unused]] auto n = ::read(wake_.get(), &v, sizeof(v));
-      }
-      for (std::size_t i = 1; i < fds.size(); ++i) {
-        if (!fds[i].revents) continue;
-        if (who[i].first) {
-          accept_on(static_cast<DomId>(who[i].second));
-        } else if (connections_.count(who[i].second)) {
-          serve(who[i].second);
+      if (stopping_) return;
+      for (int i = 0; i < n; ++i) {
+        const std::uint64_t what = evs[i].data.u64;
+        if (what == kWake) {
+          std::uint64_t v;
+          [[maybe_unused]] auto r = ::read(wake_.get(), &v, sizeof(v));
+        } else if (what & kListener) {
+          accept_on(static_cast<DomId>(what & 0xffffffffu));
+        } else if (connections_.count(static_cast<std::uint32_t>(what))) {
+          serve(static_cast<std::uint32_t>(what));
         }
       }
     }
@@ -199,7 +201,9 @@ class Service final : public HypervisorService {
     if (d == domains_.end()) return;
     UniqueFd fd(::accept4(d->second.listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!fd) return;
-    connections_.emplace(next_conn_++, Connection{domid, std::move(fd), {}});
+    const std::uint32_t id = next_conn_++;
+    watch(fd.get(), id);
+    connections_.emplace(id, Connection{domid, std::move(fd), {}});
   }
 
   void serve(std::uint32_t conn_id) {
@@ -528,6 +532,7 @@ class Service final : public HypervisorService {
 
   std::string dir_;
   UniqueFd wake_;
+  UniqueFd epoll_;  // the listeners and connections (closing an fd leaves it)
   std::mutex mutex_;
   bool stopping_ = false;
   std::map<DomId, Domain> domains_;
