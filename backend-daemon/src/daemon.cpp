@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include <map>
+#include <optional>
 #include <set>
 
 #include "device.hpp"
@@ -40,8 +41,8 @@ class Environment final : public DeviceEnvironment {
         sharer_(platform::open_grant_sharer(options.xen)),
         cm_(options.cm_timeout),
         wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
-        control_pool_(options.control_threads),
-        fast_path_(options.workers ? options.workers : online_cpus(), options.max_spin, router_) {
+        control_pool_(options.control_threads ? options.control_threads : 2 * online_cpus()),
+        fast_path_(options.workers ? options.workers : online_cpus(), options.max_spin, options.worker_nice, router_) {
     if (!wake_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
     hotplug_.scripts_dir = options.scripts_dir;
     hotplug_.timeout = options.script_timeout;
@@ -158,11 +159,23 @@ class Daemon {
     return v ? static_cast<platform::DomId>(*v) : platform::kDom0;
   }
 
+  // A change below a device's back-end or front-end directory concerns that
+  // device alone: only it is refreshed. Anything else (a device appearing
+  // or going, a domain, an event we cannot place) rescans every device. With
+  // a thousand contexts open, each of their handshake's writes would
+  // otherwise re-read every device's every context.
   void on_watch_events() {
-    bool released = false, introduced = false;
+    bool released = false, introduced = false, rescan = false;
+    std::set<DeviceId> touched;
     while (auto ev = env_.store().next_watch_event()) {
       released |= ev->token == "release";
       introduced |= ev->token == "introduce";
+      if (ev->token == "backend" || ev->token == "frontend") {
+        if (auto id = device_of(*ev))
+          touched.insert(*id);
+        else
+          rescan = true;
+      }
     }
     if (released) reap_dead_domains();
     if (provisioner_) {
@@ -170,7 +183,46 @@ class Daemon {
       // After the reaping: the directories go once their contexts are freed.
       if (released) provisioner_->domains_released();
     }
-    scan();
+    if (rescan || released || introduced) {
+      scan();
+      return;
+    }
+    for (const auto& id : touched) {
+      auto it = devices_.find(id);
+      if (it == devices_.end() || it->second->superseded()) {
+        scan();  // a device came or was re-added: the full walk handles both
+        return;
+      }
+      if (!it->second->refresh()) {
+        unwatch(*it->second);
+        devices_.erase(it);
+      }
+    }
+  }
+
+  // The known device whose directory (not the directory itself) `ev` is below.
+  std::optional<DeviceId> device_of(const platform::WatchEvent& ev) const {
+    if (ev.token == "frontend") {
+      for (const auto& [id, device] : devices_) {
+        const auto& fe = device->frontend_path();
+        if (!fe.empty() && ev.path.size() > fe.size() && ev.path.compare(0, fe.size(), fe) == 0 &&
+            ev.path[fe.size()] == '/')
+          return id;
+      }
+      return std::nullopt;
+    }
+    const std::string prefix = backend_root_ + "/";
+    if (ev.path.compare(0, prefix.size(), prefix) != 0) return std::nullopt;
+    const std::string rest = ev.path.substr(prefix.size());
+    const auto slash1 = rest.find('/');
+    const auto slash2 = slash1 == std::string::npos ? std::string::npos : rest.find('/', slash1 + 1);
+    if (slash2 == std::string::npos) return std::nullopt;  // a domain's or device's own directory
+    auto domid = platform::parse_decimal(rest.substr(0, slash1), 0x7FEF);
+    auto devid = platform::parse_decimal(rest.substr(slash1 + 1, slash2 - slash1 - 1), 0xFFFF);
+    if (!domid || !devid) return std::nullopt;
+    const DeviceId id{static_cast<platform::DomId>(*domid), static_cast<unsigned>(*devid)};
+    if (!devices_.count(id)) return std::nullopt;
+    return id;
   }
 
   // Every <domid>/<devid> under the back-end root is a device to serve.
