@@ -36,7 +36,10 @@ void usage(std::ostream& out) {
          "                      (default: one per online CPU)\n"
          "  --max-spin US       how long an idle worker may busy-poll before it sleeps, when\n"
          "                      spinning pays and takes no CPU from anyone (default 50; 0: never)\n"
-         "  --control-threads N threads for slow control requests, at most (default 8)\n"
+         "  --worker-nice N     the workers' nice value, -20..19 (default -10: they run only\n"
+         "                      for their guests' work, so it goes first; 0 leaves it)\n"
+         "  --control-threads N threads for slow control requests, at most\n"
+         "                      (default: two per online CPU)\n"
          "  --systemd           log with journald priorities (also when JOURNAL_STREAM is set)\n"
          "  --verbose           log every object created and freed\n"
          "  --list-hcas         print the HCAs vibd can use and exit\n"
@@ -103,11 +106,12 @@ int main(int argc, char** argv) {
         std::cerr << "vibd: bad --domid '" << v << "'\n";
         return 2;
       }
-    } else if (arg == "--workers" || arg == "--max-spin" || arg == "--control-threads") {
+    } else if (arg == "--workers" || arg == "--max-spin" || arg == "--control-threads" || arg == "--worker-nice") {
       const std::string v = value();
       char* end = nullptr;
       const long n = std::strtol(v.c_str(), &end, 10);
-      const long min = arg == "--max-spin" ? 0 : 1, max = arg == "--max-spin" ? 100000 : 1024;
+      const long min = arg == "--max-spin" ? 0 : arg == "--worker-nice" ? -20 : 1;
+      const long max = arg == "--max-spin" ? 100000 : arg == "--worker-nice" ? 19 : 1024;
       if (v.empty() || *end || n < min || n > max) {
         std::cerr << "vibd: bad " << arg << " '" << v << "' (" << min << ".." << max << ")\n";
         return 2;
@@ -115,6 +119,7 @@ int main(int argc, char** argv) {
       if (arg == "--workers") options.workers = static_cast<unsigned>(n);
       if (arg == "--max-spin") options.max_spin = std::chrono::microseconds(n);
       if (arg == "--control-threads") options.control_threads = static_cast<unsigned>(n);
+      if (arg == "--worker-nice") options.worker_nice = static_cast<int>(n);
     } else if (arg == "--systemd") {
       options.systemd_logging = true;
     } else if (arg == "--verbose") {

@@ -1,10 +1,14 @@
 #include "workers.hpp"
 
+#include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <map>
@@ -44,16 +48,53 @@ long SpinPolicy::involuntary_switches() {
   return usage.ru_nivcsw;
 }
 
+SpinPolicy::SpinPolicy(std::chrono::microseconds max_spin)
+    : max_spin_(max_spin), cpus_(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN))),
+      loadavg_(::open("/proc/loadavg", O_RDONLY | O_CLOEXEC)) {}
+
 std::chrono::microseconds SpinPolicy::budget(Clock::time_point now) const {
   if (max_spin_.count() == 0 || now < quiet_until_ || hit_rate_ < kMinHitRate) return 0us;
   return max_spin_;
 }
 
-void SpinPolicy::spin_started() {
+// The runnable threads of the whole machine, this one included, against its
+// CPUs: "0.50 0.40 0.30 3/456 12345", the fourth field's numerator.
+bool SpinPolicy::others_runnable() {
+  if (!loadavg_) return false;
+  char buf[128];
+  const ssize_t n = ::pread(loadavg_.get(), buf, sizeof buf - 1, 0);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  const char* field = buf;
+  for (int spaces = 0; spaces < 3 && field; ++spaces) {
+    field = std::strchr(field, ' ');
+    if (field) ++field;
+  }
+  return field && std::atol(field) > cpus_;
+}
+
+void SpinPolicy::contention(Clock::time_point now) {
+  ++contended_count_;
+  quiet_until_ = now + backoff_;
+  backoff_ = std::min<std::chrono::milliseconds>(backoff_ * 2, kMaxBackoff);
+}
+
+bool SpinPolicy::spin_started() {
   spin_start_ = Clock::now();
   spin_cpu_start_ = thread_cpu_ns();
   spin_switches_start_ = involuntary_switches();
   ++spins_;
+  contended_now_ = others_runnable();
+  if (contended_now_) contention(spin_start_);
+  return !contended_now_;
+}
+
+bool SpinPolicy::keep_spinning(Clock::time_point now) {
+  if (!contended_now_ && others_runnable()) {
+    contended_now_ = true;
+    contention(now);
+  }
+  return !contended_now_;
 }
 
 void SpinPolicy::spin_ended(Clock::time_point now, bool found_work) {
@@ -63,13 +104,10 @@ void SpinPolicy::spin_ended(Clock::time_point now, bool found_work) {
   // Short spins say little about the CPU share (the clocks' own cost); the
   // scheduler's preemption always counts.
   const bool starved = wall > 20'000 && static_cast<double>(cpu) < kFairShare * static_cast<double>(wall);
-  if (preempted || starved) {
-    ++contended_count_;
-    quiet_until_ = now + backoff_;
-    backoff_ = std::min<std::chrono::milliseconds>(backoff_ * 2, kMaxBackoff);
-  } else {
+  if (!contended_now_ && (preempted || starved))
+    contention(now);
+  else if (!contended_now_)
     backoff_ = std::max<std::chrono::milliseconds>(backoff_ / 2, kMinBackoff);
-  }
   hit_rate_ = hit_rate_ - hit_rate_ / 8 + (found_work ? 1024 / 8 : 0);
 }
 
@@ -84,8 +122,8 @@ void SpinPolicy::slept(std::chrono::nanoseconds gap) {
 
 class Worker {
  public:
-  Worker(unsigned index, std::chrono::microseconds max_spin, HcaEventRouter& router)
-      : index_(index), policy_(max_spin), router_(router), epoll_(::epoll_create1(EPOLL_CLOEXEC)),
+  Worker(unsigned index, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router)
+      : index_(index), nice_(nice), policy_(max_spin), router_(router), epoll_(::epoll_create1(EPOLL_CLOEXEC)),
         inbox_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
     if (!epoll_ || !inbox_fd_) throw std::system_error(errno, std::generic_category(), "worker epoll");
     inbox_source_.kind = Source::Kind::inbox;
@@ -244,6 +282,9 @@ class Worker {
   }
 
   void run() {
+    if (nice_ != 0 && ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), nice_) != 0)
+      log_line(LogLevel::debug, "vibd/worker" + std::to_string(index_),
+               std::string("cannot set nice ") + std::to_string(nice_) + ": " + std::strerror(errno));
     bool spinning = false;
     auto last_work = Clock::now();
     unsigned idle_passes = 0;
@@ -293,9 +334,14 @@ class Worker {
         continue;
       }
       if (!awake_.empty()) {
-        // Idle but some contexts are still within their spin window.
-        if (!spinning) policy_.spin_started();
-        spinning = true;
+        // Idle but some contexts are still within their spin window; the
+        // next pass puts them to sleep once others want the CPU.
+        if (!spinning) {
+          policy_.spin_started();
+          spinning = true;
+        } else if (++idle_passes % 32 == 0) {
+          policy_.keep_spinning(now);
+        }
         wait_events(0);
         continue;
       }
@@ -308,6 +354,7 @@ class Worker {
   }
 
   unsigned index_;
+  int nice_;
   SpinPolicy policy_;
   HcaEventRouter& router_;
   platform::UniqueFd epoll_;
@@ -326,9 +373,9 @@ class Worker {
 
 // ---- FastPathPool ----------------------------------------------------------
 
-FastPathPool::FastPathPool(unsigned workers, std::chrono::microseconds max_spin, HcaEventRouter& router) {
+FastPathPool::FastPathPool(unsigned workers, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router) {
   for (unsigned i = 0; i < std::max(1u, workers); ++i)
-    workers_.push_back(std::make_unique<Worker>(i, max_spin, router));
+    workers_.push_back(std::make_unique<Worker>(i, max_spin, nice, router));
 }
 
 FastPathPool::~FastPathPool() { workers_.clear(); }
@@ -371,7 +418,8 @@ void FastPathPool::rebalance() {
 
 // ---- ControlPool -----------------------------------------------------------
 
-ControlPool::ControlPool(unsigned max_threads) : max_threads_(std::max(1u, max_threads)) {}
+ControlPool::ControlPool(unsigned max_threads)
+    : max_threads_(std::max(1u, max_threads)), base_nice_(::getpriority(PRIO_PROCESS, 0)) {}
 
 ControlPool::~ControlPool() {
   {
@@ -403,6 +451,9 @@ unsigned ControlPool::threads() const {
 }
 
 void ControlPool::run() {
+  // Started from whichever thread submitted first (a worker, maybe): this
+  // pool's work is not urgent, so it runs at the process's own priority.
+  ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), base_nice_);
   std::unique_lock lock(mu_);
   for (;;) {
     ++idle_;

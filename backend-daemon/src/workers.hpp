@@ -55,20 +55,24 @@ class Schedulable {
 };
 
 // Decides whether an idle worker spins or sleeps. Spinning pays only when
-// work comes back within the spin window, and is acceptable only while the
-// worker is not taking a CPU someone else wants. Measured per spin: the
-// worker's involuntary context switches (getrusage RUSAGE_THREAD) and its
-// CPU time against wall time; a spin during which the scheduler preempted
-// the worker, or gave it less than 90% of the wall time, means the CPUs are
-// contended, and the worker stops spinning for a back-off period that grows
-// while contention lasts.
+// work comes back within the spin window, and is acceptable only while no
+// one else wants a CPU. Measured at the start of a spin and now and then
+// during it: the machine's runnable threads (/proc/loadavg) against its
+// online CPUs; and at its end: the worker's involuntary context switches
+// (getrusage RUSAGE_THREAD) and its CPU time against wall time. More
+// runnable threads than CPUs, a preemption, or less than 90% of the wall
+// time means the CPUs are contended: the worker stops spinning for a
+// back-off that grows while contention lasts.
 class SpinPolicy {
  public:
   using Clock = std::chrono::steady_clock;
-  explicit SpinPolicy(std::chrono::microseconds max_spin) : max_spin_(max_spin) {}
+  explicit SpinPolicy(std::chrono::microseconds max_spin);
   // How long to spin now before sleeping (zero: sleep at once).
   std::chrono::microseconds budget(Clock::time_point now) const;
-  void spin_started();
+  // A spin starts; false if others want the CPU (then it ends at once).
+  bool spin_started();
+  // During a spin: false once others want the CPU.
+  bool keep_spinning(Clock::time_point now);
   // A spin ended; `found_work` says whether it caught work.
   void spin_ended(Clock::time_point now, bool found_work);
   // After a sleep: `gap` from the last work to the next; a short one would
@@ -81,11 +85,16 @@ class SpinPolicy {
  private:
   static std::int64_t thread_cpu_ns();
   static long involuntary_switches();
+  bool others_runnable();
+  void contention(Clock::time_point now);
 
   std::chrono::microseconds max_spin_;
+  long cpus_;
+  platform::UniqueFd loadavg_;
   Clock::time_point spin_start_{};
   std::int64_t spin_cpu_start_ = 0;
   long spin_switches_start_ = 0;
+  bool contended_now_ = false;
   Clock::time_point quiet_until_{};  // no spinning before this
   std::chrono::milliseconds backoff_{10};
   // Exponentially weighted share of idle periods that a spin would catch
@@ -100,7 +109,9 @@ class Worker;
 // the worker serving the fewest, and move when the counts drift apart.
 class FastPathPool {
  public:
-  FastPathPool(unsigned workers, std::chrono::microseconds max_spin, HcaEventRouter& router);
+  // `nice`: the workers' nice value (they run only for their guests' work,
+  // so they go first when they have some; 0 leaves it).
+  FastPathPool(unsigned workers, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router);
   ~FastPathPool();  // stops and joins the workers (each pass is bounded)
   FastPathPool(const FastPathPool&) = delete;
   FastPathPool& operator=(const FastPathPool&) = delete;
@@ -141,6 +152,7 @@ class ControlPool {
  private:
   void run();
   unsigned max_threads_;
+  int base_nice_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Task> queue_;

@@ -42,10 +42,14 @@ struct DaemonOptions {
   // The fast path: how many workers serve the contexts (0: one per online
   // CPU), how long an idle worker may spin before it sleeps (when spinning
   // pays and takes no CPU from anyone: workers.hpp, SpinPolicy; 0: never),
-  // and how many threads the control pool may grow to.
+  // and how many threads the control pool may grow to (0: two per online
+  // CPU).
+  // The workers run at `worker_nice` (they run only for their guests' work,
+  // so when they have some they go first; needs CAP_SYS_NICE, else ignored).
   unsigned workers = 0;
   std::chrono::microseconds max_spin{50};
-  unsigned control_threads = 8;
+  int worker_nice = -10;
+  unsigned control_threads = 0;
   bool systemd_logging = false;
   bool verbose = false;
 };
