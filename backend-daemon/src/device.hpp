@@ -142,6 +142,7 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   Pass pass() override;
   bool prepare_sleep() override;
   void woke() override;
+  bool closed() const override { return closing_.load(std::memory_order_acquire); }
 
  private:
   enum class Ring { served, handed_over, broken };

@@ -197,7 +197,8 @@ class Worker {
     }
     for (auto& c : commands) {
       if (c.kind == Command::Kind::adopt) {
-        add(std::move(c.context), *c.hca);
+        // A hand-over can cross the removal of the context it hands over.
+        if (!c.context->closed()) add(std::move(c.context), *c.hca);
         continue;
       }
       auto it = std::find_if(entries_.begin(), entries_.end(),

@@ -52,6 +52,8 @@ class Schedulable {
   virtual bool prepare_sleep() = 0;
   // Woken: the guest may stop kicking.
   virtual void woke() = 0;
+  // Closed by vibd's main thread: a worker that is handed it lets it go.
+  virtual bool closed() const = 0;
 };
 
 // Decides whether an idle worker spins or sleeps. Spinning pays only when
