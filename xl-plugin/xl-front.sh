@@ -4,9 +4,10 @@
 # untouched (same arguments, same exit code, exec'd so signals and the
 # terminal are xl's). `xl create` first has xl-vib check the config's vib=
 # lines and keep them for vibd (xl keeps no copy of lines it does not
-# know), then runs Xen's xl create as is. Install it ahead of the real xl in PATH, or alias
-# xl to it. VIB_REAL_XL and VIB_XL_VIB override the two paths (tests,
-# unusual installs).
+# know), then runs Xen's xl create as is. The vib-backend package installs
+# it as /usr/sbin/xl (Xen's is diverted); from a source install, put it
+# ahead of the real xl in PATH, or alias xl to it. VIB_REAL_XL and
+# VIB_XL_VIB override the two paths (tests, unusual installs).
 #
 # Xen's xl takes only argument-less global flags before the subcommand
 # (-v, -f, -N, -t, -T), so the first word not starting with '-' is the
@@ -53,6 +54,10 @@ if [ "$subcommand" = create ]; then
     set -- $globals create "$@"
 fi
 
+if [ ! -e "$real_xl" ]; then
+    echo "xl: Xen's xl ($real_xl) is not installed (package xen-utils-common)" >&2
+    exit 127
+fi
 # Installed *as* the real xl's path, this would exec itself forever.
 self=$(readlink -f "$0" 2>/dev/null)
 if [ -n "$self" ] && [ "$(readlink -f "$real_xl" 2>/dev/null)" = "$self" ]; then

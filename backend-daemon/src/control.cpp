@@ -42,12 +42,31 @@ std::string ControlPath::free_all() {
   const std::size_t ahs = ahs_.clear();
   const std::size_t pds = pds_.clear();
   slots_used_.reset();
+  count_objects();
   return std::to_string(qps) + " QPs, " + std::to_string(cqs) + " CQs, " + std::to_string(srqs) + " SRQs, " +
          std::to_string(mrs) + " MRs, " + std::to_string(ahs) + " AHs, " + std::to_string(pds) + " PDs (" +
          std::to_string(pinned) + " guest pages unpinned)";
 }
 
 vibif_response ControlPath::execute(const vibif_request& req) {
+  const vibif_response rsp = dispatch(req);
+  stats_.request_served(rsp.hdr.status == VIBIF_OK);
+  count_objects();
+  return rsp;
+}
+
+void ControlPath::count_objects() {
+  const auto set = [](ContextStats::Counter& c, std::uint64_t v) { c.store(v, std::memory_order_relaxed); };
+  set(stats_.pds, pds_.size());
+  set(stats_.cqs, cqs_.size());
+  set(stats_.qps, qps_.size());
+  set(stats_.srqs, srqs_.size());
+  set(stats_.mrs, mrs_.size());
+  set(stats_.ahs, ahs_.size());
+  set(stats_.pinned_pages, pinned_pages_);
+}
+
+vibif_response ControlPath::dispatch(const vibif_request& req) {
   vibif_response rsp;
   std::memset(&rsp, 0, sizeof(rsp));
   rsp.hdr.id = req.hdr.id;

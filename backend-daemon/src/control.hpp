@@ -16,6 +16,7 @@
 
 #include "guest_memory.hpp"
 #include "handle_table.hpp"
+#include "stats.hpp"
 #include "vib/platform/hca.hpp"
 #include "vib/vibif.h"
 
@@ -68,6 +69,8 @@ class ControlPath {
   void queue_guest_event(std::uint16_t type, std::uint16_t event, vibif_handle_t handle) {
     push_event(type, event, handle);
   }
+  // Counters of this context (see ContextStats): readable from any thread.
+  const ContextStats& stats() const { return stats_; }
 
   // The fast path, one pass: consumes the WQEs the guest posted, moves the
   // HCA's completions into the guest's CQs (raising completion events for
@@ -154,6 +157,8 @@ class ControlPath {
     std::uint64_t pages = 0;
   };
 
+  vibif_response dispatch(const vibif_request& req);
+  void count_objects();
   vibif_response reg_mr(const vibif_request& req);
   void create_cq(const vibif_request& req, vibif_response& rsp);
   void resize_cq(const vibif_request& req, vibif_response& rsp);
@@ -217,6 +222,7 @@ class ControlPath {
   bool notify_guest_ = false;
   std::uint64_t events_dropped_ = 0;
   std::optional<std::vector<std::uint16_t>> hca_pkeys_;  // host order; unset: read it
+  ContextStats stats_;
   // Declared parents first: members are destroyed children first.
   HandleTable<platform::ProtectionDomain> pds_;
   HandleTable<platform::AddressHandle> ahs_;

@@ -7,6 +7,7 @@
 #include <unistd.h>
 #include <sys/eventfd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include <map>
@@ -15,8 +16,10 @@
 
 #include "device.hpp"
 #include "hca_events.hpp"
+#include "instance.hpp"
 #include "log.hpp"
 #include "provisioner.hpp"
+#include "status.hpp"
 #include "vib/libxl_ib.hpp"
 #include "vib/backend/vibd.hpp"
 
@@ -99,12 +102,18 @@ class Environment final : public DeviceEnvironment {
 
 class Daemon {
  public:
-  explicit Daemon(const DaemonOptions& options) : env_(options) {
+  explicit Daemon(const DaemonOptions& options)
+      : options_(options),
+        env_(options),
+        self_(options.xen.kind == platform::XenTarget::Kind::local ? options.xen.local_domid
+                                                                    : self_domid(env_.store())),
+        instance_(options.xen, env_.store(), self_),
+        status_(env_.store(), instance_.dir(), options.status_interval) {
     auto& store = env_.store();
-    backend_root_ = store.domain_path(options.xen.kind == platform::XenTarget::Kind::local
-                                          ? options.xen.local_domid
-                                          : self_domid(store)) +
-                    "/backend/" VIBIF_XS_DEVICE_TYPE;
+    if (!instance_.replaced().empty())
+      log_line(LogLevel::warning, "vibd",
+               "replaced the announcement of vibd pid " + instance_.replaced() + ", which stopped without removing it");
+    backend_root_ = store.domain_path(self_) + "/backend/" VIBIF_XS_DEVICE_TYPE;
     store.watch(backend_root_, "backend");
     store.watch("@releaseDomain", "release");
     log_line(LogLevel::info, "vibd", "watching " + backend_root_);
@@ -124,6 +133,9 @@ class Daemon {
   }
 
   int run(int stop_fd) {
+    // The watches fire once when set: the first pass finds the devices that
+    // are already there, then vibd serves.
+    bool ready = false;
     for (;;) {
       std::vector<pollfd> fds{{stop_fd, POLLIN, 0}, {env_.store().watch_fd(), POLLIN, 0},
                               {env_.wake_fd(), POLLIN, 0}};
@@ -132,12 +144,21 @@ class Daemon {
         fds.push_back({hca->async_fd(), POLLIN, 0});
         hcas.push_back(hca.get());
       }
-      if (::poll(fds.data(), fds.size(), -1) < 0) {
+      const int ready_now = ::poll(fds.data(), fds.size(), status_.timeout(counters_move()));
+      if (ready_now < 0) {
         if (errno == EINTR) continue;
         log_line(LogLevel::error, "vibd", std::string("poll: ") + std::strerror(errno));
         return 1;
       }
-      if (fds[0].revents) return 0;
+      if (fds[0].revents) {
+        notify("STOPPING=1");
+        return 0;
+      }
+      if (ready_now == 0) {
+        publish_status();
+        continue;
+      }
+      status_.mark_dirty();
       for (std::size_t i = 0; i < hcas.size(); ++i)
         if (fds[3 + i].revents) env_.router().dispatch_async(*hcas[i]);
       if (fds[2].revents) {
@@ -149,6 +170,11 @@ class Daemon {
       } else if (fds[2].revents) {
         scan();  // a hotplug script may have finished
       }
+      if (!ready && fds[1].revents) {
+        ready = true;
+        notify("READY=1");
+      }
+      publish_status();
     }
   }
 
@@ -279,7 +305,42 @@ class Daemon {
     }
   }
 
+  // Contexts' counters change without any event reaching the main thread.
+  bool counters_move() const {
+    return std::any_of(devices_.begin(), devices_.end(), [](const auto& d) { return d.second->context_count() > 0; });
+  }
+
+  void notify(const std::string& message) {
+    if (options_.notify) options_.notify(message);
+  }
+
+  // The status for `xl vib-list -l` (bounded in rate by the publisher) and
+  // the one-line summary for `systemctl status vibd`.
+  void publish_status() {
+    std::size_t connected = 0, contexts = 0;
+    for (const auto& [id, device] : devices_) {
+      connected += device->connected();
+      contexts += device->context_count();
+    }
+    std::string summary = "serving " + std::to_string(devices_.size()) + " vib devices (" +
+                          std::to_string(connected) + " connected), " + std::to_string(contexts) + " guest contexts";
+    if (summary != summary_) {
+      summary_ = std::move(summary);
+      notify("STATUS=" + summary_);
+    }
+    if (status_.timeout(counters_move()) != 0) return;
+    StatusPublisher::Snapshot snapshot;
+    for (const auto& [id, device] : devices_)
+      snapshot.emplace(std::to_string(id.domid) + "/" + std::to_string(id.devid), device->status());
+    status_.publish_if_due(snapshot, counters_move());
+  }
+
+  const DaemonOptions& options_;
   Environment env_;
+  platform::DomId self_;
+  Instance instance_;  // before the devices: its announcement goes after them
+  StatusPublisher status_;
+  std::string summary_;
   std::string backend_root_;
   std::map<DeviceId, std::unique_ptr<Device>> devices_;
   std::unique_ptr<Provisioner> provisioner_;  // last: it has its own connection and thread
@@ -292,6 +353,9 @@ int run_daemon(const DaemonOptions& options, int stop_fd) {
   try {
     Daemon daemon(options);
     return daemon.run(stop_fd);
+  } catch (const AlreadyRunning& e) {
+    log_line(LogLevel::error, "vibd", e.what());
+    return kExitAlreadyRunning;
   } catch (const std::exception& e) {
     log_line(LogLevel::error, "vibd", e.what());
     return 1;

@@ -16,6 +16,7 @@
 #include "device_id.hpp"
 #include "hca_events.hpp"
 #include "hotplug.hpp"
+#include "vib/libxl_ib.hpp"
 #include "vib/platform/event_channels.hpp"
 #include "vib/platform/grants.hpp"
 #include "vib/platform/hca.hpp"
@@ -80,6 +81,10 @@ class Device {
   void close_finished_contexts();
   const std::string& frontend_path() const { return frontend_path_; }
   DeviceId id() const { return id_; }
+  // What `xl vib-list -l` shows (status.cpp); main thread.
+  toolstack::DeviceStatus status() const;
+  std::size_t context_count() const { return contexts_.size(); }
+  bool connected() const { return state_ == platform::XenbusState::connected; }
 
  private:
   void fail(const std::string& why);
@@ -129,6 +134,8 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   ~Context() override;
 
   unsigned id() const { return ctxid_; }
+  // Its objects and counters now (status.cpp); any thread.
+  toolstack::ContextStatus status() const;
   // Set by the worker once the guest process has gone; the reason, for the log.
   const char* finished() const { return finished_.load(std::memory_order_acquire); }
   // The main thread closes it: the control pool stops serving it.

@@ -81,6 +81,7 @@ bool ControlPath::write_cqe(GuestCq& cq, const ibv_wc& wc, std::uint8_t wq, std:
   std::memcpy(entry, &e, offsetof(vibif_cqe, owner));
   __atomic_store_n(&entry->owner, vibif_cqe_owner(cq.producer, cq.entries), __ATOMIC_RELEASE);
   ++cq.producer;
+  stats_.completion_delivered(wc.status == IBV_WC_SUCCESS);
   return true;
 }
 
@@ -198,6 +199,7 @@ bool ControlPath::service_send_queue(GuestQp& qp) {
       }
     }
     ++qp.sq_consumer;
+    ContextStats::bump(stats_.wqes);
     progressed = true;
     if (err) {
       fail_wqe(*qp.send_cq, w.wr_id, send_completion_opcode(w.opcode), qp_num, VIBIF_WQ_SEND, qp.sq_consumer);
@@ -265,6 +267,7 @@ bool ControlPath::service_recv_queue(GuestQp& qp) {
       }
     }
     ++qp.rq_consumer;
+    ContextStats::bump(stats_.wqes);
     progressed = true;
     if (err) {
       fail_wqe(*qp.recv_cq, guest_wr_id, IBV_WC_RECV, qp.qp->qp_num(), VIBIF_WQ_RECV, qp.rq_consumer);
@@ -315,6 +318,7 @@ bool ControlPath::service_srq(vibif_handle_t handle, GuestSrq& srq) {
       log_line(LogLevel::warning, subject_, "malformed SRQ receive WQE: dropped");
     }
     ++srq.consumer;
+    ContextStats::bump(stats_.wqes);
     progressed = true;
   }
   publish(s.consumer, srq.consumer);
@@ -380,6 +384,7 @@ bool ControlPath::service_queues() {
     qps_.for_each([](vibif_handle_t, GuestQp& qp) { qp.sq_hca_full = qp.rq_hca_full = false; });
     srqs_.for_each([](vibif_handle_t, GuestSrq& srq) { srq.hca_full = false; });
   }
+  if (did || completed) stats_.touch();
   return did || completed;
 }
 

@@ -1,4 +1,4 @@
-// vibd command line: options, signals, systemd readiness.
+// vibd command line: options, signals, systemd notification.
 #include <signal.h>
 #include <sys/signalfd.h>
 
@@ -29,6 +29,8 @@ void usage(std::ostream& out) {
          "  --stash-dir DIR     where the xl front keeps domain configs\n"
          "                      (default /var/lib/vib/domains)\n"
          "  --userdata-dir DIR  where xl saves domain configs (default /var/lib/xen)\n"
+         "  --status-interval MS  how often, at most, the devices' counters are\n"
+         "                      published for `xl vib-list -l` (default 1000)\n"
          "  --local-xen DIR     use the host-local Xen served by `vib-localxen serve --dir DIR`\n"
          "                      instead of the real one (machines without a hypervisor)\n"
          "  --domid N           with --local-xen: the domain vibd acts as (default 0)\n"
@@ -45,7 +47,8 @@ void usage(std::ostream& out) {
          "  --list-hcas         print the HCAs vibd can use and exit\n"
          "  --help              this text\n"
          "\n"
-         "vibd runs in the foreground; SIGTERM or SIGINT closes every device and exits.\n";
+         "vibd runs in the foreground; SIGTERM or SIGINT closes every device and exits.\n"
+         "One vibd serves a domain: a second one exits with status 3.\n";
 }
 
 }  // namespace
@@ -96,6 +99,15 @@ int main(int argc, char** argv) {
         return 2;
       }
       options.cm_timeout = std::chrono::milliseconds(ms);
+    } else if (arg == "--status-interval") {
+      const std::string v = value();
+      char* end = nullptr;
+      const long ms = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end || ms < 100 || ms > 60000) {
+        std::cerr << "vibd: bad --status-interval '" << v << "' (milliseconds, 100..60000)\n";
+        return 2;
+      }
+      options.status_interval = std::chrono::milliseconds(ms);
     } else if (arg == "--local-xen") {
       local_dir = value();
     } else if (arg == "--domid") {
@@ -151,7 +163,8 @@ int main(int argc, char** argv) {
     return 1;
   }
 #ifdef VIB_HAVE_SYSTEMD
-  sd_notify(0, "READY=1");
+  // A no-op outside systemd (no NOTIFY_SOCKET).
+  options.notify = [](const std::string& message) { sd_notify(0, message.c_str()); };
 #endif
   return vib::backend::run_daemon(options, stop.get());
 }

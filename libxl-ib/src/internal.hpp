@@ -35,6 +35,28 @@ struct ProgramResult {
 ProgramResult run_program(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env,
                           std::chrono::milliseconds timeout);
 
+// The fields of what vibd publishes, by the key both its text
+// (format_status) and `xl vib-list --json` use: f(key, field&).
+template <typename Counts, typename F>
+void object_fields(Counts& c, F&& f) {
+  f("pds", c.pds);
+  f("cqs", c.cqs);
+  f("qps", c.qps);
+  f("srqs", c.srqs);
+  f("mrs", c.mrs);
+  f("ahs", c.ahs);
+}
+template <typename Context, typename F>
+void context_counters(Context& c, F&& f) {
+  f("pinned-pages", c.pinned_pages);
+  f("requests", c.requests);
+  f("request-errors", c.request_errors);
+  f("wqes", c.wqes);
+  f("completions", c.completions);
+  f("completion-errors", c.completion_errors);
+  f("last-activity", c.last_activity);
+}
+
 // Paths of the three directories of one device.
 std::string backend_path(platform::DomId backend, platform::DomId domid, unsigned devid);
 std::string frontend_path(platform::DomId domid, unsigned devid);

@@ -47,9 +47,47 @@ class Json {
   std::unique_ptr<yajl_gen_t, GenFree> g_;
 };
 
+void objects(Json& j, const ObjectCounts& o) {
+  j.open_map();
+  detail::object_fields(o, [&](const char* key, auto v) {
+    j.key(key);
+    j.integer(static_cast<long long>(v));
+  });
+  j.close_map();
+}
+
+// What vibd published for the device (`xl vib-list -l --json`).
+void status(Json& j, const DeviceInfo& d) {
+  j.open_map();
+  j.key("vibd"); j.string(d.vibd_running ? "running" : "not running");
+  if (d.status) {
+    const DeviceStatus& s = *d.status;
+    j.key("hca"); j.string(s.hca);
+    j.key("port"); j.integer(s.port);
+    j.key("objects"); objects(j, s.objects());
+    j.key("quotas"); objects(j, s.quotas);
+    j.key("pinned-pages"); j.integer(static_cast<long long>(s.pinned_pages()));
+    j.key("max-pinned-pages"); j.integer(static_cast<long long>(s.max_pinned_pages));
+    j.key("contexts");
+    j.open_array();
+    for (const auto& c : s.contexts) {
+      j.open_map();
+      j.key("id"); j.integer(c.id);
+      j.key("objects"); objects(j, c.objects);
+      detail::context_counters(c, [&](const char* key, auto v) {
+        j.key(key);
+        j.integer(static_cast<long long>(v));
+      });
+      j.close_map();
+    }
+    j.close_array();
+  }
+  j.close_map();
+}
+
 }  // namespace
 
-std::string devices_to_json(const std::vector<DeviceInfo>& devices, bool beautify) {
+std::string devices_to_json(const std::vector<DeviceInfo>& devices, bool beautify, bool with_status) {
   Json j(beautify);
   j.open_array();
   for (const auto& d : devices) {
@@ -69,6 +107,10 @@ std::string devices_to_json(const std::vector<DeviceInfo>& devices, bool beautif
     j.key("frontend-path"); j.string(d.frontend_path);
     j.key("hotplug-status"); j.string(d.hotplug_status);
     j.key("error"); j.string(d.error);
+    if (with_status) {
+      j.key("status");
+      status(j, d);
+    }
     j.close_map();
   }
   j.close_array();

@@ -192,6 +192,12 @@ AttachedDevice Toolstack::attach(DomId domid, const DeviceSpec& spec, const Atta
   if (!domain_exists(domid)) throw Error(ErrorCode::not_found, "domain " + std::to_string(domid) + " does not exist");
   if (!domain_exists(backend))
     throw Error(ErrorCode::not_found, "back-end domain " + std::to_string(backend) + " does not exist");
+  // A caller that waits would wait in vain (provisioning does not wait: the
+  // devices are there for vibd when it starts).
+  if (options.wait && !vibd_running(backend))
+    throw Error(ErrorCode::backend, "no vibd serves back-end domain " + std::to_string(backend) + " (no " +
+                                        vibd_dir(backend) + "/state, or its process is gone): start it there " +
+                                        "(systemctl start vibd)");
 
   AttachedDevice dev;
   dev.domid = domid;
@@ -351,6 +357,12 @@ DetachResult Toolstack::detach(DomId domid, unsigned devid, const DetachOptions&
   if (options.force) {
     result.forced = true;
     result.note = "removed without waiting for the back-end (forced)";
+  } else if (!vibd_running(where->backend_domid)) {
+    // Nobody would answer the Closing; a vibd that starts later finds no
+    // directory and keeps nothing.
+    result.forced = true;
+    result.note = "no vibd serves back-end domain " + std::to_string(where->backend_domid) +
+                  "; removed the device without it";
   } else {
     bool present = false;
     platform::with_transaction(*store_, [&](TransactionId tx) {
@@ -382,7 +394,7 @@ DetachResult Toolstack::detach(DomId domid, unsigned devid, const DetachOptions&
   return result;
 }
 
-std::vector<DeviceInfo> Toolstack::list(DomId domid) {
+std::vector<DeviceInfo> Toolstack::list(DomId domid, bool with_status) {
   std::set<unsigned> devids;
   for (const auto& root : {"/libxl/" + std::to_string(domid) + "/device/" VIBIF_XS_DEVICE_TYPE,
                            "/local/domain/" + std::to_string(domid) + "/device/" VIBIF_XS_DEVICE_TYPE,
@@ -416,6 +428,19 @@ std::vector<DeviceInfo> Toolstack::list(DomId domid) {
     info.online = store_->read(kNoTransaction, be + "/online") == "1";
     info.hotplug_status = store_->read(kNoTransaction, be + "/hotplug-status").value_or("");
     info.error = store_->read(kNoTransaction, be + "/" VIBIF_XS_ERROR).value_or("");
+    if (with_status) {
+      info.vibd_running = vibd_running(info.backend_domid);
+      const std::string published = vibd_dir(info.backend_domid) + "/devices/" + std::to_string(domid) + "/" +
+                                    std::to_string(devid);
+      if (auto text = info.vibd_running ? store_->read(kNoTransaction, published) : std::nullopt) {
+        info.status = parse_device_status(*text);
+        for (const auto& ctx : children(*store_, kNoTransaction, published)) {
+          auto id = platform::parse_decimal(ctx, VIBIF_MAX_CTXID);
+          auto ctx_text = id ? store_->read(kNoTransaction, published + "/" + ctx) : std::nullopt;
+          if (ctx_text) info.status->contexts.push_back(parse_context_status(static_cast<unsigned>(*id), *ctx_text));
+        }
+      }
+    }
     out.push_back(std::move(info));
   }
   return out;

@@ -91,7 +91,9 @@ int create_domain(const std::string& dir, DomId domid, const std::string& name) 
     xs->set_permissions(tx, home, {{kDom0, Access::none}, {domid, Access::read}});
     xs->set_permissions(tx, home + "/name", {{kDom0, Access::none}, {domid, Access::read}});
     xs->set_permissions(tx, home + "/domid", {{kDom0, Access::none}, {domid, Access::read}});
-    for (const char* area : {"/device", "/data", "/control"}) {
+    // "/libxl" as libxl makes it for a driver domain (driver_domain=1): any
+    // simulated domain may run a vibd, which announces itself there.
+    for (const char* area : {"/device", "/data", "/control", "/libxl"}) {
       xs->mkdir(tx, home + area);
       xs->set_permissions(tx, home + area, {{domid, Access::none}});
     }

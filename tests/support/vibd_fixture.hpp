@@ -33,9 +33,20 @@ class VibdFixture : public ::testing::Test {
   void TearDown() override { stop_vibd(); }
 
   // Starts vibd (the path comes from the test's build) on the local Xen;
-  // with a log path, its log goes there.
+  // with a log path, its log goes there. Returns once vibd has announced
+  // itself (what the toolstack looks for before it waits on vibd), or has
+  // exited.
   void start_vibd(const char* vibd, const std::string& log = {}, const std::vector<std::string>& extra_args = {}) {
     pid_ = spawn_vibd(vibd, xen_.dir(), log, extra_args);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (store_->read(platform::kNoTransaction, "/local/domain/0/libxl/vibd/pid") == std::to_string(pid_)) return;
+      if (::waitpid(pid_, nullptr, WNOHANG) == pid_) {
+        pid_ = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
   }
   int stop_vibd() { return vib::test::stop_vibd(pid_); }
 

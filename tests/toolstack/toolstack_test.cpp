@@ -2,17 +2,26 @@
 // list, detach (graceful and forced), provisioning from an xl config, the
 // cleanup after a domain dies, the hotplug script, and the xl-vib command.
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 
+#include <yajl/yajl_tree.h>
+
+#include "rc_connect.hpp"
 #include "vib/front/channel.hpp"
+#include "vib/front/verbs.hpp"
 #include "vib/libxl_ib.h"
 #include "vib/libxl_ib.hpp"
+#include "vib/platform/unique_fd.hpp"
 #include "vib/platform/xenstore.hpp"
 #include "vibd_fixture.hpp"
 
@@ -270,10 +279,35 @@ TEST_F(VibToolstack, ABackendErrorFailsTheAttachAndLeavesNothing) {
   EXPECT_EQ(ts_->attach(5, parse_spec("hca=soft")).devid, 0u) << "the id is free again";
 }
 
-TEST_F(VibToolstack, AttachTimesOutWithoutVibdAndLeavesNothing) {
+TEST_F(VibToolstack, AttachWithoutVibdFailsAtOnceAndLeavesNothing) {
+  // No announcement: nothing to wait for.
   AttachOptions options;
-  options.timeout = 300ms;
+  options.timeout = 60s;
   auto e = error_of([&] { ts_->attach(5, parse_spec("hca=soft"), options); });
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->code(), ErrorCode::backend);
+  EXPECT_TRUE(contains(e->what(), "no vibd serves back-end domain 0 (no /local/domain/0/libxl/vibd/state"))
+      << e->what();
+  expect_gone(5, 0);
+
+  // The announcement of a vibd that crashed: its process is gone.
+  pid_t dead = ::fork();
+  if (dead == 0) ::_exit(0);
+  ASSERT_GT(dead, 0);
+  ::waitpid(dead, nullptr, 0);
+  store_->write(kNoTransaction, "/local/domain/0/libxl/vibd/state", "running");
+  store_->write(kNoTransaction, "/local/domain/0/libxl/vibd/pid", std::to_string(dead));
+  EXPECT_FALSE(ts_->vibd_running(0));
+  e = error_of([&] { ts_->attach(5, parse_spec("hca=soft"), options); });
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->code(), ErrorCode::backend) << e->what();
+  expect_gone(5, 0);
+
+  // A vibd that is announced and alive but does not answer: the wait runs out.
+  store_->write(kNoTransaction, "/local/domain/0/libxl/vibd/pid", std::to_string(::getpid()));
+  EXPECT_TRUE(ts_->vibd_running(0));
+  options.timeout = 300ms;
+  e = error_of([&] { ts_->attach(5, parse_spec("hca=soft"), options); });
   ASSERT_TRUE(e);
   EXPECT_EQ(e->code(), ErrorCode::timed_out);
   EXPECT_TRUE(contains(e->what(), "did not reach InitWait within 0.3 s (is vibd running there?)")) << e->what();
@@ -289,11 +323,21 @@ TEST_F(VibToolstack, ForcedDetachWithoutVibd) {
   ASSERT_EQ(ts_->list(5).size(), 2u);
   EXPECT_EQ(ts_->list(5)[0].state, 1);
 
-  // Nobody answers the Closing: removed anyway after the timeout, and said so.
+  // No vibd announced: nobody would answer the Closing, so it is not asked.
   DetachOptions graceful;
+  graceful.timeout = 60s;
+  auto result = ts_->detach(5, 0, graceful);
+  EXPECT_TRUE(result.forced);
+  EXPECT_TRUE(contains(result.note, "no vibd serves back-end domain 0; removed the device without it")) << result.note;
+  expect_gone(5, 0);
+  ts_->attach(5, parse_spec("hca=soft"), no_wait);
+
+  // One announced that does not answer: removed anyway after the timeout, and said so.
+  store_->write(kNoTransaction, "/local/domain/0/libxl/vibd/state", "running");
+  store_->write(kNoTransaction, "/local/domain/0/libxl/vibd/pid", std::to_string(::getpid()));
   graceful.timeout = 300ms;
   const auto start = std::chrono::steady_clock::now();
-  auto result = ts_->detach(5, 0, graceful);
+  result = ts_->detach(5, 0, graceful);
   EXPECT_GE(std::chrono::steady_clock::now() - start, 300ms);
   EXPECT_TRUE(result.forced);
   EXPECT_TRUE(contains(result.note, "did not close the device within 0.3 s; removed it forcibly")) << result.note;
@@ -607,7 +651,7 @@ TEST_F(VibToolstack, XlVibCommand) {
   ts_->attach(5, parse_spec("hca=soft"), no_wait);
   ran = run(xl("vib-detach --timeout 0.2 5 0"));
   EXPECT_EQ(ran.status, 0) << ran.out;
-  EXPECT_TRUE(contains(ran.out, "warning: vib device 0 of domain 5: the back-end (domain 0) did not close")) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "warning: vib device 0 of domain 5: no vibd serves back-end domain 0")) << ran.out;
 }
 
 TEST_F(VibToolstack, XlFrontScriptRoutes) {
@@ -631,6 +675,281 @@ TEST_F(VibToolstack, XlFrontScriptRoutes) {
   EXPECT_TRUE(contains(ran.out, "Usage: xl vib-list")) << ran.out;
   // The real xl's exit status comes back.
   EXPECT_EQ(run(std::string("env VIB_REAL_XL=/bin/false sh ") + XL_FRONT + " list").status, 1);
+  // Without Xen's xl (vib-backend installed before xen-utils-common, or
+  // without it) the front says so instead of a bare "not found".
+  ran = run(std::string("env VIB_REAL_XL=/nonexistent/xl sh ") + XL_FRONT + " list");
+  EXPECT_EQ(ran.status, 127);
+  EXPECT_TRUE(contains(ran.out, "Xen's xl (/nonexistent/xl) is not installed")) << ran.out;
+}
+
+TEST_F(VibToolstack, OneVibdPerDomainAndACrashedOneDoesNotBlockItsRestart) {
+  start_vibd();
+  ASSERT_GT(pid_, 0);
+  const std::string dir = "/local/domain/0/libxl/vibd";
+  EXPECT_EQ(read(dir + "/state"), "running");
+  EXPECT_EQ(read(dir + "/pid"), std::to_string(pid_));
+  EXPECT_EQ(store_->get_permissions(kNoTransaction, dir),
+            (vib::platform::NodePermissions{{0, vib::platform::Access::none}}))
+      << "only its domain (and dom0) read it";
+  EXPECT_TRUE(ts_->vibd_running(0));
+
+  // A second vibd for the same domain refuses, says why, and leaves the
+  // first one's announcement alone.
+  pid_t second = vib::test::spawn_vibd(VIBD, xen_.dir(), log_.path() + "/second.log", {"--no-provision"});
+  int status = 0;
+  ASSERT_EQ(::waitpid(second, &status, 0), second);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 3);
+  std::ifstream in(log_.path() + "/second.log");
+  const std::string second_log(std::istreambuf_iterator<char>(in), {});
+  EXPECT_TRUE(contains(second_log, "another vibd (pid " + std::to_string(pid_) + ") already serves domain 0"))
+      << second_log;
+  EXPECT_EQ(read(dir + "/pid"), std::to_string(pid_));
+
+  // A crash leaves the announcement behind; the toolstack sees through it,
+  // and the next vibd starts anyway and replaces it.
+  const pid_t crashed = pid_;
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  EXPECT_EQ(read(dir + "/pid"), std::to_string(crashed));
+  EXPECT_FALSE(ts_->vibd_running(0));
+  start_vibd();
+  ASSERT_GT(pid_, 0) << vibd_log();
+  EXPECT_EQ(read(dir + "/pid"), std::to_string(pid_));
+  EXPECT_TRUE(contains(vibd_log(), "replaced the announcement of vibd pid " + std::to_string(crashed))) << vibd_log();
+  EXPECT_EQ(ts_->attach(5, parse_spec("hca=soft")).devid, 0u) << "and it serves";
+
+  // A clean stop removes it.
+  EXPECT_EQ(stop_vibd(), 0);
+  EXPECT_FALSE(exists(dir));
+  EXPECT_FALSE(ts_->vibd_running(0));
+}
+
+#ifdef VIB_HAVE_SYSTEMD
+// vibd.service is Type=notify: systemd takes vibd for started at READY=1.
+TEST_F(VibToolstack, VibdTellsSystemdWhenItServesWhatItServesAndWhenItStops) {
+  // A device that exists before vibd starts: READY=1 means vibd took it.
+  AttachOptions no_wait;
+  no_wait.wait = false;
+  ts_->attach(5, parse_spec("hca=soft"), no_wait);
+  // What systemd listens on (sd_notify(3): a datagram socket in NOTIFY_SOCKET).
+  const std::string path = log_.path() + "/notify";
+  vib::platform::UniqueFd sock(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(sock);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  ASSERT_EQ(::bind(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ::setenv("NOTIFY_SOCKET", path.c_str(), 1);
+  start_vibd();
+  ::unsetenv("NOTIFY_SOCKET");
+  // The messages, in order, until one contains `want`.
+  std::string received;
+  auto until = [&](const std::string& want) {
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (!contains(received, want) && std::chrono::steady_clock::now() < deadline) {
+      pollfd p{sock.get(), POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      char buf[512];
+      const auto n = ::recv(sock.get(), buf, sizeof buf, 0);
+      if (n > 0) received.append(buf, static_cast<std::size_t>(n)).append("\n");
+    }
+    return contains(received, want);
+  };
+  ASSERT_TRUE(until("READY=1")) << received;
+  EXPECT_EQ(read(be(5, 0) + "/state"), "2") << "READY=1 came after vibd took the device";
+  EXPECT_TRUE(until("STATUS=serving 1 vib devices (0 connected), 0 guest contexts")) << received;
+  EXPECT_EQ(stop_vibd(), 0);
+  EXPECT_TRUE(until("STOPPING=1")) << received;
+  EXPECT_LT(received.find("READY=1"), received.find("STOPPING=1"));
+}
+#endif  // VIB_HAVE_SYSTEMD (vibd notifies only when built with libsystemd)
+
+namespace {
+
+// yajl_tree helpers for `xl vib-list --json`.
+struct JsonFree {
+  void operator()(yajl_val v) const { yajl_tree_free(v); }
+};
+using Json = std::unique_ptr<std::remove_pointer_t<yajl_val>, JsonFree>;
+
+yajl_val at(yajl_val v, std::initializer_list<const char*> path) {
+  std::vector<const char*> p(path);
+  p.push_back(nullptr);
+  return yajl_tree_get(v, p.data(), yajl_t_any);
+}
+long long integer(yajl_val v, std::initializer_list<const char*> path) {
+  yajl_val n = at(v, path);
+  return n && YAJL_IS_INTEGER(n) ? YAJL_GET_INTEGER(n) : -1;
+}
+
+}  // namespace
+
+TEST_F(VibToolstack, XlVibListLongShowsLiveCounters) {
+  start_vibd("10000", "", {"--status-interval", "100"});
+  ts_->attach(5, parse_spec("hca=soft,max-qps=8,max-pinned-pages=1000"));
+  using vib::toolstack::ContextStatus;
+  using vib::toolstack::DeviceInfo;
+
+  // vibd publishes at most every 100 ms: waits until the one context's
+  // published status satisfies `done`.
+  auto wait_published = [&](const std::function<bool(const DeviceInfo&, const ContextStatus&)>& done) {
+    std::string seen;  // what was published last, for the failure message
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      seen.clear();
+      for (const auto& d : ts_->list(5, /*with_status=*/true)) {
+        if (!d.status) continue;
+        seen += vib::toolstack::format_status(*d.status) + "\n";
+        for (const auto& c : d.status->contexts) seen += "  " + vib::toolstack::format_status(c) + "\n";
+        if (d.status->contexts.size() == 1 && done(d, d.status->contexts[0])) return d;
+      }
+      std::this_thread::sleep_for(20ms);
+    }
+    ADD_FAILURE() << "vibd never published what the guest did; last seen:\n" << seen;
+    return DeviceInfo{};
+  };
+
+  // A guest process creates objects of every kind but AHs, moves one
+  // message between its two QPs, and has one request refused.
+  vib::front::ChannelOptions options;
+  options.xen = xen_.as(5);
+  auto device = vib::front::Device::open(options);
+  auto pd = device->alloc_pd();
+  auto cq_a = device->create_cq(16), cq_b = device->create_cq(16);
+  vib::front::QpInit init;
+  init.cap = ibv_qp_cap{16, 16, 1, 1, 0};
+  init.send_cq = init.recv_cq = cq_a.get();
+  auto qp_a = pd->create_qp(init);
+  init.send_cq = init.recv_cq = cq_b.get();
+  auto qp_b = pd->create_qp(init);
+  ibv_srq_init_attr srq_init{};
+  srq_init.attr.max_wr = 8;
+  srq_init.attr.max_sge = 1;
+  auto srq = pd->create_srq(srq_init);
+
+  // The queues' pages are pinned too; the registration adds its own.
+  const vib::toolstack::ObjectCounts queues{1, 2, 2, 1, 0, 0};
+  const DeviceInfo before = wait_published([&](const DeviceInfo&, const ContextStatus& c) { return c.objects == queues; });
+  ASSERT_TRUE(before.status);
+  const std::uint64_t queue_pages = before.status->pinned_pages();
+  EXPECT_GT(queue_pages, 0u);
+  std::vector<char> storage(5 * 4096);
+  char* buf = storage.data() + 100;
+  const int access = IBV_ACCESS_LOCAL_WRITE;
+  auto mr = pd->reg_mr(buf, 8192, access);
+  const auto first = reinterpret_cast<std::uintptr_t>(buf) / 4096;
+  const auto last = (reinterpret_cast<std::uintptr_t>(buf) + 8192 - 1) / 4096;
+  const std::uint64_t pinned = queue_pages + (last - first + 1);
+  ibv_port_attr port;
+  device->query_port(1, port);
+  for (auto& step : vib::test::rc_connect_steps(port.lid, qp_b->qp_num(), access))
+    ASSERT_EQ(qp_a->modify(step.attr, step.mask), 0);
+  for (auto& step : vib::test::rc_connect_steps(port.lid, qp_a->qp_num(), access))
+    ASSERT_EQ(qp_b->modify(step.attr, step.mask), 0);
+  ibv_sge recv_sge{reinterpret_cast<std::uintptr_t>(buf + 4096), 64, mr->lkey()};
+  ibv_recv_wr recv{};
+  recv.sg_list = &recv_sge;
+  recv.num_sge = 1;
+  ibv_recv_wr* bad_recv = nullptr;
+  ASSERT_EQ(qp_b->post_recv(&recv, &bad_recv), 0);
+  std::strcpy(buf, "counted");
+  ibv_sge send_sge{reinterpret_cast<std::uintptr_t>(buf), 8, mr->lkey()};
+  ibv_send_wr send{};
+  send.sg_list = &send_sge;
+  send.num_sge = 1;
+  send.opcode = IBV_WR_SEND;
+  send.send_flags = IBV_SEND_SIGNALED;
+  ibv_send_wr* bad_send = nullptr;
+  ASSERT_EQ(qp_a->post_send(&send, &bad_send), 0);
+  for (auto* cq : {cq_a.get(), cq_b.get()}) {
+    ibv_wc wc{};
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (cq->poll(std::span<ibv_wc>(&wc, 1)) == 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(1ms);
+    ASSERT_EQ(wc.status, IBV_WC_SUCCESS);
+  }
+  EXPECT_EQ(pd->dealloc(), EBUSY) << "a refused request";
+
+  const vib::toolstack::ObjectCounts all{1, 2, 2, 1, 1, 0};
+  const DeviceInfo after = wait_published([&](const DeviceInfo&, const ContextStatus& c) {
+    return c.objects == all && c.request_errors == 1 && c.completions == 2;
+  });
+  ASSERT_TRUE(after.status);
+  EXPECT_TRUE(after.vibd_running);
+  EXPECT_EQ(after.status->hca, "soft0");
+  EXPECT_EQ(after.status->port, 1u);
+  EXPECT_EQ(after.status->quotas.qps, 8u);
+  EXPECT_EQ(after.status->max_pinned_pages, 1000u);
+  EXPECT_EQ(after.status->pinned_pages(), pinned);
+  const ContextStatus* ctx = &after.status->contexts[0];
+  EXPECT_EQ(ctx->id, device->channel().context_id());
+  EXPECT_EQ(ctx->pinned_pages, pinned);
+  EXPECT_EQ(ctx->wqes, 2u) << "one send, one receive";
+  EXPECT_EQ(ctx->completion_errors, 0u);
+  // Requests: query port, alloc PD, 2 CQs, 2 QPs, SRQ, MR, 6 modifies, the
+  // refused dealloc, and what opening the device asked.
+  EXPECT_GE(ctx->requests, 15u);
+  const auto now = std::chrono::duration_cast<std::chrono::seconds>(
+                       std::chrono::system_clock::now().time_since_epoch()).count();
+  EXPECT_GT(ctx->last_activity, now - 60);
+  EXPECT_LE(ctx->last_activity, now + 1);
+
+  // The same through `xl vib-list -l --json`, and the table.
+  auto ran = run(xl("vib-list -l --json 5"));
+  ASSERT_EQ(ran.status, 0) << ran.out;
+  char err[256];
+  Json json(yajl_tree_parse(ran.out.c_str(), err, sizeof err));
+  ASSERT_TRUE(json && YAJL_IS_ARRAY(json.get())) << err << ran.out;
+  ASSERT_EQ(YAJL_GET_ARRAY(json.get())->len, 1u);
+  yajl_val dev = YAJL_GET_ARRAY(json.get())->values[0];
+  yajl_val status = at(dev, {"status"});
+  ASSERT_TRUE(status) << ran.out;
+  EXPECT_STREQ(YAJL_GET_STRING(at(status, {"vibd"})), "running");
+  EXPECT_EQ(integer(status, {"objects", "qps"}), 2);
+  EXPECT_EQ(integer(status, {"quotas", "qps"}), 8);
+  EXPECT_EQ(integer(status, {"pinned-pages"}), static_cast<long long>(pinned));
+  EXPECT_EQ(integer(status, {"max-pinned-pages"}), 1000);
+  yajl_val contexts = at(status, {"contexts"});
+  ASSERT_TRUE(contexts && YAJL_IS_ARRAY(contexts) && YAJL_GET_ARRAY(contexts)->len == 1) << ran.out;
+  yajl_val c = YAJL_GET_ARRAY(contexts)->values[0];
+  EXPECT_EQ(integer(c, {"id"}), static_cast<long long>(ctx->id));
+  EXPECT_EQ(integer(c, {"objects", "pds"}), 1);
+  EXPECT_EQ(integer(c, {"objects", "cqs"}), 2);
+  EXPECT_EQ(integer(c, {"objects", "srqs"}), 1);
+  EXPECT_EQ(integer(c, {"objects", "mrs"}), 1);
+  EXPECT_EQ(integer(c, {"objects", "ahs"}), 0);
+  EXPECT_EQ(integer(c, {"wqes"}), 2);
+  EXPECT_EQ(integer(c, {"completions"}), 2);
+  EXPECT_EQ(integer(c, {"request-errors"}), 1);
+  ran = run(xl("vib-list -l 5"));
+  ASSERT_EQ(ran.status, 0) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "HCA soft0 port 1, vibd running")) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "QPs 2/8")) << ran.out;
+  EXPECT_TRUE(contains(ran.out, "pinned pages " + std::to_string(pinned) + "/1000")) << ran.out;
+
+  // The process goes: its context leaves the status.
+  qp_a.reset();
+  qp_b.reset();
+  srq.reset();
+  mr.reset();
+  pd.reset();
+  cq_a.reset();
+  cq_b.reset();
+  device.reset();
+  const std::string published = "/local/domain/0/libxl/vibd/devices/5/0";
+  bool gone = false;
+  for (auto end = std::chrono::steady_clock::now() + 10s; !gone && std::chrono::steady_clock::now() < end;
+       std::this_thread::sleep_for(20ms))
+    gone = store_->directory(kNoTransaction, published).value_or(std::vector<std::string>{"x"}).empty();
+  EXPECT_TRUE(gone) << "the context's node went";
+
+  // vibd stopped: said so, with nothing stale.
+  EXPECT_EQ(stop_vibd(), 0);
+  ran = run(xl("vib-list -l --json 5"));
+  EXPECT_TRUE(contains(ran.out, "\"vibd\": \"not running\"")) << ran.out;
+  EXPECT_FALSE(contains(ran.out, "\"contexts\": [")) << ran.out;
 }
 
 TEST_F(VibToolstack, CApi) {

@@ -2,7 +2,9 @@
 // vib-* subcommands; it can be run directly too. Output and exit codes
 // follow xl's device commands (network-attach/-detach/-list): 0 on success,
 // 1 on failure, 2 for a command line xl would not accept.
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -55,7 +57,10 @@ const Command kCommands[] = {
      "  --timeout S   wait at most S seconds for the back-end to close it, then\n"
      "                remove it anyway (10)\n",
      false},
-    {"vib-list", "[--json] <Domain(s)>", "List virtual InfiniBand devices for a domain.",
+    {"vib-list", "[-l] [--json] <Domain(s)>", "List virtual InfiniBand devices for a domain.",
+     "  -l, --long    add what vibd serves: objects against the quotas, pinned\n"
+     "                pages, and per context its objects, requests, work\n"
+     "                requests, completions, errors and last activity\n"
      "  --json        print a JSON array instead of the table\n", false},
     {"vib-provision", "[--config FILE] [--userdata-dir DIR] [--wait S] <Domain>",
      "Attach the vib= devices of a newly created domain.",
@@ -216,13 +221,14 @@ class Cli {
   }
 
   int list(const Command& c, const std::vector<std::string>& argv) {
-    auto a = split(argv, {"--json"}, {}, c);
+    auto a = split(argv, {"--json", "-l", "--long"}, {}, c);
     if (!a) return kUsage;
     if (a->positional.empty()) {
       command_usage(std::cerr, c);
       return kUsage;
     }
     const bool json = a->options.count("--json") > 0;
+    const bool long_form = a->options.count("-l") > 0 || a->options.count("--long") > 0;
     int rc = kOk;
     std::vector<DeviceInfo> all;
     if (!json) std::cout << "Idx BE  Hdl State HCA        Port Ctx BE-path\n";
@@ -232,7 +238,7 @@ class Cli {
         const DomId domid = toolstack().resolve_domain(name);
         if (!toolstack().domain_exists(domid))
           throw Error(ErrorCode::not_found, "domain '" + name + "' does not exist");
-        for (auto& d : toolstack().list(domid)) {
+        for (auto& d : toolstack().list(domid, long_form)) {
           if (json) {
             all.push_back(std::move(d));
             continue;
@@ -242,14 +248,53 @@ class Cli {
                         static_cast<unsigned>(d.backend_domid), d.devid, d.state,
                         d.hca.empty() ? "(default)" : d.hca.c_str(), d.port, d.contexts);
           std::cout << line << d.backend_path << "\n";
+          if (long_form) print_status(d);
         }
         return kOk;
       });
       if (one != kOk) rc = one;
     }
-    if (json) std::cout << devices_to_json(all);
+    if (json) std::cout << devices_to_json(all, true, long_form);
     return rc;
   }
+
+  // The long form's lines under a device: what its vibd published.
+  static void print_status(const DeviceInfo& d) {
+    const std::string be = std::to_string(d.backend_domid);
+    if (!d.vibd_running) {
+      std::cout << "    no vibd serves back-end domain " << be << "\n";
+      return;
+    }
+    if (!d.status) {
+      std::cout << "    vibd running; nothing published for this device yet\n";
+      return;
+    }
+    const DeviceStatus& s = *d.status;
+    const ObjectCounts held = s.objects();
+    std::cout << "    HCA " << (s.hca.empty() ? "(none)" : s.hca) << " port " << s.port << ", vibd running; PDs "
+              << held.pds << "/" << s.quotas.pds << " CQs " << held.cqs << "/" << s.quotas.cqs << " QPs " << held.qps
+              << "/" << s.quotas.qps << " SRQs " << held.srqs << "/" << s.quotas.srqs << " MRs " << held.mrs << "/"
+              << s.quotas.mrs << " AHs " << held.ahs << "/" << s.quotas.ahs << "; pinned pages " << s.pinned_pages()
+              << "/" << s.max_pinned_pages << "\n";
+    if (s.contexts.empty()) return;
+    std::cout << "    Ctx       PDs  CQs  QPs SRQs  MRs  AHs   Pinned   Requests Errors       WQEs Completions Errors "
+                 "Active\n";
+    const auto now = std::chrono::duration_cast<std::chrono::seconds>(
+                         std::chrono::system_clock::now().time_since_epoch()).count();
+    for (const auto& c : s.contexts) {
+      char line[200];
+      std::snprintf(line, sizeof line, "    %-9u %4llu %4llu %4llu %4llu %4llu %4llu %8llu %10llu %6llu %10llu %11llu %6llu ",
+                    c.id, ull(c.objects.pds), ull(c.objects.cqs), ull(c.objects.qps), ull(c.objects.srqs),
+                    ull(c.objects.mrs), ull(c.objects.ahs), ull(c.pinned_pages), ull(c.requests),
+                    ull(c.request_errors), ull(c.wqes), ull(c.completions), ull(c.completion_errors));
+      std::cout << line;
+      if (c.last_activity == 0)
+        std::cout << "never\n";
+      else
+        std::cout << std::max<long long>(0, now - c.last_activity) << "s ago\n";
+    }
+  }
+  static unsigned long long ull(std::uint64_t v) { return static_cast<unsigned long long>(v); }
 
   int provision(const Command& c, const std::vector<std::string>& argv) {
     auto a = split(argv, {}, {"--config", "--userdata-dir", "--wait"}, c);

@@ -102,6 +102,51 @@ struct DetachResult {
   std::string note;     // why it was forced, for the administrator
 };
 
+// A running vibd announces itself in its own domain, as xen-9pfsd does under
+// libxl/xen-9pfs: vibd_dir(domain)/state = "running" and /pid, written in one
+// transaction when it starts and removed when it stops; below
+// vibd_dir(domain)/devices/<domid>/<devid>, the status of each device it
+// serves (format_status). Only that vibd writes there, only it and dom0 read.
+std::string vibd_dir(platform::DomId backend);
+
+// Objects by kind: what a context holds, or a device's quotas.
+struct ObjectCounts {
+  std::uint64_t pds = 0, cqs = 0, qps = 0, srqs = 0, mrs = 0, ahs = 0;
+  ObjectCounts& operator+=(const ObjectCounts& o);
+  bool operator==(const ObjectCounts&) const = default;
+};
+
+// One guest process's context, as vibd last published it.
+struct ContextStatus {
+  unsigned id = 0;
+  ObjectCounts objects;
+  std::uint64_t pinned_pages = 0;
+  std::uint64_t requests = 0, request_errors = 0;  // requests answered, with an error
+  std::uint64_t wqes = 0;                          // work requests handed to the HCA
+  std::uint64_t completions = 0, completion_errors = 0;
+  std::int64_t last_activity = 0;  // seconds since the Unix epoch; 0: never
+  bool operator==(const ContextStatus&) const = default;
+};
+
+// A device as vibd serves it. The published text (format_status) is
+// "key=value" words separated by spaces: one node per device and one per
+// context, so a driver domain's vibd stays well within its xenstore quota.
+// Readers skip keys they do not know.
+struct DeviceStatus {
+  int state = 0;    // the back-end's XenbusState
+  std::string hca;  // the HCA vibd opened ("soft0", "mlx5_0"); empty if none
+  unsigned port = 0;
+  ObjectCounts quotas;  // max-pds ... max-ahs
+  std::uint64_t max_pinned_pages = 0;
+  std::vector<ContextStatus> contexts;  // not in the device's own node
+  ObjectCounts objects() const;          // held by all contexts
+  std::uint64_t pinned_pages() const;
+};
+std::string format_status(const DeviceStatus& device);
+std::string format_status(const ContextStatus& context);
+DeviceStatus parse_device_status(std::string_view text);
+ContextStatus parse_context_status(unsigned id, std::string_view text);
+
 struct DeviceInfo {
   platform::DomId domid = 0;
   unsigned devid = 0;
@@ -116,10 +161,15 @@ struct DeviceInfo {
   bool online = false;
   std::string hotplug_status;
   std::string error;
+  // list(..., with_status): whether a vibd runs in the back-end domain, and
+  // what it published for the device (nullopt: nothing yet).
+  bool vibd_running = false;
+  std::optional<DeviceStatus> status;
 };
 
-// Output of `xl vib-list --json`: a JSON array of the devices (yajl_gen).
-std::string devices_to_json(const std::vector<DeviceInfo>& devices, bool beautify = true);
+// Output of `xl vib-list --json`: a JSON array of the devices (yajl_gen);
+// with_status adds each device's "status" (`xl vib-list -l --json`).
+std::string devices_to_json(const std::vector<DeviceInfo>& devices, bool beautify = true, bool with_status = false);
 
 // Where the xl front keeps the configs of domains created with `xl create`,
 // by domain name, for vibd. xl itself keeps no copy with the vib= lines: it
@@ -159,7 +209,11 @@ class Toolstack {
 
   AttachedDevice attach(platform::DomId domid, const DeviceSpec& spec, const AttachOptions& options = {});
   DetachResult detach(platform::DomId domid, unsigned devid, const DetachOptions& options = {});
-  std::vector<DeviceInfo> list(platform::DomId domid);
+  // with_status: also whether vibd runs and what it published (`-l`).
+  std::vector<DeviceInfo> list(platform::DomId domid, bool with_status = false);
+  // Whether a vibd serves `backend`: its announcement is there and, when it
+  // runs in this domain, its process too (a crashed vibd leaves the nodes).
+  bool vibd_running(platform::DomId backend);
 
   // Attaches every vib= device of an xl config to a domain that was just
   // created, in one transaction and without waiting for the back-end.

@@ -50,9 +50,19 @@ struct DaemonOptions {
   std::chrono::microseconds max_spin{50};
   int worker_nice = -10;
   unsigned control_threads = 0;
+  // How often, at most, the devices' status is published for
+  // `xl vib-list -l` (see status.hpp).
+  std::chrono::milliseconds status_interval{1000};
   bool systemd_logging = false;
   bool verbose = false;
+  // Tells the service manager how vibd is doing, in sd_notify(3) words:
+  // "READY=1" once it serves (watches set, existing devices looked at),
+  // "STATUS=..." when what it serves changes, "STOPPING=1" when it stops.
+  std::function<void(const std::string&)> notify;
 };
+
+// Exit codes of run_daemon besides 0 (stopped) and 1 (failed).
+inline constexpr int kExitAlreadyRunning = 3;  // another vibd serves the domain
 
 // Serves until `stop_fd` becomes readable. Returns a process exit code.
 int run_daemon(const DaemonOptions& options, int stop_fd);
