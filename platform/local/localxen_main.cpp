@@ -36,8 +36,9 @@ void usage(std::ostream& out) {
          "                DIR/domain/<domid>/hypervisor grant tables and event channels\n"
          "create-domain   introduce a guest domain and write its xenstore home the way\n"
          "                the toolstack does (name, domid, device/, data/)\n"
-         "destroy-domain  release a domain: its connections, grants and event channels\n"
-         "                go, @releaseDomain fires, its xenstore home is removed\n";
+         "destroy-domain  release a domain as libxl does: its xenstore home is removed,\n"
+         "                then its connections, grants and event channels go and\n"
+         "                @releaseDomain fires\n";
 }
 
 int serve(const std::string& dir) {
@@ -110,12 +111,19 @@ int create_domain(const std::string& dir, DomId domid, const std::string& name) 
 
 int destroy_domain(const std::string& dir, DomId domid) {
   RawHandle raw(dir);
-  if (!raw.h || !xs_release_domain(raw.h, domid)) {
+  if (!raw.h) {
+    std::cerr << "vib-localxen: cannot reach the store in " << dir << "\n";
+    return 1;
+  }
+  // In libxl's order: the domain's home goes first, then the hypervisor
+  // releases the domain and @releaseDomain fires. Whoever wakes for it
+  // (vibd, the toolstack's cleanup) finds the home gone already.
+  auto xs = open_xenstore(XenTarget::local(dir, kDom0));
+  xs->remove(kNoTransaction, xs->domain_path(domid));
+  if (!xs_release_domain(raw.h, domid)) {
     std::cerr << "vib-localxen: cannot release domain " << domid << ": " << std::strerror(errno) << "\n";
     return 1;
   }
-  auto xs = open_xenstore(XenTarget::local(dir, kDom0));
-  xs->remove(kNoTransaction, xs->domain_path(domid));
   std::cout << "domain " << domid << " destroyed\n";
   return 0;
 }

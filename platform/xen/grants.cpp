@@ -1,8 +1,12 @@
 // Grant mapping and sharing over the real libxengnttab (gntdev) and
 // libxengntshr (gntalloc).
+#include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cerrno>
+#include <mutex>
 #include <system_error>
 #include <vector>
 
@@ -11,6 +15,8 @@ extern "C" {
 }
 
 #include "real_xen.hpp"
+#include "vib/platform/unique_fd.hpp"
+#include "vib/vibgrant.h"
 
 namespace vib::platform::real {
 
@@ -111,6 +117,23 @@ class XenShare final : public SharedPages {
   std::vector<GrantRef> refs_;
 };
 
+// A set of the application's pages the vibgrant module pinned and granted.
+class VibgrantRange final : public GrantedRange {
+ public:
+  VibgrantRange(std::shared_ptr<UniqueFd> device, std::uint64_t handle, std::vector<GrantRef> refs)
+      : device_(std::move(device)), handle_(handle), refs_(std::move(refs)) {}
+  ~VibgrantRange() override {
+    vibgrant_release release{handle_};
+    ::ioctl(device_->get(), VIBGRANT_IOCTL_RELEASE, &release);  // closing the device would too
+  }
+  std::span<const GrantRef> refs() const override { return refs_; }
+
+ private:
+  std::shared_ptr<UniqueFd> device_;
+  std::uint64_t handle_;
+  std::vector<GrantRef> refs_;
+};
+
 class XenSharer final : public GrantSharer {
  public:
   XenSharer() {
@@ -139,8 +162,49 @@ class XenSharer final : public GrantSharer {
     return std::make_unique<XenShare>(h_, addr, std::vector<GrantRef>(refs.begin(), refs.end()));
   }
 
+  std::unique_ptr<GrantedRange> grant_range(DomId grantee, std::byte* start, std::size_t pages,
+                                            bool writable) override {
+    if (pages == 0 || pages > VIBGRANT_MAX_PAGES || reinterpret_cast<std::uintptr_t>(start) % kPageSize) {
+      errno = EINVAL;
+      fail("granting " + std::to_string(pages) + " pages in place");
+    }
+    auto device = vibgrant();
+    std::vector<GrantRef> refs(pages);
+    vibgrant_grant g{};
+    g.start = reinterpret_cast<std::uintptr_t>(start);
+    g.pages = pages;
+    g.refs = reinterpret_cast<std::uintptr_t>(refs.data());
+    g.domid = grantee;
+    g.flags = writable ? VIBGRANT_WRITABLE : 0;
+    if (::ioctl(device->get(), VIBGRANT_IOCTL_GRANT, &g) != 0) {
+      const int err = errno;
+      std::string why = "granting " + std::to_string(pages) + " pages of this process to domain " + std::to_string(grantee);
+      if (err == ENOMEM) why += " (pinned memory would exceed RLIMIT_MEMLOCK: raise it, e.g. ulimit -l)";
+      if (err == ENOSPC) why += " (the guest's grant table is full: raise max_grant_frames in the domain's xl config)";
+      errno = err;
+      fail(why);
+    }
+    return std::make_unique<VibgrantRange>(std::move(device), g.handle, std::move(refs));
+  }
+
  private:
+  // Opened on first use: only registering memory needs the module.
+  std::shared_ptr<UniqueFd> vibgrant() {
+    std::lock_guard lock(mu_);
+    if (!vibgrant_) {
+      UniqueFd fd(::open(VIBGRANT_DEVICE, O_RDWR | O_CLOEXEC));
+      if (!fd) {
+        if (errno == ENOENT) errno = ENODEV;
+        fail("cannot open " VIBGRANT_DEVICE " (is the vibgrant module loaded? modprobe vibgrant)");
+      }
+      vibgrant_ = std::make_shared<UniqueFd>(std::move(fd));
+    }
+    return vibgrant_;
+  }
+
   GntshrHandle h_;
+  std::mutex mu_;
+  std::shared_ptr<UniqueFd> vibgrant_;
 };
 
 }  // namespace

@@ -10,6 +10,16 @@
 // the requester's pending queue; every later request of that QP queues behind
 // it to keep send order, and post_recv on any QP/SRQ drains pending queues.
 //
+// An RC request whose responder is unreachable (no such QP, not yet in RTR,
+// not connected back, another partition) waits the way a real requester
+// retransmits: for (retry_cnt + 1) local ACK timeouts of 4.096 us * 2^timeout
+// (timeout 0: for ever, as IBA defines it), and is delivered if the responder
+// becomes reachable meanwhile. Only then does it complete RETRY_EXC_ERR. A
+// peer that is merely slow to reach RTR, or a final message to a peer that
+// has already torn down its QP after the last reply it needed, therefore
+// behaves as on a fabric. One timer thread, started on first need, sleeps
+// until the earliest such deadline.
+//
 // Locking: one fabric-wide mutex guards every object, queue and event list;
 // no other lock exists, so there is no lock order to get wrong. Event fds are
 // eventfds in semaphore mode: one count per queued event.
@@ -21,12 +31,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
 #include <set>
 #include <system_error>
+#include <thread>
 
 #include "vib/platform/unique_fd.hpp"
 
@@ -44,6 +57,17 @@ constexpr int kMaxCqe = 65535;
 constexpr std::uint32_t kMaxInline = 256;
 constexpr int kPkeyCount = 4;
 constexpr std::uint16_t kPkeys[kPkeyCount] = {0xffff, 0x7fff, 0x8001, 0x8002};
+// MR keys: the low byte is the key variant (as hardware leaves it), the 24
+// bits above it the index.
+constexpr std::uint32_t kKeyStep = 0x100;
+constexpr std::uint32_t kKeyIndices = 1U << 24;
+
+// Two P_Keys let packets pass when they name the same partition (the low
+// 15 bits) and at least one end is a full member (bit 15): two limited
+// members never talk to each other (IBA 10.9.3).
+bool same_partition(std::uint16_t a, std::uint16_t b) {
+  return (a & 0x7fff) == (b & 0x7fff) && ((a | b) & 0x8000) != 0;
+}
 
 class SoftHca;
 class SoftPd;
@@ -53,11 +77,16 @@ class SoftQp;
 
 struct MrEntry {
   SoftPd* pd;
-  std::uint8_t* host;
+  MemoryAccess* memory;  // the SoftMr's
+  std::size_t base;      // offset of iova in memory
   std::uint64_t iova;
   std::size_t length;
   int access;
 };
+
+using Clock = std::chrono::steady_clock;
+
+void drain_all_pending();
 
 struct Fabric {
   std::mutex mu;
@@ -66,11 +95,57 @@ struct Fabric {
   std::map<std::uint32_t, SoftQp*> qps;
   std::map<std::uint32_t, MrEntry> mrs;  // lkey == rkey
   std::map<const ibv_ah*, ibv_ah_attr> ahs;
+
+  // Transport retries (see the top of this file). Lock held for both.
+  void retry_at(Clock::time_point deadline) {
+    if (!next_retry || deadline < *next_retry) {
+      next_retry = deadline;
+      retry_wake.notify_one();
+    }
+    if (!retry_timer.joinable()) retry_timer = std::thread([this] { run_retry_timer(); });
+  }
+
+  ~Fabric() {
+    {
+      std::lock_guard lock(mu);
+      stopping = true;
+      retry_wake.notify_one();
+    }
+    if (retry_timer.joinable()) retry_timer.join();
+  }
+
+ private:
+  void run_retry_timer() {
+    std::unique_lock lock(mu);
+    while (!stopping) {
+      if (!next_retry) {
+        retry_wake.wait(lock);
+      } else if (Clock::now() < *next_retry) {
+        retry_wake.wait_until(lock, *next_retry);
+      } else {
+        // Requests still waiting ask again for their own deadlines.
+        next_retry.reset();
+        drain_all_pending();
+      }
+    }
+  }
+
+  std::optional<Clock::time_point> next_retry;
+  bool stopping = false;
+  std::condition_variable retry_wake;
+  std::thread retry_timer;
 };
 
 Fabric& fabric() {
   static Fabric instance;
   return instance;
+}
+
+// How long an RC requester retransmits before RETRY_EXC_ERR; nullopt: for ever.
+std::optional<Clock::duration> transport_retry_window(const ibv_qp_attr& attr) {
+  if (attr.timeout == 0) return std::nullopt;
+  const std::chrono::nanoseconds ack_timeout(std::int64_t{4096} << attr.timeout);
+  return ack_timeout * (attr.retry_cnt + 1);
 }
 
 std::system_error error(int code, const std::string& what) {
@@ -95,6 +170,7 @@ void consume_fd(int fd) {
 
 class SoftHca final : public Hca {
  public:
+  using Hca::reg_mr;
   SoftHca() : name_(kSoftHcaName), completion_fd_(make_event_fd()), async_fd_(make_event_fd()) {}
 
   const std::string& name() const override { return name_; }
@@ -106,6 +182,9 @@ class SoftHca final : public Hca {
   int dealloc_pd(std::unique_ptr<ProtectionDomain>& pd) override;
   std::unique_ptr<MemoryRegion> reg_mr(ProtectionDomain& pd, void* addr, std::size_t length,
                                        std::uint64_t iova, int access) override;
+  std::unique_ptr<MemoryRegion> reg_mr(ProtectionDomain& pd, std::unique_ptr<MemoryAccess> memory,
+                                       std::size_t offset, std::size_t length, std::uint64_t iova,
+                                       int access) override;
   std::unique_ptr<CompletionQueue> create_cq(int cqe) override;
   std::unique_ptr<QueuePair> create_qp(ProtectionDomain& pd, const QueuePairInit& init) override;
   std::unique_ptr<SharedReceiveQueue> create_srq(ProtectionDomain& pd,
@@ -177,7 +256,8 @@ SoftPd& soft(ProtectionDomain& pd) { return dynamic_cast<SoftPd&>(pd); }
 
 class SoftMr final : public MemoryRegion {
  public:
-  SoftMr(SoftPd& pd, std::uint32_t key) : pd_(pd), key_(key) {}
+  SoftMr(SoftPd& pd, std::uint32_t key, std::unique_ptr<MemoryAccess> memory)
+      : pd_(pd), key_(key), memory_(std::move(memory)) {}
   ~SoftMr() override {
     std::lock_guard lock(fabric().mu);
     fabric().mrs.erase(key_);
@@ -189,6 +269,7 @@ class SoftMr final : public MemoryRegion {
  private:
   SoftPd& pd_;
   std::uint32_t key_;
+  std::unique_ptr<MemoryAccess> memory_;
 };
 
 class SoftAh final : public AddressHandle {
@@ -284,8 +365,6 @@ int check_recv_list(const ibv_recv_wr* wr, const ibv_recv_wr** bad_wr, std::size
   return 0;
 }
 
-void drain_all_pending();
-
 class SoftSrq final : public SharedReceiveQueue {
  public:
   SoftSrq(SoftPd& pd, const ibv_srq_init_attr& init) : pd_(pd), attr_(init.attr) {
@@ -353,6 +432,7 @@ struct SendRequest {
   std::uint32_t remote_qpn;
   std::uint32_t remote_qkey;
   std::optional<ibv_global_route> grh;  // UD through a global AH: the receiver gets a GRH
+  std::optional<Clock::time_point> retry_deadline;  // RC, responder unreachable since then
   std::uint64_t total_length() const {
     if (!inline_data.empty()) return inline_data.size();
     std::uint64_t total = 0;
@@ -361,14 +441,18 @@ struct SendRequest {
   }
 };
 
-// Where a checked SGE or remote range lives in this process.
+// Where a checked SGE or remote range lives: bytes of an MR's memory.
+struct Place {
+  MemoryAccess* memory;
+  std::size_t offset;
+};
 struct Span {
-  std::uint8_t* host;
+  Place at;
   std::size_t length;
 };
 
 // Fabric lock held. Resolves [addr, addr+length) of key in pd needing access.
-std::optional<std::uint8_t*> resolve(std::uint32_t key, const SoftPd& pd, std::uint64_t addr,
+std::optional<Place> resolve(std::uint32_t key, const SoftPd& pd, std::uint64_t addr,
                                      std::uint64_t length, int needed_access) {
   auto it = fabric().mrs.find(key);
   if (it == fabric().mrs.end()) return std::nullopt;
@@ -377,7 +461,7 @@ std::optional<std::uint8_t*> resolve(std::uint32_t key, const SoftPd& pd, std::u
   if ((mr.access & needed_access) != needed_access) return std::nullopt;
   if (addr < mr.iova || length > mr.length || addr - mr.iova > mr.length - length)
     return std::nullopt;
-  return mr.host + (addr - mr.iova);
+  return Place{mr.memory, mr.base + (addr - mr.iova)};
 }
 
 std::optional<std::vector<Span>> resolve_sges(const std::vector<ibv_sge>& sg, const SoftPd& pd,
@@ -392,26 +476,36 @@ std::optional<std::vector<Span>> resolve_sges(const std::vector<ibv_sge>& sg, co
   return spans;
 }
 
-std::vector<std::uint8_t> gather(const std::vector<Span>& spans) {
+// The spans' bytes, or none when an MR's memory could not be reached.
+std::optional<std::vector<std::uint8_t>> gather(const std::vector<Span>& spans) {
   std::vector<std::uint8_t> data;
-  for (const auto& s : spans) data.insert(data.end(), s.host, s.host + s.length);
+  for (const auto& s : spans) {
+    const std::size_t at = data.size();
+    data.resize(at + s.length);
+    if (!s.at.memory->read(s.at.offset, std::as_writable_bytes(std::span(data).subspan(at))))
+      return std::nullopt;
+  }
   return data;
 }
 
-void scatter(const std::vector<Span>& spans, const std::uint8_t* data, std::size_t length,
+// False when an MR's memory could not be reached.
+bool scatter(const std::vector<Span>& spans, const std::uint8_t* data, std::size_t length,
              std::size_t skip = 0) {
+  // A zero-length message lands nothing (its data may be no pointer at all).
+  if (length == 0) return true;
   for (const auto& s : spans) {
     if (skip >= s.length) {
       skip -= s.length;
       continue;
     }
     std::size_t n = std::min(s.length - skip, length);
-    std::memcpy(s.host + skip, data, n);
+    if (!s.at.memory->write(s.at.offset + skip, std::as_bytes(std::span(data, n)))) return false;
     data += n;
     length -= n;
     skip = 0;
     if (length == 0) break;
   }
+  return true;
 }
 
 ibv_wc_opcode completion_opcode(ibv_wr_opcode op) {
@@ -478,8 +572,14 @@ class SoftQp final : public QueuePair {
   // Fabric lock held for the rest.
   void drain_pending() {
     while (!pending_.empty() && attr_.qp_state == IBV_QPS_RTS) {
-      if (!execute(pending_.front())) return;
+      // Taken out first: a request that fails moves the QP to ERR, which
+      // flushes (and empties) the queue it came from.
+      SendRequest r = std::move(pending_.front());
       pending_.pop_front();
+      if (!execute(r)) {
+        pending_.push_front(std::move(r));
+        return;
+      }
     }
   }
 
@@ -547,8 +647,9 @@ class SoftQp final : public QueuePair {
     enter_error();
   }
 
-  // Returns false when the request must wait for a receive (RNR, retry forever).
-  bool execute(const SendRequest& r);
+  // Returns false when the request must wait: for a receive (RNR, retry for
+  // ever) or for its responder to become reachable (transport retry).
+  bool execute(SendRequest& r);
   bool deliver_message(const SendRequest& r, SoftQp& dest, const std::vector<std::uint8_t>& data,
                        bool write_imm, ibv_wc_status& requester_status);
 
@@ -598,7 +699,9 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
   auto spans = resolve_sges(recv->sg, dest.receive_pd(), IBV_ACCESS_LOCAL_WRITE);
   std::uint64_t room = 0;
   for (auto& s : recv->sg) room += s.length;
-  if (!spans) {
+  // Also when the receive buffer's memory proves unreachable only now (its
+  // owner unmapped it).
+  auto fail_protection = [&] {
     wc.status = IBV_WC_LOC_PROT_ERR;
     dest.recv_cq_->push(wc, false);
     if (type_ != IBV_QPT_UD) {
@@ -606,7 +709,8 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
       requester_status = IBV_WC_REM_OP_ERR;
     }
     return true;
-  }
+  };
+  if (!spans) return fail_protection();
   if (room < data.size() + grh) {
     wc.status = IBV_WC_LOC_LEN_ERR;
     dest.recv_cq_->push(wc, false);
@@ -616,7 +720,7 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
     }
     return true;
   }
-  scatter(*spans, data.data(), data.size(), grh);
+  if (!scatter(*spans, data.data(), data.size(), grh)) return fail_protection();
   if (grh != 0 && r.grh) {
     // The first 40 bytes of a UD receive hold the GRH, when the packet had
     // one (IBA 11.4.1.2): only a global AH's packets do.
@@ -632,7 +736,7 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
     std::memcpy(header + 8, &prefix, 8);
     std::memcpy(header + 16, &guid, 8);
     std::memcpy(header + 24, r.grh->dgid.raw, 16);
-    scatter(*spans, header, kGrhBytes);
+    if (!scatter(*spans, header, kGrhBytes)) return fail_protection();
     wc.wc_flags |= IBV_WC_GRH;
   }
   wc.byte_len = static_cast<std::uint32_t>(data.size() + grh);
@@ -641,7 +745,7 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
   return true;
 }
 
-bool SoftQp::execute(const SendRequest& r) {
+bool SoftQp::execute(SendRequest& r) {
   // Local side first: the HCA reads or (for READ/atomics) writes these.
   bool local_writes = r.opcode == IBV_WR_RDMA_READ || r.opcode == IBV_WR_ATOMIC_CMP_AND_SWP ||
                       r.opcode == IBV_WR_ATOMIC_FETCH_AND_ADD;
@@ -669,13 +773,22 @@ bool SoftQp::execute(const SendRequest& r) {
   std::uint32_t dest_qpn = type_ == IBV_QPT_UD ? r.remote_qpn : attr_.dest_qp_num;
   if (auto it = fabric().qps.find(dest_qpn); it != fabric().qps.end()) dest = it->second;
   bool reachable = dest != nullptr && dest->type_ == type_ && dest->can_receive() &&
-                   (type_ == IBV_QPT_UD || dest->attr_.dest_qp_num == qpn_);
+                   (type_ == IBV_QPT_UD || dest->attr_.dest_qp_num == qpn_) &&
+                   same_partition(kPkeys[attr_.pkey_index], kPkeys[dest->attr_.pkey_index]);
   if (type_ == IBV_QPT_UD && reachable) {
     std::uint32_t qkey = (r.remote_qkey & 0x80000000U) != 0 ? attr_.qkey : r.remote_qkey;
     reachable = qkey == dest->attr_.qkey;
   }
   if (!reachable) {
     if (type_ == IBV_QPT_RC) {
+      const auto window = transport_retry_window(attr_);
+      if (!window) return false;
+      const auto now = Clock::now();
+      if (!r.retry_deadline) r.retry_deadline = now + *window;
+      if (now < *r.retry_deadline) {
+        fabric().retry_at(*r.retry_deadline);
+        return false;
+      }
       complete_send(r, IBV_WC_RETRY_EXC_ERR, 0);
       enter_error();
     } else {
@@ -684,14 +797,20 @@ bool SoftQp::execute(const SendRequest& r) {
     return true;
   }
 
-  std::vector<std::uint8_t> data = r.inline_data.empty() ? gather(local) : r.inline_data;
+  std::optional<std::vector<std::uint8_t>> gathered = r.inline_data.empty() ? gather(local) : r.inline_data;
+  if (!gathered) {
+    complete_send(r, IBV_WC_LOC_PROT_ERR, 0);
+    enter_error();
+    return true;
+  }
+  const std::vector<std::uint8_t>& data = *gathered;
   auto len32 = static_cast<std::uint32_t>(length);
   ibv_wc_status status = IBV_WC_SUCCESS;
 
-  auto remote_range = [&](int access) -> std::uint8_t* {
-    auto host = resolve(r.rkey, dest->pd_, r.remote_addr, length, access);
-    if (!host || (static_cast<int>(dest->attr_.qp_access_flags) & access) != access) return nullptr;
-    return *host;
+  auto remote_range = [&](int access) -> std::optional<Place> {
+    auto place = resolve(r.rkey, dest->pd_, r.remote_addr, length, access);
+    if (!place || (static_cast<int>(dest->attr_.qp_access_flags) & access) != access) return std::nullopt;
+    return place;
   };
 
   switch (r.opcode) {
@@ -718,26 +837,27 @@ bool SoftQp::execute(const SendRequest& r) {
         enter_error();
         return true;
       }
-      std::uint8_t* target = length == 0 ? nullptr : remote_range(IBV_ACCESS_REMOTE_WRITE);
-      if (length != 0 && target == nullptr) {
+      auto target = length == 0 ? std::nullopt : remote_range(IBV_ACCESS_REMOTE_WRITE);
+      if (length != 0 && (!target || !target->memory->write(target->offset, std::as_bytes(std::span(data))))) {
         if (type_ == IBV_QPT_RC) {
           dest->responder_access_error();
           status = IBV_WC_REM_ACCESS_ERR;
         }
         break;
       }
-      if (length != 0) std::memcpy(target, data.data(), data.size());
       if (with_imm) deliver_message(r, *dest, data, true, status);  // a receive is there
       break;
     }
     case IBV_WR_RDMA_READ: {
-      std::uint8_t* source = length == 0 ? nullptr : remote_range(IBV_ACCESS_REMOTE_READ);
-      if (length != 0 && source == nullptr) {
+      if (length == 0) break;
+      auto source = remote_range(IBV_ACCESS_REMOTE_READ);
+      std::vector<std::uint8_t> bytes(length);
+      if (!source || !source->memory->read(source->offset, std::as_writable_bytes(std::span(bytes)))) {
         dest->responder_access_error();
         status = IBV_WC_REM_ACCESS_ERR;
         break;
       }
-      if (length != 0) scatter(local, source, length);
+      if (!scatter(local, bytes.data(), length)) status = IBV_WC_LOC_PROT_ERR;
       break;
     }
     case IBV_WR_ATOMIC_CMP_AND_SWP:
@@ -747,24 +867,19 @@ bool SoftQp::execute(const SendRequest& r) {
         dest->enter_error();
         break;
       }
-      std::uint8_t* target = remote_range(IBV_ACCESS_REMOTE_ATOMIC);
-      if (target == nullptr) {
+      auto target = remote_range(IBV_ACCESS_REMOTE_ATOMIC);
+      std::optional<std::uint64_t> original;
+      if (target)
+        original = r.opcode == IBV_WR_ATOMIC_FETCH_AND_ADD
+                       ? target->memory->fetch_add(target->offset, r.compare_add)
+                       : target->memory->compare_swap(target->offset, r.compare_add, r.swap);
+      if (!original) {
         dest->responder_access_error();
         status = IBV_WC_REM_ACCESS_ERR;
         break;
       }
-      // Guest CPUs may touch the word concurrently: operate atomically.
-      std::atomic_ref<std::uint64_t> word(*reinterpret_cast<std::uint64_t*>(target));
-      std::uint64_t original;
-      if (r.opcode == IBV_WR_ATOMIC_FETCH_AND_ADD) {
-        original = word.fetch_add(r.compare_add);
-      } else {
-        original = r.compare_add;
-        if (!word.compare_exchange_strong(original, r.swap)) {
-          // original now holds the current value
-        }
-      }
-      scatter(local, reinterpret_cast<const std::uint8_t*>(&original), sizeof original);
+      if (!scatter(local, reinterpret_cast<const std::uint8_t*>(&*original), sizeof *original))
+        status = IBV_WC_LOC_PROT_ERR;
       break;
     }
     default:
@@ -947,7 +1062,8 @@ int SoftQp::modify(const ibv_qp_attr& attr, int attr_mask) {
     attr_.qp_state = IBV_QPS_RESET;
   } else {
     attr_.qp_state = to;
-    if (to == IBV_QPS_RTS) drain_all_pending();
+    // RTR makes this QP reachable for requesters retrying towards it.
+    if (to == IBV_QPS_RTR || to == IBV_QPS_RTS) drain_all_pending();
   }
   return 0;
 }
@@ -1032,19 +1148,34 @@ int SoftHca::dealloc_pd(std::unique_ptr<ProtectionDomain>& pd) {
 std::unique_ptr<MemoryRegion> SoftHca::reg_mr(ProtectionDomain& pd, void* addr,
                                               std::size_t length, std::uint64_t iova,
                                               int access) {
+  if (addr == nullptr && length != 0) throw error(EINVAL, "reg_mr");
+  return reg_mr(pd, std::make_unique<MappedMemory>(std::span(static_cast<std::byte*>(addr), length)), 0,
+                length, iova, access);
+}
+
+std::unique_ptr<MemoryRegion> SoftHca::reg_mr(ProtectionDomain& pd, std::unique_ptr<MemoryAccess> memory,
+                                              std::size_t offset, std::size_t length, std::uint64_t iova,
+                                              int access) {
   // Remote write/atomic without local write is invalid (IB spec, as libibverbs).
   if (((access & (IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC)) != 0 &&
        (access & IBV_ACCESS_LOCAL_WRITE) == 0) ||
-      (addr == nullptr && length != 0) || length > (std::uint64_t{1} << 40) ||
-      iova + length < iova)
+      !memory || offset > memory->size() || length > memory->size() - offset ||
+      length > (std::uint64_t{1} << 40) || iova + length < iova)
     throw error(EINVAL, "reg_mr");
   auto& softpd = soft(pd);
   std::lock_guard lock(fabric().mu);
-  std::uint32_t key = fabric().next_key;
-  fabric().next_key += 0x100;  // low byte left as a key variant, as hardware does
-  fabric().mrs[key] = {&softpd, static_cast<std::uint8_t*>(addr), iova, length, access};
+  // Never a live key: the counter wraps after 2^24 registrations, and a
+  // key it reaches again may still belong to someone.
+  std::uint32_t key = 0;
+  for (std::uint32_t tries = 0;; ++tries) {
+    if (tries == kKeyIndices) throw error(ENOMEM, "reg_mr: no free key");
+    key = fabric().next_key;
+    fabric().next_key += kKeyStep;
+    if (key != 0 && !fabric().mrs.count(key)) break;
+  }
+  fabric().mrs[key] = {&softpd, memory.get(), offset, iova, length, access};
   ++softpd.users_;
-  return std::make_unique<SoftMr>(softpd, key);
+  return std::make_unique<SoftMr>(softpd, key, std::move(memory));
 }
 
 std::unique_ptr<CompletionQueue> SoftHca::create_cq(int cqe) {

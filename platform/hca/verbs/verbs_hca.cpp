@@ -174,6 +174,7 @@ class VerbsHca final : public Hca {
     pd.reset();
     return 0;
   }
+  using Hca::reg_mr;  // of a MemoryAccess: its mapping
   std::unique_ptr<MemoryRegion> reg_mr(ProtectionDomain& pd, void* addr, std::size_t length,
                                        std::uint64_t iova, int access) override {
     auto* mr = ibv_reg_mr_iova2(dynamic_cast<VerbsPd&>(pd).pd_, addr, length, iova,

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -160,23 +161,32 @@ class Region {
   std::size_t size_;
 };
 
-class LocalMapping final : public GrantMapping {
- public:
-  LocalMapping(std::shared_ptr<Channel> channel, std::size_t pages)
-      : channel_(std::move(channel)), region_(pages * kPageSize) {}
-  ~LocalMapping() override {
-    for (auto id : ids_) {
+// Mappings the hypervisor counts as held by us (its mapping ids), released
+// on destruction.
+struct HeldMappings {
+  explicit HeldMappings(std::shared_ptr<Channel> c) : channel(std::move(c)) {}
+  ~HeldMappings() {
+    for (auto id : ids) {
       auto req = request(Op::unmap);
       req.id = id;
       Channel::Answer a;
-      channel_->call(req, {}, {}, a);
+      channel->call(req, {}, {}, a);
     }
   }
+  HeldMappings(const HeldMappings&) = delete;
+  HeldMappings& operator=(const HeldMappings&) = delete;
+  std::shared_ptr<Channel> channel;
+  std::vector<std::uint32_t> ids;
+};
+
+class LocalMapping final : public GrantMapping {
+ public:
+  LocalMapping(std::shared_ptr<Channel> channel, std::size_t pages)
+      : region_(pages * kPageSize), held_(std::move(channel)) {}
   std::span<std::byte> bytes() override { return {region_.base(), region_.size()}; }
 
-  std::shared_ptr<Channel> channel_;
   Region region_;  // unmapped after the ids are released (declaration order)
-  std::vector<std::uint32_t> ids_;
+  HeldMappings held_;
 };
 
 class LocalMapper final : public GrantMapper {
@@ -185,11 +195,59 @@ class LocalMapper final : public GrantMapper {
 
   std::unique_ptr<GrantMapping> map(DomId granter, std::span<const GrantRef> refs, bool writable,
                                     const UnmapNotify& notify) override {
+    auto mapping = std::make_unique<LocalMapping>(channel_, refs.size());
+    const int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+    look_up(granter, refs, writable, notify, mapping->held_.ids, [&](std::size_t i, const Page& page) {
+      if (page.file < 0) fail(EFAULT, "a page granted in place by domain " + std::to_string(granter) + " cannot be mapped");
+      if (::mmap(mapping->region_.base() + i * kPageSize, kPageSize, prot, MAP_SHARED | MAP_FIXED, page.file,
+                 static_cast<off_t>(page.offset)) == MAP_FAILED)
+        fail(errno, "mapping a granted page");
+    });
+    return mapping;
+  }
+
+  // Pages shared from page files are mapped; pages granted in place (all of
+  // them one process's) are reached by cross-memory access to that process.
+  std::unique_ptr<MemoryAccess> access(DomId granter, std::span<const GrantRef> refs, bool writable) override {
+    auto held = std::make_shared<HeldMappings>(channel_);
+    std::vector<ProcessMemory::Piece> pieces;
+    pid_t process = 0;
+    bool mappable = false;
+    look_up(granter, refs, writable, {}, held->ids, [&](std::size_t, const Page& page) {
+      if (page.file >= 0) {
+        mappable = true;
+        return;
+      }
+      if (process != 0 && page.process != process)
+        fail(EFAULT, "grants of more than one process of domain " + std::to_string(granter));
+      process = page.process;
+      pieces.push_back({page.offset, kPageSize});
+    });
+    if (pieces.empty()) {
+      held.reset();
+      return GrantMapper::access(granter, refs, writable);
+    }
+    if (mappable) fail(EFAULT, "grants in place mixed with shared pages of domain " + std::to_string(granter));
+    return holding(std::make_unique<ProcessMemory>(process, pieces), std::move(held));
+  }
+
+ private:
+  // One granted page as the hypervisor describes it: a page of a file, or
+  // (file < 0) a page of `process` at address `offset`.
+  struct Page {
+    int file;
+    std::uint64_t offset;
+    pid_t process;
+  };
+
+  // Looks `refs` up (all or nothing), recording the hypervisor's mapping ids
+  // in `ids`, and calls each(index, page) for every ref in order.
+  template <typename Each>
+  void look_up(DomId granter, std::span<const GrantRef> refs, bool writable, const UnmapNotify& notify,
+               std::vector<std::uint32_t>& ids, Each each) {
     if (refs.empty()) fail(EINVAL, "mapping no grant refs");
     if (refs.size() > 1 && (notify.clear_byte_offset || notify.port))
       fail(EINVAL, "unmap notify needs a single-page mapping");
-    auto mapping = std::make_unique<LocalMapping>(channel_, refs.size());
-    const int prot = PROT_READ | (writable ? PROT_WRITE : 0);
     for (std::size_t done = 0; done < refs.size();) {
       const auto chunk = refs.subspan(done, std::min<std::size_t>(wire::kMaxEntries, refs.size() - done));
       auto req = request(Op::map);
@@ -199,40 +257,71 @@ class LocalMapper final : public GrantMapper {
       Channel::Answer a;
       if (int err = channel_->call(req, chunk, {}, a))
         fail(err, "mapping grants of domain " + std::to_string(granter));
-      mapping->ids_.push_back(a.value);
-      if (a.entries.size() != 2 * chunk.size()) fail(EPROTO, "hypervisor map reply");
+      ids.push_back(a.value);
+      if (a.entries.size() != wire::kMapReplyEntriesPerRef * chunk.size()) fail(EPROTO, "hypervisor map reply");
       for (std::size_t i = 0; i < chunk.size(); ++i) {
-        const auto file = a.entries[2 * i], page = a.entries[2 * i + 1];
-        if (file >= a.fds.size()) fail(EPROTO, "hypervisor map reply");
-        void* at = mapping->region_.base() + (done + i) * kPageSize;
-        if (::mmap(at, kPageSize, prot, MAP_SHARED | MAP_FIXED, a.fds[file].get(),
-                   static_cast<off_t>(page) * static_cast<off_t>(kPageSize)) == MAP_FAILED)
-          fail(errno, "mapping a granted page");
+        const std::uint32_t* e = a.entries.data() + wire::kMapReplyEntriesPerRef * i;
+        if (e[0] == wire::kProcessPage) {
+          each(done + i, Page{-1, e[1] | (std::uint64_t{e[2]} << 32), static_cast<pid_t>(e[3])});
+          continue;
+        }
+        if (e[0] >= a.fds.size()) fail(EPROTO, "hypervisor map reply");
+        each(done + i, Page{a.fds[e[0]].get(), std::uint64_t{e[1]} * kPageSize, 0});
       }
       done += chunk.size();
     }
-    return mapping;
   }
 
- private:
   std::shared_ptr<Channel> channel_;
+};
+
+// 0 when [start, start + bytes) is all mapped in this process (readable,
+// and writable if asked), else EFAULT, as pinning the pages reports.
+int check_mapped(std::uintptr_t start, std::size_t bytes, bool writable) {
+  std::FILE* maps = std::fopen("/proc/self/maps", "re");
+  if (!maps) return errno;
+  std::uintptr_t covered = start;
+  const std::uintptr_t end = start + bytes;
+  unsigned long lo, hi;
+  char perms[5];
+  while (covered < end && std::fscanf(maps, "%lx-%lx %4s%*[^\n]", &lo, &hi, perms) == 3) {
+    if (hi <= covered) continue;
+    if (lo > covered) break;  // a hole
+    if (perms[0] != 'r') break;
+    if (writable && perms[1] != 'w') break;
+    covered = hi;
+  }
+  std::fclose(maps);
+  return covered >= end ? 0 : EFAULT;
+}
+
+// Grants the hypervisor counts as ours (its share ids), ended on destruction.
+struct HeldGrants {
+  explicit HeldGrants(std::shared_ptr<Channel> c) : channel(std::move(c)) {}
+  ~HeldGrants() {
+    for (auto id : ids) {
+      auto req = request(Op::end_grant);
+      req.id = id;
+      Channel::Answer a;
+      channel->call(req, {}, {}, a);
+    }
+  }
+  HeldGrants(const HeldGrants&) = delete;
+  HeldGrants& operator=(const HeldGrants&) = delete;
+  std::shared_ptr<Channel> channel;
+  std::vector<std::uint32_t> ids;
+  std::vector<GrantRef> refs;
 };
 
 class LocalShare final : public SharedPages {
  public:
   LocalShare(std::shared_ptr<Channel> channel, std::size_t pages)
-      : channel_(std::move(channel)), size_(pages * kPageSize) {}
+      : held_(std::move(channel)), size_(pages * kPageSize) {}
   ~LocalShare() override {
-    for (auto id : ids_) {
-      auto req = request(Op::end_grant);
-      req.id = id;
-      Channel::Answer a;
-      channel_->call(req, {}, {}, a);
-    }
     if (base_) ::munmap(base_, size_);
   }
   std::span<std::byte> bytes() override { return {base_, size_}; }
-  std::span<const GrantRef> refs() const override { return refs_; }
+  std::span<const GrantRef> refs() const override { return held_.refs; }
   void move_to(std::byte* address) override {
     void* moved = ::mremap(base_, size_, size_, MREMAP_MAYMOVE | MREMAP_FIXED, address);
     if (moved == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mremap of granted pages");
@@ -240,11 +329,17 @@ class LocalShare final : public SharedPages {
   }
   void forget_mapping() override { base_ = nullptr; }
 
-  std::shared_ptr<Channel> channel_;
+  HeldGrants held_;  // grants end before the pages are unmapped
   std::size_t size_;
   std::byte* base_ = nullptr;
-  std::vector<GrantRef> refs_;
-  std::vector<std::uint32_t> ids_;
+};
+
+class LocalRange final : public GrantedRange {
+ public:
+  explicit LocalRange(std::shared_ptr<Channel> channel) : held_(std::move(channel)) {}
+  std::span<const GrantRef> refs() const override { return held_.refs; }
+
+  HeldGrants held_;
 };
 
 class LocalSharer final : public GrantSharer {
@@ -277,11 +372,43 @@ class LocalSharer final : public GrantSharer {
       if (int err = channel_->call(req, slots, std::span(&fd, 1), a))
         fail(err, "granting pages to domain " + std::to_string(grantee));
       if (a.entries.size() != n) fail(EPROTO, "hypervisor grant reply");
-      share->ids_.push_back(a.value);
-      share->refs_.insert(share->refs_.end(), a.entries.begin(), a.entries.end());
+      share->held_.ids.push_back(a.value);
+      share->held_.refs.insert(share->held_.refs.end(), a.entries.begin(), a.entries.end());
       done += n;
     }
     return share;
+  }
+
+  std::unique_ptr<GrantedRange> grant_range(DomId grantee, std::byte* start, std::size_t pages,
+                                            bool writable) override {
+    const auto first = reinterpret_cast<std::uintptr_t>(start);
+    if (pages == 0 || first % kPageSize != 0) fail(EINVAL, "granting " + std::to_string(pages) + " pages in place");
+    // As pinning does on real Xen: memory not mapped (or not writable when
+    // the grantee may write) is refused now, not at first use.
+    if (int err = check_mapped(first, pages * kPageSize, writable))
+      fail(err, "granting memory at " + std::to_string(first) + " not mapped" + (writable ? " writable" : ""));
+    auto range = std::make_unique<LocalRange>(channel_);
+    for (std::size_t done = 0; done < pages;) {
+      const std::size_t n = std::min<std::size_t>(wire::kMaxEntries / 2, pages - done);
+      auto req = request(Op::grant_range);
+      req.domid = grantee;
+      req.flags = writable ? wire::kWritable : 0;
+      std::vector<std::uint32_t> addresses;
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::uint64_t a = first + (done + i) * kPageSize;
+        addresses.push_back(static_cast<std::uint32_t>(a));
+        addresses.push_back(static_cast<std::uint32_t>(a >> 32));
+      }
+      Channel::Answer a;
+      if (int err = channel_->call(req, addresses, {}, a))
+        fail(err, "granting " + std::to_string(pages) + " pages in place to domain " + std::to_string(grantee) +
+                      (err == ENOSPC ? " (the domain's grant table is full)" : ""));
+      if (a.entries.size() != n) fail(EPROTO, "hypervisor grant reply");
+      range->held_.ids.push_back(a.value);
+      range->held_.refs.insert(range->held_.refs.end(), a.entries.begin(), a.entries.end());
+      done += n;
+    }
+    return range;
   }
 
  private:
@@ -367,8 +494,14 @@ class LocalEventChannels final : public EventChannels {
   int fd() override { return epoll_.get(); }
 
   std::optional<EventPort> pending() override {
+    EventPort port;
+    if (take_pending(std::span(&port, 1)) == 0) return std::nullopt;
+    return port;
+  }
+
+  std::size_t take_pending(std::span<EventPort> out) override {
     std::lock_guard lock(mu_);
-    if (ready_.empty()) {
+    if (ready_.size() < out.size()) {
       epoll_event evs[64];
       const int n = ::epoll_wait(epoll_.get(), evs, 64, 0);
       for (int i = 0; i < n; ++i) {
@@ -385,21 +518,22 @@ class LocalEventChannels final : public EventChannels {
         ready_.push_back(port);
       }
     }
-    if (ready_signalled_) {
+    std::size_t taken = 0;
+    while (taken < out.size() && !ready_.empty()) {
+      out[taken++] = ready_.front();
+      ready_.pop_front();
+    }
+    // More raised ports wait here: fd() stays readable for them.
+    if (!ready_.empty() && !ready_signalled_) {
+      const std::uint64_t one = 1;
+      [[maybe_unused]] auto w = ::write(ready_signal_.get(), &one, sizeof one);
+      ready_signalled_ = true;
+    } else if (ready_.empty() && ready_signalled_) {
       std::uint64_t v;
       [[maybe_unused]] auto r = ::read(ready_signal_.get(), &v, sizeof v);
       ready_signalled_ = false;
     }
-    if (ready_.empty()) return std::nullopt;
-    const EventPort port = ready_.front();
-    ready_.pop_front();
-    if (!ready_.empty()) {
-      // More raised ports wait here: fd() stays readable for them.
-      const std::uint64_t one = 1;
-      [[maybe_unused]] auto w = ::write(ready_signal_.get(), &one, sizeof one);
-      ready_signalled_ = true;
-    }
-    return port;
+    return taken;
   }
 
   std::optional<bool> peer_closed(EventPort port) override {

@@ -41,9 +41,11 @@ struct PageFile {
 struct Grant {
   DomId grantee;
   bool writable;
-  std::shared_ptr<PageFile> file;
+  std::shared_ptr<PageFile> file;  // null for a page granted in place (grant_range)
   std::size_t page;
   std::uint32_t owner_conn;
+  pid_t process = 0;             // grant_range: the granting process
+  std::uint64_t address = 0;     // and the page's address in it
 };
 
 // What to do when a share or a mapping ends (see UnmapNotify).
@@ -90,6 +92,7 @@ void raise(const UniqueFd& signal) {
 struct Connection {
   DomId domid;
   UniqueFd fd;
+  pid_t process;  // the peer, as the kernel reports it (SO_PEERCRED)
   std::vector<std::uint32_t> shares;  // ids into shares_
 };
 
@@ -97,6 +100,7 @@ struct Domain {
   UniqueFd listener;
   std::string socket_path;
   GrantRef next_ref = 8;  // Xen reserves the first few entries for the toolstack
+  std::size_t max_grants = wire::kMaxGrantsPerDomain;  // the table's size, as max_grant_frames * 512
   std::map<GrantRef, Grant> grants;
   EventPort next_port = 1;
   std::map<EventPort, Port> ports;
@@ -201,9 +205,12 @@ class Service final : public HypervisorService {
     if (d == domains_.end()) return;
     UniqueFd fd(::accept4(d->second.listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!fd) return;
+    ucred peer{};
+    socklen_t len = sizeof(peer);
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0) return;
     const std::uint32_t id = next_conn_++;
     watch(fd.get(), id);
-    connections_.emplace(id, Connection{domid, std::move(fd), {}});
+    connections_.emplace(id, Connection{domid, std::move(fd), peer.pid, {}});
   }
 
   void serve(std::uint32_t conn_id) {
@@ -227,6 +234,7 @@ class Service final : public HypervisorService {
     std::vector<int> out_fds;
     switch (req.op) {
       case Op::grant: reply.status = grant(conn_id, req, fds, out, reply.value); break;
+      case Op::grant_range: reply.status = grant_range(conn_id, req, args, out, reply.value); break;
       case Op::end_grant: reply.status = end_grants(conn_id, req.id); break;
       case Op::map: reply.status = map(conn_id, req, args, out, out_fds, reply.value); break;
       case Op::unmap: reply.status = unmap(conn_id, req.id); break;
@@ -267,7 +275,7 @@ class Service final : public HypervisorService {
     Domain* self = domain(c.domid);
     if (fds.size() != 1 || req.count == 0 || req.count > wire::kMaxEntries || !self) return EINVAL;
     if (!domain(static_cast<DomId>(req.domid)) || req.domid > 0x7FF0) return ESRCH;
-    if (self->grants.size() + req.count > wire::kMaxGrantsPerDomain) return ENOSPC;
+    if (self->grants.size() + req.count > self->max_grants) return ENOSPC;
     if (req.count > 1 && (req.flags & (wire::kNotifyByte | wire::kNotifyPort))) return EINVAL;
     struct stat st;
     // `id` is the first page of the file this message grants (large shares
@@ -286,10 +294,44 @@ class Service final : public HypervisorService {
       share.refs.push_back(ref);
       refs.push_back(ref);
     }
+    share_id = record(c, std::move(share));
+    return 0;
+  }
+
+  // Keeps `share` as one of the connection's, under a new id (returned).
+  std::uint32_t record(Connection& c, Share share) {
     const std::uint32_t id = next_share_++;
     shares_[id] = std::move(share);
     c.shares.push_back(id);
-    share_id = id;
+    return id;
+  }
+
+  // A share of the caller's own pages where they are: recorded with the
+  // process the kernel says is on the connection, never one the caller names.
+  int grant_range(std::uint32_t conn_id, const wire::Request& req, const std::vector<std::uint32_t>& args,
+                  std::vector<std::uint32_t>& refs, std::uint32_t& share_id) {
+    Connection& c = connections_.at(conn_id);
+    Domain* self = domain(c.domid);
+    if (args.empty() || args.size() % 2 != 0 || !self || c.process <= 0) return EINVAL;
+    if (req.flags & (wire::kNotifyByte | wire::kNotifyPort)) return EINVAL;
+    if (!domain(static_cast<DomId>(req.domid)) || req.domid > 0x7FF0) return ESRCH;
+    const std::size_t pages = args.size() / 2;
+    if (self->grants.size() + pages > self->max_grants) return ENOSPC;
+    Share share{{}, Notify{nullptr, 0, std::nullopt, std::nullopt, c.domid}};
+    for (std::size_t i = 0; i < pages; ++i) {
+      const std::uint64_t address = args[2 * i] | (std::uint64_t{args[2 * i + 1]} << 32);
+      if (address % kPageSize != 0) return EINVAL;
+    }
+    for (std::size_t i = 0; i < pages; ++i) {
+      const GrantRef ref = self->next_ref++;
+      Grant g{static_cast<DomId>(req.domid), (req.flags & wire::kWritable) != 0, nullptr, 0, conn_id};
+      g.process = c.process;
+      g.address = args[2 * i] | (std::uint64_t{args[2 * i + 1]} << 32);
+      self->grants[ref] = g;
+      share.refs.push_back(ref);
+      refs.push_back(ref);
+    }
+    share_id = record(c, std::move(share));
     return 0;
   }
 
@@ -337,6 +379,12 @@ class Service final : public HypervisorService {
         first_file = g->second.file;
         first_page = g->second.page;
       }
+      if (!g->second.file) {
+        out.insert(out.end(), {wire::kProcessPage, static_cast<std::uint32_t>(g->second.address),
+                               static_cast<std::uint32_t>(g->second.address >> 32),
+                               static_cast<std::uint32_t>(g->second.process)});
+        continue;
+      }
       auto pos = std::find(files.begin(), files.end(), g->second.file.get());
       if (pos == files.end()) {
         if (files.size() == wire::kMaxFdsPerMessage) return E2BIG;
@@ -344,8 +392,8 @@ class Service final : public HypervisorService {
         out_fds.push_back(g->second.file->fd.get());
         pos = files.end() - 1;
       }
-      out.push_back(static_cast<std::uint32_t>(pos - files.begin()));
-      out.push_back(static_cast<std::uint32_t>(g->second.page));
+      out.insert(out.end(), {static_cast<std::uint32_t>(pos - files.begin()),
+                             static_cast<std::uint32_t>(g->second.page), 0, 0});
     }
     auto notify = make_notify(self, req, first_file, first_page);
     if (!notify) return EINVAL;

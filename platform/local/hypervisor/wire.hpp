@@ -10,7 +10,8 @@ namespace vib::platform::local::wire {
 enum class Op : std::uint32_t {
   grant = 1,         // fd of `count` pages; reply: `count` grant refs
   end_grant,         // `count` refs of the caller's own grant table
-  map,               // `count` refs of domain `domid`; reply: (fd index, page) pairs + fds
+  map,               // `count` refs of domain `domid`; reply: per ref (fd index, page, 0, 0)
+                     // + fds, or (kProcessPage, address low, high, pid) for a grant_range ref
   unmap,             // mapping `id`
   alloc_unbound,     // remote `domid`; reply: port in `value` + the port's signal fd
   bind_interdomain,  // remote `domid`, remote `port`; reply: local port in `value`
@@ -21,7 +22,15 @@ enum class Op : std::uint32_t {
   // Service -> client, unasked, to the connection owning `port`:
   bound,             // a peer bound to `port`; its signal fd rides along
   peer_closed,       // the peer of `port` has gone
+  // Client -> service again:
+  grant_range,       // `count` / 2 pages of the caller's own process, as (address low, high)
+                     // pairs, in place; reply: `count` / 2 grant refs, share id in `value`
 };
+
+// In a map reply, instead of an fd index: the page is another process's, at
+// the address that follows, reached by cross-memory access.
+inline constexpr std::uint32_t kProcessPage = 0xffffffffu;
+inline constexpr std::uint32_t kMapReplyEntriesPerRef = 4;
 
 // Each port has a signal fd (an eventfd) that the service and the peer
 // write to raise the port: a notify is one write(2), no round trip through
@@ -57,6 +66,7 @@ struct Reply {
   std::uint32_t count;
 };
 
-inline constexpr std::size_t kMaxMessage = sizeof(Request) + 2 * kMaxEntries * sizeof(std::uint32_t);
+inline constexpr std::size_t kMaxMessage =
+    sizeof(Request) + kMapReplyEntriesPerRef * kMaxEntries * sizeof(std::uint32_t);
 
 }  // namespace vib::platform::local::wire

@@ -69,7 +69,8 @@
  *     port            HCA port number, "1" by default
  *     pkeys           allowed P_Key values, "0xffff,0x8001" (default "0xffff")
  *     gid-indices     allowed GID table indices, "0,1" (default "0")
- *     max-pds max-cqs max-qps max-srqs max-mrs max-ahs   object quotas
+ *     max-pds max-cqs max-qps max-srqs max-mrs max-ahs   object quotas (of the
+ *                     device: all its contexts together)
  *     max-pinned-pages                                   registration quota (pages)
  *     ip              the guest's addresses for RDMA-CM, "192.0.2.5 2001:db8::5"
  *                     (default: its vifs' "ip" nodes; see CONNECTION MANAGEMENT)

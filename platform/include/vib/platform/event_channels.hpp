@@ -5,7 +5,9 @@
 #pragma once
 
 #include <memory>
+#include <cstddef>
 #include <optional>
+#include <span>
 
 #include "vib/platform/types.hpp"
 
@@ -29,6 +31,19 @@ class EventChannels {
   virtual int fd() = 0;
   // Non-blocking: the next pending port, masked until unmask(); nullopt if none.
   virtual std::optional<EventPort> pending() = 0;
+  // Non-blocking: up to out.size() pending ports, each masked until
+  // unmask(); returns how many. A handle serving many ports takes them in
+  // batches: after fewer than asked, fd() tells of the next one raised, so
+  // no call is spent learning that there is none.
+  virtual std::size_t take_pending(std::span<EventPort> out) {
+    std::size_t n = 0;
+    while (n < out.size()) {
+      const auto port = pending();
+      if (!port) break;
+      out[n++] = *port;
+    }
+    return n;
+  }
   virtual void unmask(EventPort port) = 0;
 
   // True when the other end of an interdomain port has gone (unbound, its

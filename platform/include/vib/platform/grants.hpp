@@ -12,6 +12,7 @@
 #include <optional>
 #include <span>
 
+#include "vib/platform/memory_access.hpp"
 #include "vib/platform/types.hpp"
 
 namespace vib::platform {
@@ -42,6 +43,12 @@ class GrantMapper {
   virtual std::unique_ptr<GrantMapping> map(DomId granter, std::span<const GrantRef> refs,
                                             bool writable,
                                             const UnmapNotify& notify = {}) = 0;
+  // The memory behind `refs` for an HCA: a mapping like map()'s, or, for
+  // pages the granter granted in place from a process of its own (the
+  // host-local Xen's GrantSharer::grant_range), cross-memory access to that
+  // process. Throws like map(). The default maps.
+  virtual std::unique_ptr<MemoryAccess> access(DomId granter, std::span<const GrantRef> refs,
+                                               bool writable);
 };
 
 // Pages this process allocated and granted to one other domain. Access is
@@ -52,13 +59,25 @@ class SharedPages {
   virtual std::span<std::byte> bytes() = 0;
   virtual std::span<const GrantRef> refs() const = 0;
   // Moves the pages' mapping to `address` (page-aligned), replacing whatever
-  // was mapped there, as mremap(MREMAP_FIXED) does: this is how a guest
-  // library puts granted pages under a buffer an application already has.
-  // bytes() follows. Throws std::system_error.
+  // was mapped there, as mremap(MREMAP_FIXED) does. Only libvibfront's
+  // copy-and-remap registration uses it, the fallback on real Xen while the
+  // vibgrant module is missing (docs/frontend.md). bytes() follows. Throws
+  // std::system_error.
   virtual void move_to(std::byte* address) = 0;
   // The caller has mapped other memory over the pages (which unmapped
   // them): destruction then ends the grants and unmaps nothing.
   virtual void forget_mapping() = 0;
+};
+
+// Pages of this process's address space granted in place, where they are:
+// nothing is copied or moved, so the application keeps using them
+// undisturbed. The grants end on destruction; the pages stay the
+// application's (and, if it has unmapped them meanwhile, nothing happens to
+// whatever it mapped there since).
+class GrantedRange {
+ public:
+  virtual ~GrantedRange() = default;
+  virtual std::span<const GrantRef> refs() const = 0;
 };
 
 class GrantSharer {
@@ -67,6 +86,15 @@ class GrantSharer {
   // Allocates `pages` zeroed pages and grants them to `grantee`.
   virtual std::unique_ptr<SharedPages> share(DomId grantee, std::size_t pages, bool writable,
                                              const UnmapNotify& notify = {}) = 0;
+  // Grants the `pages` pages at `start` (page-aligned, mapped by this
+  // process) to `grantee`, one ref per 4 KiB page. On real Xen the guest
+  // kernel's vibgrant module pins them (counted against RLIMIT_MEMLOCK) and
+  // grants the frames; the host-local Xen records them for cross-memory
+  // access. Throws std::system_error: EFAULT for memory not mapped (or not
+  // writable when `writable`), ENOMEM over RLIMIT_MEMLOCK, ENOSPC when the
+  // grant table is full.
+  virtual std::unique_ptr<GrantedRange> grant_range(DomId grantee, std::byte* start, std::size_t pages,
+                                                    bool writable) = 0;
 };
 
 std::unique_ptr<GrantMapper> open_grant_mapper(const XenTarget& target);

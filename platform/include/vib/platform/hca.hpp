@@ -28,6 +28,8 @@
 #include <string_view>
 #include <vector>
 
+#include "vib/platform/memory_access.hpp"
+
 namespace vib::platform {
 
 class ProtectionDomain {
@@ -121,6 +123,13 @@ class Hca {
   virtual std::unique_ptr<MemoryRegion> reg_mr(ProtectionDomain& pd, void* addr,
                                                std::size_t length, std::uint64_t iova,
                                                int access) = 0;
+  // Registers bytes [offset, offset + length) of `memory`, which the MR
+  // keeps. The default needs memory.mapped() (an rdma-core device registers
+  // a mapping) and throws std::system_error(EOPNOTSUPP) without one; the
+  // soft HCA reaches any MemoryAccess.
+  virtual std::unique_ptr<MemoryRegion> reg_mr(ProtectionDomain& pd, std::unique_ptr<MemoryAccess> memory,
+                                               std::size_t offset, std::size_t length, std::uint64_t iova,
+                                               int access);
   virtual std::unique_ptr<CompletionQueue> create_cq(int cqe) = 0;
   virtual std::unique_ptr<QueuePair> create_qp(ProtectionDomain& pd, const QueuePairInit& init) = 0;
   virtual std::unique_ptr<SharedReceiveQueue> create_srq(ProtectionDomain& pd,
