@@ -5,8 +5,10 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <thread>
+#include <set>
 #include <vector>
 
 #include "vib/platform/hca.hpp"
@@ -57,10 +59,10 @@ class SoftHcaTest : public ::testing::Test {
     return e;
   }
 
-  static void to_init(QueuePair& qp, ibv_qp_type type, int access = kAllAccess) {
+  static void to_init(QueuePair& qp, ibv_qp_type type, int access = kAllAccess, std::uint16_t pkey_index = 0) {
     ibv_qp_attr a{};
     a.qp_state = IBV_QPS_INIT;
-    a.pkey_index = 0;
+    a.pkey_index = pkey_index;
     a.port_num = 1;
     a.qp_access_flags = static_cast<unsigned>(access);
     a.qkey = 0x11111111;
@@ -68,9 +70,11 @@ class SoftHcaTest : public ::testing::Test {
                (type == IBV_QPT_UD ? IBV_QP_QKEY : IBV_QP_ACCESS_FLAGS);
     ASSERT_EQ(qp.modify(a, mask), 0);
   }
+  // ack_timeout 1: an unreachable responder is RETRY_EXC_ERR after 8 * 8 us.
   static void connect(QueuePair& qp, std::uint32_t remote, ibv_qp_type type,
-                      std::uint8_t rnr_retry = 0, int access = kAllAccess) {
-    to_init(qp, type, access);
+                      std::uint8_t rnr_retry = 0, int access = kAllAccess, std::uint16_t pkey_index = 0,
+                      std::uint8_t ack_timeout = 1) {
+    to_init(qp, type, access, pkey_index);
     ibv_qp_attr a{};
     a.qp_state = IBV_QPS_RTR;
     int mask = IBV_QP_STATE;
@@ -87,6 +91,7 @@ class SoftHcaTest : public ::testing::Test {
     a.qp_state = IBV_QPS_RTS;
     a.rnr_retry = rnr_retry;
     a.retry_cnt = 7;
+    a.timeout = ack_timeout;
     mask = IBV_QP_STATE | IBV_QP_SQ_PSN;
     if (type == IBV_QPT_RC)
       mask |= IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_MAX_QP_RD_ATOMIC;
@@ -129,6 +134,19 @@ class SoftHcaTest : public ::testing::Test {
   static ibv_wc one(CompletionQueue& cq) {
     ibv_wc wc{};
     EXPECT_EQ(cq.poll({&wc, 1}), 1);
+    return wc;
+  }
+  // A completion the HCA delivers later (a transport retry running out).
+  static ibv_wc awaited(CompletionQueue& cq) {
+    ibv_wc wc{};
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (cq.poll({&wc, 1}) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        ADD_FAILURE() << "no completion within 10 s";
+        return wc;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     return wc;
   }
   static int count(CompletionQueue& cq) {
@@ -391,6 +409,103 @@ TEST_F(SoftHcaTest, UdSendHasGrhSpaceAndSourceQp) {
   ah.reset();
 }
 
+namespace {
+// The soft HCA's P_Key table (query_pkey): index -> P_Key.
+constexpr std::uint16_t kFullDefault = 0, kLimitedDefault = 1, kFull8001 = 2, kFull8002 = 3;
+}  // namespace
+
+// Partitions as on an IB fabric (IBA 10.9): traffic flows only between
+// P_Keys of one partition, and not between two limited members.
+TEST_F(SoftHcaTest, UdTrafficStaysWithinItsPartition) {
+  std::uint16_t pkeys[4];
+  for (int i = 0; i < 4; ++i) {
+    hca->query_pkey(1, i, pkeys[i]);
+    pkeys[i] = be16toh(pkeys[i]);
+  }
+  ASSERT_EQ(pkeys[kFullDefault], 0xffff);
+  ASSERT_EQ(pkeys[kLimitedDefault], 0x7fff);
+  ASSERT_EQ(pkeys[kFull8001], 0x8001);
+  ASSERT_EQ(pkeys[kFull8002], 0x8002);
+  struct Case {
+    std::uint16_t from, to;
+    bool delivered;
+  } cases[] = {{kFull8001, kFull8001, true},           {kFull8001, kFull8002, false},
+               {kFull8002, kFull8001, false},          {kFullDefault, kLimitedDefault, true},
+               {kLimitedDefault, kFullDefault, true},  {kLimitedDefault, kLimitedDefault, false},
+               {kFull8001, kFullDefault, false}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE("P_Key index " + std::to_string(c.from) + " -> " + std::to_string(c.to));
+    auto a = make(IBV_QPT_UD), b = make(IBV_QPT_UD);
+    connect(*a.qp, 0, IBV_QPT_UD, 0, kAllAccess, c.from);
+    connect(*b.qp, 0, IBV_QPT_UD, 0, kAllAccess, c.to);
+    ibv_ah_attr ah_attr{};
+    ah_attr.dlid = 1;
+    ah_attr.port_num = 1;
+    auto ah = hca->create_ah(*a.pd, ah_attr);
+    ASSERT_EQ(post_recv(b, 0, 40 + 64), 0);
+    ibv_sge sge{addr(a.buffer.data()), 2, a.mr->lkey()};
+    ibv_send_wr wr{};
+    wr.opcode = IBV_WR_SEND;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.wr.ud.ah = ah->native();
+    wr.wr.ud.remote_qpn = b.qp->qp_num();
+    wr.wr.ud.remote_qkey = 0x11111111;
+    const ibv_send_wr* bad = nullptr;
+    ASSERT_EQ(a.qp->post_send(&wr, &bad), 0);
+    EXPECT_EQ(one(*a.send_cq).status, IBV_WC_SUCCESS) << "unreliable: the sender never knows";
+    EXPECT_EQ(count(*b.recv_cq), c.delivered ? 1 : 0);
+    ah.reset();
+  }
+}
+
+TEST_F(SoftHcaTest, RcConnectsOnlyWithinItsPartition) {
+  struct Case {
+    std::uint16_t a, b;
+    bool connected;
+  } cases[] = {{kFull8001, kFull8001, true},
+               {kFull8001, kFull8002, false},
+               {kFullDefault, kLimitedDefault, true},
+               {kLimitedDefault, kLimitedDefault, false}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE("P_Key index " + std::to_string(c.a) + " <-> " + std::to_string(c.b));
+    auto a = make(), b = make();
+    connect(*a.qp, b.qp->qp_num(), IBV_QPT_RC, 0, kAllAccess, c.a);
+    connect(*b.qp, a.qp->qp_num(), IBV_QPT_RC, 0, kAllAccess, c.b);
+    std::memcpy(a.buffer.data(), "pk", 2);
+    ASSERT_EQ(post_recv(b, 0, 64), 0);
+    ASSERT_EQ(post_send(a, IBV_WR_SEND, 0, 2), 0);
+    EXPECT_EQ(awaited(*a.send_cq).status, c.connected ? IBV_WC_SUCCESS : IBV_WC_RETRY_EXC_ERR);
+    EXPECT_EQ(count(*b.recv_cq), c.connected ? 1 : 0);
+    // RDMA too: no write lands across partitions.
+    if (!c.connected) {
+      auto a2 = make(), b2 = make();
+      connect(*a2.qp, b2.qp->qp_num(), IBV_QPT_RC, 0, kAllAccess, c.a);
+      connect(*b2.qp, a2.qp->qp_num(), IBV_QPT_RC, 0, kAllAccess, c.b);
+      b2.buffer[0] = 0;
+      a2.buffer[0] = 0x5a;
+      ASSERT_EQ(post_send(a2, IBV_WR_RDMA_WRITE, 0, 1, &b2, 0), 0);
+      EXPECT_EQ(awaited(*a2.send_cq).status, IBV_WC_RETRY_EXC_ERR);
+      EXPECT_EQ(b2.buffer[0], 0);
+    }
+  }
+}
+
+TEST_F(SoftHcaTest, LiveMrKeysAreUnique) {
+  // Every key in use stays unique while registrations come and go.
+  std::vector<std::uint8_t> buffer(64);
+  auto pd = hca->alloc_pd();
+  auto held = hca->reg_mr(*pd, buffer.data(), buffer.size(), addr(buffer.data()), 0);
+  std::set<std::uint32_t> live{held->lkey()};
+  std::vector<std::unique_ptr<MemoryRegion>> mrs;
+  for (int i = 0; i < 1000; ++i) {
+    mrs.push_back(hca->reg_mr(*pd, buffer.data(), buffer.size(), addr(buffer.data()), 0));
+    EXPECT_TRUE(live.insert(mrs.back()->lkey()).second) << "key " << mrs.back()->lkey() << " reused";
+  }
+  mrs.clear();
+}
+
 TEST_F(SoftHcaTest, UcWritesButRefusesReadsAndDropsWithoutReceive) {
   auto a = make(IBV_QPT_UC), b = make(IBV_QPT_UC);
   pair(a, b, IBV_QPT_UC);
@@ -565,7 +680,42 @@ TEST_F(SoftHcaTest, UnreachablePeerIsRetryExceeded) {
   auto a = make();
   connect(*a.qp, 0xffffff, IBV_QPT_RC);
   ASSERT_EQ(post_send(a, IBV_WR_SEND, 0, 1), 0);
-  EXPECT_EQ(one(*a.send_cq).status, IBV_WC_RETRY_EXC_ERR);
+  ASSERT_EQ(post_send(a, IBV_WR_SEND, 0, 1), 0);
+  EXPECT_EQ(awaited(*a.send_cq).status, IBV_WC_RETRY_EXC_ERR);
+  EXPECT_EQ(awaited(*a.send_cq).status, IBV_WC_WR_FLUSH_ERR) << "what queued behind it is flushed";
+  EXPECT_EQ(state(*a.qp), IBV_QPS_ERR);
+}
+
+TEST_F(SoftHcaTest, AResponderThatReachesRtrWithinTheRetryWindowGetsTheMessage) {
+  // As on a fabric: the requester retransmits until the responder is ready
+  // (ack timeout 18: a window of 8 s, far beyond this test's steps).
+  auto a = make(), b = make();
+  connect(*a.qp, b.qp->qp_num(), IBV_QPT_RC, 0, kAllAccess, 0, 18);
+  std::memcpy(a.buffer.data(), "late", 4);
+  ASSERT_EQ(post_send(a, IBV_WR_SEND, 0, 4), 0);
+  EXPECT_EQ(count(*a.send_cq), 0) << "completed before the responder existed on the wire";
+  to_init(*b.qp, IBV_QPT_RC);
+  ASSERT_EQ(post_recv(b, 100, 64), 0);
+  EXPECT_EQ(count(*a.send_cq), 0);
+  connect(*b.qp, a.qp->qp_num(), IBV_QPT_RC);
+  EXPECT_EQ(one(*a.send_cq).status, IBV_WC_SUCCESS);
+  auto r = one(*b.recv_cq);
+  EXPECT_EQ(r.status, IBV_WC_SUCCESS);
+  EXPECT_EQ(r.byte_len, 4u);
+  EXPECT_EQ(std::memcmp(b.buffer.data() + 100, "late", 4), 0);
+}
+
+TEST_F(SoftHcaTest, AZeroAckTimeoutRetriesUntilTheQpIsFlushed) {
+  // IBA: a local ACK timeout of 0 means the requester never gives up.
+  auto a = make();
+  connect(*a.qp, 0xffffff, IBV_QPT_RC, 0, kAllAccess, 0, 0);
+  ASSERT_EQ(post_send(a, IBV_WR_SEND, 0, 1), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(count(*a.send_cq), 0);
+  ibv_qp_attr attr{};
+  attr.qp_state = IBV_QPS_ERR;
+  ASSERT_EQ(a.qp->modify(attr, IBV_QP_STATE), 0);
+  EXPECT_EQ(one(*a.send_cq).status, IBV_WC_WR_FLUSH_ERR);
 }
 
 TEST_F(SoftHcaTest, StateMachineEnforcesTransitionsAndMasks) {
