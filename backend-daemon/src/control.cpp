@@ -10,13 +10,16 @@
 namespace vib::backend {
 
 ControlPath::ControlPath(const DeviceConfig& config, platform::Hca& hca, GuestMemory& memory,
-                         vibif_doorbell_page& doorbell, std::string subject, HcaObjectListener listener)
+                         vibif_doorbell_page& doorbell, std::string subject, HcaObjectListener listener,
+                         std::shared_ptr<DeviceQuota> quota)
     : config_(config),
       hca_(hca),
       memory_(memory),
       doorbell_(doorbell),
       subject_(std::move(subject)),
       listener_(std::move(listener)),
+      guest_log_(subject_),
+      quota_(quota ? std::move(quota) : std::make_shared<DeviceQuota>(config)),
       pds_(config.max_pds),
       ahs_(config.max_ahs),
       mrs_(config.max_mrs),
@@ -64,6 +67,15 @@ void ControlPath::count_objects() {
   set(stats_.mrs, mrs_.size());
   set(stats_.ahs, ahs_.size());
   set(stats_.pinned_pages, pinned_pages_);
+  // What a request reserved but did not keep, or freed, goes back to the
+  // device.
+  quota_.settle(Quota::pds, pds_.size());
+  quota_.settle(Quota::ahs, ahs_.size());
+  quota_.settle(Quota::mrs, mrs_.size());
+  quota_.settle(Quota::cqs, cqs_.size());
+  quota_.settle(Quota::srqs, srqs_.size());
+  quota_.settle(Quota::qps, qps_.size());
+  quota_.settle(Quota::pinned_pages, pinned_pages_);
 }
 
 vibif_response ControlPath::dispatch(const vibif_request& req) {
@@ -159,7 +171,7 @@ vibif_response ControlPath::dispatch(const vibif_request& req) {
         break;
       }
       case VIBIF_OP_ALLOC_PD: {
-        if (pds_.size() >= config_.max_pds) {
+        if (!quota_.reserve(Quota::pds, pds_.size() + 1)) {
           status = VIBIF_EDQUOT;
           break;
         }
@@ -208,7 +220,7 @@ vibif_response ControlPath::dispatch(const vibif_request& req) {
           status = VIBIF_ENOENT;
           break;
         }
-        if (ahs_.size() >= config_.max_ahs) {
+        if (!quota_.reserve(Quota::ahs, ahs_.size() + 1)) {
           status = VIBIF_EDQUOT;
           break;
         }
@@ -249,7 +261,7 @@ vibif_response ControlPath::dispatch(const vibif_request& req) {
         break;
     }
   } catch (const std::system_error& e) {
-    log_line(LogLevel::warning, subject_, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
+    guest_log_.log(LogLevel::warning, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
     switch (e.code().value()) {
       case EINVAL: case ENOMEM: case EACCES: case EPERM: case EBUSY: case ENOSPC:
         status = -e.code().value();
@@ -260,15 +272,17 @@ vibif_response ControlPath::dispatch(const vibif_request& req) {
   } catch (const std::bad_alloc&) {
     status = VIBIF_ENOMEM;
   } catch (const std::exception& e) {
-    log_line(LogLevel::warning, subject_, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
+    guest_log_.log(LogLevel::warning, std::string("op ") + std::to_string(req.hdr.op) + " failed: " + e.what());
     status = VIBIF_EIO;
   }
   return rsp;
 }
 
-// Registers guest memory: the granted pages are mapped contiguously and
-// registered at the guest's own virtual address (IOVA), so the HCA and remote
-// peers use guest addresses unchanged and the keys are the HCA's own.
+// Registers guest memory: the granted pages (the application's own, granted
+// in place) are reached as the platform allows (mapped contiguously, or by
+// cross-memory access on the host-local Xen) and registered at the guest's
+// own virtual address (IOVA), so the HCA and remote peers use guest
+// addresses unchanged and the keys are the HCA's own.
 vibif_response ControlPath::reg_mr(const vibif_request& req) {
   vibif_response rsp;
   std::memset(&rsp, 0, sizeof(rsp));
@@ -292,7 +306,7 @@ vibif_response ControlPath::reg_mr(const vibif_request& req) {
     status = VIBIF_EINVAL;
     return rsp;
   }
-  if (mrs_.size() >= config_.max_mrs || pinned_pages_ + pages > config_.max_pinned_pages) {
+  if (!quota_.reserve(Quota::mrs, mrs_.size() + 1) || !quota_.reserve(Quota::pinned_pages, pinned_pages_ + pages)) {
     status = VIBIF_EDQUOT;
     return rsp;
   }
@@ -304,14 +318,14 @@ vibif_response ControlPath::reg_mr(const vibif_request& req) {
   const bool hca_writes = r.access & (VIBIF_ACCESS_LOCAL_WRITE | VIBIF_ACCESS_REMOTE_WRITE |
                                       VIBIF_ACCESS_REMOTE_ATOMIC);
   auto entry = std::make_unique<GuestMr>();
+  std::unique_ptr<platform::MemoryAccess> memory;
   try {
-    entry->pages = memory_.map(refs, hca_writes);
+    memory = memory_.access(refs, hca_writes);
   } catch (const std::system_error&) {
     status = VIBIF_EACCES;
     return rsp;
   }
-  entry->mr = hca_.reg_mr(*pd, entry->pages->bytes().data() + r.first_offset, r.length, r.iova,
-                          static_cast<int>(r.access));
+  entry->mr = hca_.reg_mr(*pd, std::move(memory), r.first_offset, r.length, r.iova, static_cast<int>(r.access));
   entry->page_count = pages;
   const std::uint32_t lkey = entry->mr->lkey(), rkey = entry->mr->rkey();
   const vibif_handle_t h = mrs_.insert(std::move(entry));

@@ -8,6 +8,7 @@
 #include <bitset>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -16,6 +17,8 @@
 
 #include "guest_memory.hpp"
 #include "handle_table.hpp"
+#include "log.hpp"
+#include "quota.hpp"
 #include "stats.hpp"
 #include "vib/platform/hca.hpp"
 #include "vib/vibif.h"
@@ -56,7 +59,8 @@ class ControlExtension {
 class ControlPath {
  public:
   ControlPath(const DeviceConfig& config, platform::Hca& hca, GuestMemory& memory,
-              vibif_doorbell_page& doorbell, std::string subject, HcaObjectListener listener = {});
+              vibif_doorbell_page& doorbell, std::string subject, HcaObjectListener listener = {},
+              std::shared_ptr<DeviceQuota> quota = {});  // the device's; none: one of its own
   ~ControlPath();
   ControlPath(const ControlPath&) = delete;
   ControlPath& operator=(const ControlPath&) = delete;
@@ -99,10 +103,8 @@ class ControlPath {
   std::uint64_t pinned_pages() const { return pinned_pages_; }
 
  private:
-  // A registration: the guest's pages, mapped, and the HCA's MR over them
-  // (declared in that order, so the MR goes before the mapping).
+  // A registration: the HCA's MR, which holds the guest's pages.
   struct GuestMr {
-    std::unique_ptr<platform::GrantMapping> pages;
     std::unique_ptr<platform::MemoryRegion> mr;
     std::uint64_t page_count = 0;
   };
@@ -215,8 +217,10 @@ class ControlPath {
   vibif_doorbell_page& doorbell_;
   std::string subject_;
   HcaObjectListener listener_;
+  LogLimiter guest_log_;  // what the guest's requests and queues make us log
   ControlExtension* extension_ = nullptr;
   std::uint64_t pinned_pages_ = 0;
+  QuotaShare quota_;  // this context's part of the device's quotas
   std::bitset<VIBIF_DB_SLOTS> slots_used_;
   std::uint32_t event_producer_ = 0;
   bool notify_guest_ = false;

@@ -45,7 +45,8 @@ class Environment final : public DeviceEnvironment {
         cm_(options.cm_timeout),
         wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
         control_pool_(options.control_threads ? options.control_threads : 2 * online_cpus()),
-        fast_path_(options.workers ? options.workers : online_cpus(), options.max_spin, options.worker_nice, router_) {
+        fast_path_(options.workers ? options.workers : online_cpus(), options.max_spin, options.worker_nice, router_,
+                   [&options] { return platform::open_event_channels(options.xen); }) {
     if (!wake_fd_) throw std::system_error(errno, std::generic_category(), "eventfd");
     hotplug_.scripts_dir = options.scripts_dir;
     hotplug_.timeout = options.script_timeout;
@@ -58,9 +59,6 @@ class Environment final : public DeviceEnvironment {
   platform::XenStore& store() override { return *store_; }
   platform::GrantMapper& mapper() override { return *mapper_; }
   platform::GrantSharer& sharer() override { return *sharer_; }
-  std::unique_ptr<platform::EventChannels> open_event_channels() override {
-    return platform::open_event_channels(options_.xen);
-  }
   platform::Hca& hca(const std::string& name) override {
     auto it = hcas_.find(name);
     if (it == hcas_.end()) it = hcas_.emplace(name, platform::open_hca(name)).first;

@@ -4,6 +4,7 @@
 #include <sys/eventfd.h>
 
 #include <array>
+#include <set>
 #include <chrono>
 #include <cstring>
 #include <sstream>
@@ -47,6 +48,9 @@ class GrantedMemory final : public GuestMemory {
   std::unique_ptr<platform::GrantMapping> map(std::span<const platform::GrantRef> refs, bool writable) override {
     return mapper_.map(domid_, refs, writable);
   }
+  std::unique_ptr<platform::MemoryAccess> access(std::span<const platform::GrantRef> refs, bool writable) override {
+    return mapper_.access(domid_, refs, writable);
+  }
 
  private:
   platform::GrantMapper& mapper_;
@@ -76,7 +80,7 @@ std::variant<DeviceConfig, std::string> read_device_config(platform::XenStore& s
     if (!v) return "bad gid-indices '" + *gids + "'";
     c.gid_indices.assign(v->begin(), v->end());
   }
-  struct Quota {
+  struct QuotaNode {
     const char* key;
     std::uint32_t* value;
   } quotas[] = {{VIBIF_XS_MAX_PDS, &c.max_pds},   {VIBIF_XS_MAX_CQS, &c.max_cqs},
@@ -142,7 +146,11 @@ CmPort cm_port(platform::Hca& hca, const DeviceConfig& config) {
 }  // namespace
 
 Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
-    : env_(env), id_(id), backend_path_(std::move(backend_path)), subject_(device_subject(id.domid, id.devid)) {
+    : env_(env),
+      id_(id),
+      backend_path_(std::move(backend_path)),
+      subject_(device_subject(id.domid, id.devid)),
+      guest_log_(subject_) {
   frontend_path_ = env_.store().read(kNoTransaction, backend_path_ + "/frontend").value_or("");
   // The toolstack writes this; accept only the path it must be.
   const std::string expected =
@@ -157,6 +165,7 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
     return;
   }
   config_ = std::get<DeviceConfig>(config);
+  quota_ = std::make_shared<DeviceQuota>(*config_);
   if (auto script = env_.store().read(kNoTransaction, backend_path_ + "/script"); script && !script->empty()) {
     script_ = hotplug_script_path(*script, env_.hotplug().scripts_dir);
     if (!script_) {
@@ -173,20 +182,18 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
     return;
   }
   const auto addresses = device_addresses(env_.store(), backend_path_, *config_);
-  platform::with_transaction(env_.store(), [&](platform::TransactionId tx) {
-    auto put = [&](const char* key, const std::string& value) {
-      env_.store().write(tx, backend_path_ + "/" + key, value);
-    };
-    put(VIBIF_XS_PROTOCOL_VERSIONS, std::to_string(VIBIF_PROTOCOL_VERSION));
-    put(VIBIF_XS_MAX_RING_ORDER, std::to_string(VIBIF_MAX_RING_PAGE_ORDER));
-    put(VIBIF_XS_MAX_CONTEXTS, std::to_string(VIBIF_MAX_CONTEXTS));
-    put(VIBIF_XS_FEATURE_INDIRECT, "1");
-    put(VIBIF_XS_FEATURE_SRQ, "1");
-    put(VIBIF_XS_FEATURE_ATOMICS, "1");
-    put(VIBIF_XS_FEATURE_RETIRES, "1");
-    put(VIBIF_XS_FEATURE_RDMA_CM, "1");
-    put("state", str(XenbusState::init_wait));
-  });
+  // Only while the directory exists: the toolstack may have removed it
+  // (its domain died) since we read the configuration, and these writes
+  // must not bring it back.
+  write_if_present({{VIBIF_XS_PROTOCOL_VERSIONS, std::to_string(VIBIF_PROTOCOL_VERSION)},
+                    {VIBIF_XS_MAX_RING_ORDER, std::to_string(VIBIF_MAX_RING_PAGE_ORDER)},
+                    {VIBIF_XS_MAX_CONTEXTS, std::to_string(VIBIF_MAX_CONTEXTS)},
+                    {VIBIF_XS_FEATURE_INDIRECT, "1"},
+                    {VIBIF_XS_FEATURE_SRQ, "1"},
+                    {VIBIF_XS_FEATURE_ATOMICS, "1"},
+                    {VIBIF_XS_FEATURE_RETIRES, "1"},
+                    {VIBIF_XS_FEATURE_RDMA_CM, "1"},
+                    {"state", str(XenbusState::init_wait)}});
   state_ = XenbusState::init_wait;
   env_.cm().add_device(id_, addresses, port);
   cm_registered_ = true;
@@ -250,6 +257,12 @@ bool Device::finish_hotplug() {
     if (!ok) log_line(LogLevel::warning, subject_, what + " failed: " + result->output);
     return true;
   }
+  if (ok && (domain_gone_ || removed_)) {
+    // The device went while it was being added: undo it at once.
+    log_line(LogLevel::info, subject_, what + ": connected, but the device is gone");
+    start_hotplug("remove");
+    return false;
+  }
   if (ok) {
     hotplug_added_ = true;
     // A script that succeeded without saying so (Xen's own scripts always
@@ -282,8 +295,19 @@ bool Device::superseded() {
 
 bool Device::refresh() {
   auto& store = env_.store();
-  if (!store.read(kNoTransaction, backend_path_ + "/state") && !store.directory(kNoTransaction, backend_path_)) {
-    close_all_contexts("back-end directory removed");
+  if (removed_ || (!store.read(kNoTransaction, backend_path_ + "/state") && !store.directory(kNoTransaction, backend_path_))) {
+    if (!removed_) close_all_contexts("back-end directory removed");
+    removed_ = true;
+    // A script that runs is never cut short, and an "add" is always undone
+    // by a "remove": the device stays until they are done (their end wakes
+    // the main thread).
+    if (!finish_hotplug()) return true;
+    if (hotplug_added_) {
+      hotplug_added_ = false;
+      start_hotplug("remove");
+      return true;
+    }
+    if (script_) remove_script_leftovers();
     log_line(LogLevel::info, subject_, "removed");
     return false;
   }
@@ -317,12 +341,23 @@ void Device::refresh_contexts() {
   const std::string fe_ctx = frontend_path_ + "/" VIBIF_XS_CTX_DIR;
   const auto names = store.directory(kNoTransaction, fe_ctx).value_or(std::vector<std::string>{});
   std::map<unsigned, XenbusState> wanted;
+  std::set<unsigned> present;  // the guest's context nodes, by id
   for (const auto& name : names) {
     auto id = parse_decimal(name, VIBIF_MAX_CTXID - 1);
-    if (!id) continue;  // not a context of ours: ignored, never trusted
+    // Not a context of ours: ignored, never trusted. Only the canonical
+    // spelling names a context ("007" would alias "7").
+    if (!id || std::to_string(*id) != name) continue;
+    present.insert(static_cast<unsigned>(*id));
     auto st = platform::parse_state(store.read(kNoTransaction, fe_ctx + "/" + name + "/state").value_or(""));
     if (st) wanted[static_cast<unsigned>(*id)] = *st;
   }
+  forget_refusals(present);
+  // A context vibd closed stays closed while the guest's node still asks
+  // for it: reopening it at once would repeat whatever closed it, forever.
+  std::erase_if(cut_off_, [&](unsigned id) {
+    const auto it = wanted.find(id);
+    return it == wanted.end() || it->second != XenbusState::initialised;
+  });
   // Contexts the guest closed, or whose nodes vanished.
   std::vector<unsigned> closing;
   for (auto& [id, ctx] : contexts_) {
@@ -333,7 +368,7 @@ void Device::refresh_contexts() {
   for (unsigned id : closing) close_context(id, "closed by the guest");
   // New contexts.
   for (auto& [id, st] : wanted) {
-    if (st != XenbusState::initialised || contexts_.count(id)) continue;
+    if (st != XenbusState::initialised || contexts_.count(id) || cut_off_.count(id)) continue;
     const std::string be_ctx = backend_path_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(id);
     if (store.read(kNoTransaction, be_ctx + "/state")) continue;  // already answered (failed)
     if (contexts_.size() >= VIBIF_MAX_CONTEXTS) {
@@ -342,15 +377,33 @@ void Device::refresh_contexts() {
       continue;
     }
     try {
+      const auto home = env_.fast_path().next_home();
       auto context = make_context(
-          std::make_unique<Context>(env_, *config_, *hca_, id_, id, fe_ctx + "/" + std::to_string(id), be_ctx),
+          std::make_unique<Context>(env_, *config_, *hca_, id_, id, fe_ctx + "/" + std::to_string(id), be_ctx,
+                                    quota_, home.events),
           env_.control_pool());
-      env_.fast_path().add(context, *hca_);
+      env_.fast_path().add(context, *hca_, home);
       contexts_[id] = std::move(context);
     } catch (const std::exception& e) {
-      log_line(LogLevel::warning, context_subject(id_.domid, id_.devid, id), std::string("refused: ") + e.what());
+      guest_log_.log(LogLevel::warning, context_subject(id_.domid, id_.devid, id), std::string("refused: ") + e.what());
       store.write(kNoTransaction, be_ctx + "/" VIBIF_XS_ERROR, e.what());
       store.write(kNoTransaction, be_ctx + "/state", str(XenbusState::closed));
+    }
+  }
+}
+
+void Device::forget_refusals(const std::set<unsigned>& present) {
+  // What vibd wrote under ctx/ is dom0's (the guest's quota does not bound
+  // it): a node stays only while the guest's own node of that id does, so
+  // there are never more of them than the guest pays for.
+  auto& store = env_.store();
+  const std::string be_ctx = backend_path_ + "/" VIBIF_XS_CTX_DIR;
+  for (const auto& name : store.directory(kNoTransaction, be_ctx).value_or(std::vector<std::string>{})) {
+    const auto id = parse_decimal(name, VIBIF_MAX_CTXID - 1);
+    if (id && (present.count(static_cast<unsigned>(*id)) || contexts_.count(static_cast<unsigned>(*id)))) continue;
+    try {
+      store.remove(kNoTransaction, be_ctx + "/" + name);
+    } catch (const std::system_error&) {
     }
   }
 }
@@ -375,7 +428,10 @@ void Device::close_finished_contexts() {
   std::vector<std::pair<unsigned, const char*>> done;
   for (auto& [id, ctx] : contexts_)
     if (const char* why = ctx->finished()) done.emplace_back(id, why);
-  for (auto& [id, why] : done) close_context(id, why);
+  for (auto& [id, why] : done) {
+    close_context(id, why);
+    cut_off_.insert(id);
+  }
 }
 
 void Device::close_all_contexts(const char* why) {
@@ -383,10 +439,32 @@ void Device::close_all_contexts(const char* why) {
 }
 
 void Device::domain_gone() {
+  domain_gone_ = true;
   close_all_contexts("domain destroyed");
+  // An "add" still running is undone when it finishes (finish_hotplug).
   if (hotplug_added_ && !hotplug_) {
     hotplug_added_ = false;
     start_hotplug("remove");
+  }
+}
+
+void Device::remove_script_leftovers() {
+  // A script that finished after the toolstack removed the directory may
+  // have written into it again (hotplug-status): nobody else would remove
+  // what it brought back. A directory without "state" is such a leftover
+  // (the toolstack writes a device's nodes in one transaction). The
+  // domain's directory goes with its last device once the domain is dead.
+  auto& store = env_.store();
+  const std::string domain_dir = backend_path_.substr(0, backend_path_.rfind('/'));
+  try {
+    platform::with_transaction(store, [&](platform::TransactionId tx) {
+      if (store.directory(tx, backend_path_) && !store.read(tx, backend_path_ + "/state"))
+        store.remove(tx, backend_path_);
+      if (!domain_gone_ || store.domain_introduced(id_.domid)) return;
+      if (auto left = store.directory(tx, domain_dir); left && left->empty()) store.remove(tx, domain_dir);
+    });
+  } catch (const std::system_error& e) {
+    log_line(LogLevel::warning, subject_, std::string("cannot remove what its scripts left: ") + e.what());
   }
 }
 
@@ -397,26 +475,39 @@ vibif_doorbell_page& doorbell_of(platform::SharedPages& pages) {
 }
 
 // Requests that may take long: they map or unmap guest pages (as much as the
-// guest's quota allows), or may block in the HCA (a QP's or AH's path
-// resolution on RoCE). They run on the control pool; every other request
-// runs on the fast-path worker at once.
-bool may_take_long(std::uint16_t op) {
-  switch (op) {
+// guest's quota allows), or may block in the HCA. They run on the control
+// pool; every other request runs on the fast-path worker at once. A QP's
+// transition with an address vector, and an AH, wait for the network only
+// where the HCA resolves the destination's MAC (RoCE: the kernel's neighbour
+// lookup); on InfiniBand (and the soft HCA) they are table updates, and
+// sending them to the pool costs two thread hand-overs per request (measured
+// in vib-bench's QP lifecycle, docs/performance.md).
+bool may_take_long(const vibif_request& req, bool resolves_paths) {
+  switch (req.hdr.op) {
     case VIBIF_OP_REG_MR:
     case VIBIF_OP_DEREG_MR:
     case VIBIF_OP_CREATE_CQ:
     case VIBIF_OP_RESIZE_CQ:
     case VIBIF_OP_DESTROY_CQ:
     case VIBIF_OP_CREATE_QP:
-    case VIBIF_OP_MODIFY_QP:
     case VIBIF_OP_DESTROY_QP:
     case VIBIF_OP_CREATE_SRQ:
     case VIBIF_OP_DESTROY_SRQ:
-    case VIBIF_OP_CREATE_AH:
       return true;
+    case VIBIF_OP_MODIFY_QP:
+      return resolves_paths && (req.u.modify_qp.attr_mask & (IBV_QP_AV | IBV_QP_ALT_PATH)) != 0;
+    case VIBIF_OP_CREATE_AH:
+      return resolves_paths;
     default:
       return false;
   }
+}
+
+// True when the HCA's port resolves addresses on the network (RoCE).
+bool port_resolves_paths(platform::Hca& hca, std::uint8_t port) {
+  ibv_port_attr attr{};
+  hca.query_port(port, attr);
+  return attr.link_layer == IBV_LINK_LAYER_ETHERNET;
 }
 
 // Requests the control pool serves of one context before it lets others
@@ -429,6 +520,18 @@ constexpr auto kPeerCheckInterval = std::chrono::milliseconds(50);
 
 }  // namespace
 
+BoundPort::BoundPort(std::shared_ptr<platform::EventChannels> events, platform::DomId remote,
+                     platform::EventPort remote_port)
+    : events_(std::move(events)), port_(events_->bind_interdomain(remote, remote_port)) {}
+
+BoundPort::~BoundPort() {
+  try {
+    events_->unbind(port_);
+  } catch (const std::exception& e) {
+    log_line(LogLevel::warning, "vibd", "unbinding event channel " + std::to_string(port_) + ": " + e.what());
+  }
+}
+
 std::shared_ptr<Context> make_context(std::unique_ptr<Context> context, ControlPool& pool) {
   return std::shared_ptr<Context>(context.release(), [&pool](Context* last) {
     // The task owns it now; destroyed when the task is.
@@ -438,11 +541,13 @@ std::shared_ptr<Context> make_context(std::unique_ptr<Context> context, ControlP
 }
 
 Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
-                 unsigned ctxid, const std::string& fe, const std::string& be)
+                 unsigned ctxid, const std::string& fe, const std::string& be,
+                 std::shared_ptr<DeviceQuota> quota, std::shared_ptr<platform::EventChannels> events)
     : env_(env),
       config_(config),
       ctxid_(ctxid),
       subject_(context_subject(device.domid, device.devid, ctxid)),
+      resolves_paths_(port_resolves_paths(hca, config.port)),
       doorbell_(env.sharer().share(device.domid, 1, /*writable=*/true)),
       memory_(std::make_unique<GrantedMemory>(env.mapper(), device.domid)),
       mailbox_(std::make_shared<ContextMailbox>()),
@@ -453,7 +558,8 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
                    router->add(object, mailbox);
                  else
                    router->remove(object);
-               }) {
+               },
+               std::move(quota)) {
   control_.set_extension(cm_.get());
   auto& store = env.store();
   auto need = [&](const char* key, std::uint64_t max) {
@@ -473,8 +579,7 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
   }
   const auto remote_port = need(VIBIF_XS_EVENT_CHANNEL, 0xffffffffu);
 
-  events_ = env.open_event_channels();
-  port_ = events_->bind_interdomain(device.domid, static_cast<platform::EventPort>(remote_port));
+  port_ = std::make_unique<BoundPort>(std::move(events), device.domid, static_cast<platform::EventPort>(remote_port));
   ring_pages_ = env.mapper().map(device.domid, refs, /*writable=*/true);
   vibif_ctrl_back_ring_init(&ring_, reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data()),
                             ring_pages_->bytes().size());
@@ -485,7 +590,7 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
     store.write(tx, be + "/state", str(XenbusState::connected));
   });
   log_line(LogLevel::info, subject_,
-           "connected: " + std::to_string(refs.size()) + "-page ring, event channel " + std::to_string(port_) +
+           "connected: " + std::to_string(refs.size()) + "-page ring, event channel " + std::to_string(port_->port()) +
                ", doorbell grant " + std::to_string(doorbell_->refs()[0]));
 }
 
@@ -508,6 +613,12 @@ void Context::finish(const char* why) {
 }
 
 void Context::respond(const vibif_request& req) {
+  // WQEs the guest posted before this request reach the HCA before its
+  // response leaves, as a doorbell rung before a verbs call is seen by
+  // hardware first: ibv_ud_pingpong posts its receives, moves the QP to
+  // RTR, then tells its peer to send, and a UD send that finds no receive
+  // at the HCA is dropped.
+  control_.service_queues();
   const vibif_response rsp = control_.execute(req);
   std::memcpy(RING_GET_RESPONSE(&ring_, ring_.rsp_prod_pvt), &rsp, sizeof(rsp));
   ring_.rsp_prod_pvt++;
@@ -515,7 +626,7 @@ void Context::respond(const vibif_request& req) {
 }
 
 void Context::push_responses() {
-  if (vibif_ctrl_back_push(&ring_)) events_->notify(port_);
+  if (vibif_ctrl_back_push(&ring_)) port_->notify();
 }
 
 Context::Ring Context::serve_ring(bool& did) {
@@ -534,7 +645,7 @@ Context::Ring Context::serve_ring(bool& did) {
     vibif_request req;
     std::memcpy(&req, RING_GET_REQUEST(&ring_, ring_.req_cons), sizeof(req));
     ring_.req_cons++;
-    if (may_take_long(req.hdr.op)) {
+    if (may_take_long(req, resolves_paths_)) {
       in_control_ = true;
       ++handed_over_;
       env_.control_pool().submit([self = shared_from_this(), req] { self->serve_control(req); });
@@ -552,6 +663,7 @@ Context::Ring Context::serve_ring(bool& did) {
 }
 
 void Context::serve_control(std::optional<vibif_request> first) {
+  bool asleep = false;
   {
     std::lock_guard lock(mu_);
     if (!closing_.load(std::memory_order_acquire)) {
@@ -570,6 +682,8 @@ void Context::serve_control(std::optional<vibif_request> first) {
         respond(req);
       }
       push_responses();
+      // Completions respond() moved may have raised events the guest armed for.
+      if (control_.take_guest_notification()) port_->notify();
     } else {
       in_control_ = false;
     }
@@ -578,20 +692,23 @@ void Context::serve_control(std::optional<vibif_request> first) {
       env_.control_pool().submit([self = shared_from_this()] { self->serve_control(std::nullopt); });
       return;
     }
+    // Back to the worker, asleep: the guest's next kick wakes it there, as
+    // it would after the worker's own idle pass. Only work that is already
+    // waiting needs the worker now: waking it for nothing costs a thread
+    // switch that races the guest's own wake-up for the CPU.
+    asleep = !closing_.load(std::memory_order_acquire) && sleep_locked();
   }
-  mailbox_->wake();  // back to the worker
+  // A worker that found mu_ held meanwhile may have taken that kick.
+  if (worker_turned_away_.exchange(false, std::memory_order_seq_cst) || !asleep) mailbox_->wake();
 }
 
-void Context::consume_kick() {
-  bool kicked = false;
-  while (auto port = events_->pending()) {
-    events_->unmask(*port);
-    kicked = true;
-  }
+void Context::kicked() {
+  // Its home worker took and unmasked the port; now and then a kick also
+  // asks whether the guest's end is still there.
   const auto now = std::chrono::steady_clock::now();
-  if (kicked && now - last_peer_check_ >= kPeerCheckInterval) {
+  if (now - last_peer_check_ >= kPeerCheckInterval) {
     last_peer_check_ = now;
-    if (events_->peer_closed(port_).value_or(false)) peer_gone_.store(true, std::memory_order_release);
+    if (port_->peer_closed().value_or(false)) peer_gone_.store(true, std::memory_order_release);
   }
 }
 
@@ -605,8 +722,8 @@ Schedulable::Pass Context::pass() {
     finish("guest process gone (event channel closed)");
     return Pass::finished;
   }
-  std::unique_lock lock(mu_, std::try_to_lock);
-  if (!lock.owns_lock() || in_control_) return Pass::parked;
+  std::unique_lock lock(mu_, std::defer_lock);
+  if (!lock_or_leave_word(lock) || in_control_) return Pass::parked;
   bool did = false;
   try {
     const Ring ring = serve_ring(did);
@@ -620,7 +737,7 @@ Schedulable::Pass Context::pass() {
       did = true;
     }
     did |= control_.service_queues();
-    if (control_.take_guest_notification()) events_->notify(port_);
+    if (control_.take_guest_notification()) port_->notify();
     if (ring == Ring::handed_over) return Pass::parked;
     return did || control_.queues_pending() ? Pass::worked : Pass::idle;
   } catch (const std::exception& e) {
@@ -631,8 +748,25 @@ Schedulable::Pass Context::pass() {
 }
 
 bool Context::prepare_sleep() {
-  std::unique_lock lock(mu_, std::try_to_lock);
-  if (!lock.owns_lock() || in_control_) return true;  // parked: the pool wakes it
+  std::unique_lock lock(mu_, std::defer_lock);
+  if (!lock_or_leave_word(lock) || in_control_) return true;  // parked: the pool wakes it
+  return sleep_locked();
+}
+
+bool Context::lock_or_leave_word(std::unique_lock<std::mutex>& lock) {
+  if (lock.try_lock()) return true;
+  // The holder is the control pool finishing a request: it may already have
+  // looked at the ring for the last time, and the guest's kick for the next
+  // request may be the one this worker just took. Leave word, then try once
+  // more: either this worker gets mu_, or the pool has not yet let go and
+  // sees the word after it has (serve_control).
+  worker_turned_away_.store(true, std::memory_order_seq_cst);
+  if (!lock.try_lock()) return false;
+  worker_turned_away_.store(false, std::memory_order_relaxed);
+  return true;
+}
+
+bool Context::sleep_locked() {
   auto& doorbell = doorbell_of(*doorbell_);
   // Tell the guest to kick us, ask the HCA for an event at the next
   // completion, then look once more: whatever arrived before those two
@@ -641,7 +775,7 @@ bool Context::prepare_sleep() {
   control_.arm_hca_cqs();
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   bool late = vibif_ctrl_back_final_check(&ring_) || control_.service_queues() || control_.queues_pending();
-  if (control_.take_guest_notification()) events_->notify(port_);
+  if (control_.take_guest_notification()) port_->notify();
   if (late) {
     __atomic_store_n(&doorbell.backend_polling, 1u, __ATOMIC_SEQ_CST);
     return false;

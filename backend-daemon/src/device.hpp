@@ -6,6 +6,7 @@
 #include <mutex>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <variant>
@@ -16,6 +17,7 @@
 #include "device_id.hpp"
 #include "hca_events.hpp"
 #include "hotplug.hpp"
+#include "log.hpp"
 #include "vib/libxl_ib.hpp"
 #include "vib/platform/event_channels.hpp"
 #include "vib/platform/grants.hpp"
@@ -34,7 +36,6 @@ class DeviceEnvironment {
   virtual platform::XenStore& store() = 0;
   virtual platform::GrantMapper& mapper() = 0;
   virtual platform::GrantSharer& sharer() = 0;
-  virtual std::unique_ptr<platform::EventChannels> open_event_channels() = 0;
   // Shared by the devices using it; throws std::system_error if absent.
   virtual platform::Hca& hca(const std::string& name) = 0;
   virtual const std::string& default_hca() const = 0;
@@ -60,6 +61,23 @@ std::vector<IpAddress> device_addresses(platform::XenStore& store, const std::st
                                         const DeviceConfig& config);
 
 class Context;
+
+// An event channel port bound through a handle other ports share (a
+// fast-path worker's): unbound when this goes, the handle stays.
+class BoundPort {
+ public:
+  BoundPort(std::shared_ptr<platform::EventChannels> events, platform::DomId remote, platform::EventPort remote_port);
+  ~BoundPort();
+  BoundPort(const BoundPort&) = delete;
+  BoundPort& operator=(const BoundPort&) = delete;
+  platform::EventPort port() const { return port_; }
+  void notify() { events_->notify(port_); }
+  std::optional<bool> peer_closed() { return events_->peer_closed(port_); }
+
+ private:
+  std::shared_ptr<platform::EventChannels> events_;
+  platform::EventPort port_;
+};
 
 class Device {
  public:
@@ -98,22 +116,36 @@ class Device {
   // Takes the verdict of a finished script; false while one is running.
   bool finish_hotplug();
   void refresh_contexts();
+  // Removes the back-end's nodes of contexts that are neither open nor
+  // still named by the guest (`present`): refusals the guest walked away from.
+  void forget_refusals(const std::set<unsigned>& present);
   void close_all_contexts(const char* why);
+  // Once the toolstack removed the directory: what a late script wrote
+  // there again goes too.
+  void remove_script_leftovers();
 
   DeviceEnvironment& env_;
   DeviceId id_;
   std::string backend_path_;
   std::string frontend_path_;
   std::string subject_;
+  LogLimiter guest_log_;  // what the guest's contexts make us log (refusals)
   platform::XenbusState state_ = platform::XenbusState::initialising;
   bool failed_ = false;
   std::optional<DeviceConfig> config_;
+  // Its quotas, charged by all its contexts together (they share it).
+  std::shared_ptr<DeviceQuota> quota_;
   std::optional<std::string> script_;  // the hotplug script's path, if configured
   std::unique_ptr<HotplugRun> hotplug_;
   bool hotplug_added_ = false;  // "add" succeeded and "remove" has not run
+  bool domain_gone_ = false;    // the frontend's domain died
+  bool removed_ = false;        // the back-end directory was removed
   platform::Hca* hca_ = nullptr;
   bool cm_registered_ = false;  // the broker knows this device's addresses
   std::map<unsigned, std::shared_ptr<Context>> contexts_;
+  // Contexts vibd closed on its own (a broken ring, the process gone) whose
+  // guest node has not left Initialised since; never more than its nodes.
+  std::set<unsigned> cut_off_;
 };
 
 // One guest process's channel: its ring, event channel, doorbell page and
@@ -129,8 +161,11 @@ class Device {
 // guest's objects never stalls a worker or the main thread.
 class Context final : public Schedulable, public std::enable_shared_from_this<Context> {
  public:
+  // `events`: the handle of the worker it will be placed on (its home,
+  // FastPathPool::next_home), which its port is bound through.
   Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
-          unsigned ctxid, const std::string& frontend_ctx, const std::string& backend_ctx);
+          unsigned ctxid, const std::string& frontend_ctx, const std::string& backend_ctx,
+          std::shared_ptr<DeviceQuota> quota, std::shared_ptr<platform::EventChannels> events);
   ~Context() override;
 
   unsigned id() const { return ctxid_; }
@@ -141,11 +176,12 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   // The main thread closes it: the control pool stops serving it.
   void close() { closing_.store(true, std::memory_order_release); }
 
-  // Schedulable, on the context's worker.
-  int event_fd() override { return events_->fd(); }
+  // Schedulable, on the context's worker (kicked(): its home worker).
+  platform::EventPort event_port() const override { return port_->port(); }
+  void kicked() override;
   int mailbox_fd() override { return mailbox_->fd(); }
-  void consume_kick() override;
   void consume_mail() override { mailbox_->clear_wake(); }
+  void raise_mail() override { mailbox_->wake(); }
   Pass pass() override;
   bool prepare_sleep() override;
   void woke() override;
@@ -161,6 +197,11 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   void serve_control(std::optional<vibif_request> first);
   void respond(const vibif_request& req);  // executes and queues the response; mu_ held
   void push_responses();                   // mu_ held
+  // prepare_sleep() with mu_ held: by the worker, or by the control pool
+  // when it gives the context back.
+  bool sleep_locked();
+  // The worker's try_lock of mu_; on failure, tells the holder to wake it.
+  bool lock_or_leave_word(std::unique_lock<std::mutex>& lock);
   bool guest_alive() const;
   void finish(const char* why);
 
@@ -168,8 +209,8 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   DeviceConfig config_;  // a copy: the context may outlive its Device by a little
   unsigned ctxid_;
   std::string subject_;
-  std::unique_ptr<platform::EventChannels> events_;
-  platform::EventPort port_ = 0;
+  bool resolves_paths_;  // RoCE: a QP's path or an AH may wait for the network
+  std::unique_ptr<BoundPort> port_;
   std::unique_ptr<platform::GrantMapping> ring_pages_;
   std::unique_ptr<platform::SharedPages> doorbell_;
   std::unique_ptr<GuestMemory> memory_;  // before control_, which uses it
@@ -178,6 +219,10 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   std::mutex mu_;  // the ring and control_: the worker's pass or the control pool
   vibif_ctrl_back_ring ring_{};
   bool in_control_ = false;  // the control pool serves the ring; mu_
+  // The worker found mu_ held (the pool finishing with the context) and
+  // parked it, perhaps consuming the kick for a request the pool will not
+  // look at: the pool, once it has let go of mu_, wakes the worker.
+  std::atomic<bool> worker_turned_away_{false};
   ControlPath control_;
   std::uint64_t requests_ = 0;
   std::uint64_t sleeps_ = 0;

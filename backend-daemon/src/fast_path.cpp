@@ -115,13 +115,13 @@ void ControlPath::fail_wqe(GuestCq& cq, std::uint64_t wr_id, ibv_wc_opcode opcod
   wc.status = IBV_WC_LOC_QP_OP_ERR;
   wc.opcode = opcode;
   wc.qp_num = qp_num;
-  if (!write_cqe(cq, wc, wq, wqe_counter)) log_line(LogLevel::warning, subject_, "CQ " + std::to_string(cq.handle) + " full: error completion lost");
+  if (!write_cqe(cq, wc, wq, wqe_counter)) guest_log_.log(LogLevel::warning, "CQ " + std::to_string(cq.handle) + " full: error completion lost");
   publish(slot(cq.slot).producer, cq.producer);
 }
 
 void ControlPath::break_qp(GuestQp& qp, const char* why) {
   if (!qp.broken)
-    log_line(LogLevel::warning, subject_, "QP " + std::to_string(qp.qp->qp_num()) + ": " + why + ": moved to the error state");
+    guest_log_.log(LogLevel::warning, "QP " + std::to_string(qp.qp->qp_num()) + ": " + why + ": moved to the error state");
   qp.broken = true;
   ibv_qp_attr attr{};
   attr.qp_state = IBV_QPS_ERR;
@@ -286,7 +286,7 @@ bool ControlPath::service_srq(vibif_handle_t handle, GuestSrq& srq) {
   const std::uint32_t mask = srq.entries - 1;
   if (queued > srq.entries) {
     // No QP to blame: the overrun WQEs are dropped and the guest told.
-    log_line(LogLevel::warning, subject_, "SRQ overrun: queued receives dropped");
+    guest_log_.log(LogLevel::warning, "SRQ overrun: queued receives dropped");
     srq.consumer = producer;
     publish(s.consumer, srq.consumer);
     push_event(VIBIF_EVENT_ASYNC, IBV_EVENT_SRQ_ERR, handle);
@@ -313,9 +313,9 @@ bool ControlPath::service_srq(vibif_handle_t handle, GuestSrq& srq) {
         break;
       }
       if (!err) srq.free_slots.pop_back();
-      if (err) log_line(LogLevel::warning, subject_, "SRQ receive refused by the HCA: dropped");
+      if (err) guest_log_.log(LogLevel::warning, "SRQ receive refused by the HCA: dropped");
     } else {
-      log_line(LogLevel::warning, subject_, "malformed SRQ receive WQE: dropped");
+      guest_log_.log(LogLevel::warning, "malformed SRQ receive WQE: dropped");
     }
     ++srq.consumer;
     ContextStats::bump(stats_.wqes);
@@ -341,11 +341,14 @@ bool ControlPath::drain_completions(GuestCq& cq) {
     std::uint32_t wqe_counter = 0;
     if (to_guest_completion(wc, wq, wqe_counter)) write_cqe(cq, wc, wq, wqe_counter);
   }
-  publish(s.producer, cq.producer);
   // The guest arms, then polls again; we publish, then look at the arm: one
-  // of the two sees the other's store.
-  __atomic_thread_fence(__ATOMIC_SEQ_CST);
-  const std::uint32_t arm = load_guest(s.arm_sequence);
+  // of the two sees the other's store. That store-then-load order is carried
+  // by the two accesses themselves (seq_cst, in one total order with the
+  // guest's fence between its arm and its poll) rather than by a fence
+  // between them: the same instructions, and ThreadSanitizer understands
+  // them, where it cannot model a standalone fence.
+  __atomic_store_n(&s.producer, cq.producer, __ATOMIC_SEQ_CST);
+  const std::uint32_t arm = __atomic_load_n(&s.arm_sequence, __ATOMIC_SEQ_CST);
   if (arm != cq.armed_ack) {
     cq.armed_ack = arm;
     publish(s.armed_ack, arm);
@@ -358,7 +361,7 @@ void ControlPath::push_event(std::uint16_t type, std::uint16_t event, vibif_hand
   const std::uint32_t consumer = load_guest(doorbell_.event_consumer);
   if (event_producer_ - consumer >= VIBIF_EVENT_QUEUE_LEN) {
     if (events_dropped_++ % 1000 == 0)
-      log_line(LogLevel::warning, subject_, "event queue full: event dropped (the guest does not read it)");
+      guest_log_.log(LogLevel::warning, "event queue full: event dropped (the guest does not read it)");
     return;
   }
   vibif_event& e = doorbell_.events[event_producer_ % VIBIF_EVENT_QUEUE_LEN];

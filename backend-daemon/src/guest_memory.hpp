@@ -18,6 +18,9 @@ class GuestMemory {
   // Throws std::system_error when any ref is not mappable (EACCES/ENOENT).
   virtual std::unique_ptr<platform::GrantMapping> map(std::span<const platform::GrantRef> refs,
                                                       bool writable) = 0;
+  // The memory behind refs for the HCA (GrantMapper::access). Throws likewise.
+  virtual std::unique_ptr<platform::MemoryAccess> access(std::span<const platform::GrantRef> refs,
+                                                         bool writable) = 0;
 };
 
 // The data pages' grant refs a page list describes (vibif.h, PAGE LISTS).

@@ -59,6 +59,43 @@ void log_line(LogLevel level, std::string_view subject, std::string_view message
   std::fflush(stderr);
 }
 
+LogLimiter::LogLimiter(std::string subject, unsigned burst, Clock::duration period)
+    : subject_(std::move(subject)), burst_(burst), period_(period) {}
+
+LogLimiter::~LogLimiter() {
+  std::lock_guard lock(mu_);
+  report_suppressed();
+}
+
+void LogLimiter::report_suppressed() {
+  if (suppressed_ == 0) return;
+  log_line(LogLevel::warning, subject_,
+           std::to_string(suppressed_) + " more guest-caused lines suppressed (at most " + std::to_string(burst_) +
+               " per " + std::to_string(std::chrono::duration_cast<std::chrono::seconds>(period_).count()) + " s)");
+  suppressed_ = 0;
+}
+
+void LogLimiter::log_at(Clock::time_point now, LogLevel level, std::string_view subject, std::string_view message) {
+  std::lock_guard lock(mu_);
+  if (now - window_start_ >= period_) {
+    window_start_ = now;
+    in_window_ = 0;
+  }
+  if (in_window_ >= burst_) {
+    ++suppressed_;
+    ++suppressed_total_;
+    return;
+  }
+  ++in_window_;
+  report_suppressed();
+  log_line(level, subject, message);
+}
+
+std::uint64_t LogLimiter::suppressed_total() const {
+  std::lock_guard lock(mu_);
+  return suppressed_total_;
+}
+
 std::string device_subject(unsigned domid, unsigned devid) {
   return "dom" + std::to_string(domid) + "/vib" + std::to_string(devid);
 }

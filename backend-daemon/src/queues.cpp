@@ -51,7 +51,7 @@ void ControlPath::free_slot(std::uint16_t index) {
 int ControlPath::map_queue_pages(const vibif_page_list& list, std::uint64_t pages, bool writable,
                                  std::unique_ptr<platform::GrantMapping>& out) {
   if (list.nr_pages != pages) return VIBIF_EINVAL;
-  if (pinned_pages_ + pages > config_.max_pinned_pages) return VIBIF_EDQUOT;
+  if (!quota_.reserve(Quota::pinned_pages, pinned_pages_ + pages)) return VIBIF_EDQUOT;
   std::vector<platform::GrantRef> refs;
   if (int err = resolve_page_list(memory_, list, config_.max_pinned_pages, refs)) return err;
   try {
@@ -162,7 +162,7 @@ void ControlPath::create_cq(const vibif_request& req, vibif_response& rsp) {
     status = VIBIF_EINVAL;
     return;
   }
-  if (cqs_.size() >= config_.max_cqs) {
+  if (!quota_.reserve(Quota::cqs, cqs_.size() + 1)) {
     status = VIBIF_EDQUOT;
     return;
   }
@@ -273,7 +273,7 @@ void ControlPath::create_srq(const vibif_request& req, vibif_response& rsp) {
     status = VIBIF_EINVAL;
     return;
   }
-  if (srqs_.size() >= config_.max_srqs) {
+  if (!quota_.reserve(Quota::srqs, srqs_.size() + 1)) {
     status = VIBIF_EDQUOT;
     return;
   }
@@ -383,7 +383,7 @@ void ControlPath::create_qp(const vibif_request& req, vibif_response& rsp) {
     status = VIBIF_EINVAL;
     return;
   }
-  if (qps_.size() >= config_.max_qps) {
+  if (!quota_.reserve(Quota::qps, qps_.size() + 1)) {
     status = VIBIF_EDQUOT;
     return;
   }

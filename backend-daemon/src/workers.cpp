@@ -12,6 +12,8 @@
 #include <cstring>
 #include <ctime>
 #include <map>
+#include <optional>
+#include <stdexcept>
 #include <system_error>
 
 #include "hca_events.hpp"
@@ -122,12 +124,16 @@ void SpinPolicy::slept(std::chrono::nanoseconds gap) {
 
 class Worker {
  public:
-  Worker(unsigned index, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router)
-      : index_(index), nice_(nice), policy_(max_spin), router_(router), epoll_(::epoll_create1(EPOLL_CLOEXEC)),
-        inbox_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+  Worker(unsigned index, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router,
+         std::unique_ptr<platform::EventChannels> events)
+      : index_(index), nice_(nice), policy_(max_spin), router_(router), events_(std::move(events)),
+        epoll_(::epoll_create1(EPOLL_CLOEXEC)), inbox_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (!events_) throw std::invalid_argument("worker without an event channel handle");
     if (!epoll_ || !inbox_fd_) throw std::system_error(errno, std::generic_category(), "worker epoll");
     inbox_source_.kind = Source::Kind::inbox;
     watch(inbox_fd_.get(), &inbox_source_, EPOLLIN);
+    ports_source_.kind = Source::Kind::ports;
+    watch(events_->fd(), &ports_source_, EPOLLIN);
     thread_ = std::thread([this] { run(); });
   }
 
@@ -137,20 +143,30 @@ class Worker {
     thread_.join();
   }
 
-  void adopt(std::shared_ptr<Schedulable> context, platform::Hca& hca) {
-    post(Command{Command::Kind::adopt, std::move(context), &hca, nullptr});
+  const std::shared_ptr<platform::EventChannels>& events() const { return events_; }
+
+  // `home`: the context's port is bound through this worker's handle.
+  void adopt(std::shared_ptr<Schedulable> context, platform::Hca& hca, bool home) {
+    post(Command{Command::Kind::adopt, std::move(context), &hca, nullptr, home, false});
   }
-  void drop(std::shared_ptr<Schedulable> context) {
-    post(Command{Command::Kind::drop, std::move(context), nullptr, nullptr});
+  void drop(std::shared_ptr<Schedulable> context, bool home) {
+    post(Command{Command::Kind::drop, std::move(context), nullptr, nullptr, home, false});
   }
-  void hand_over(std::shared_ptr<Schedulable> context, platform::Hca& hca, Worker& to) {
-    post(Command{Command::Kind::hand_over, std::move(context), &hca, &to});
+  // The context, served by another worker, is gone: its kicks are no one's.
+  void forget_port(std::shared_ptr<Schedulable> context) {
+    post(Command{Command::Kind::forget_port, std::move(context), nullptr, nullptr, true, false});
+  }
+  void hand_over(std::shared_ptr<Schedulable> context, platform::Hca& hca, Worker& to, bool home, bool to_home) {
+    post(Command{Command::Kind::hand_over, std::move(context), &hca, &to, home, to_home});
   }
 
  private:
+  // Ports taken from the handle per wait; what remains keeps its fd readable.
+  static constexpr std::size_t kKicksPerWait = 64;
+
   struct Entry;
   struct Source {
-    enum class Kind { inbox, hca, kick, mail } kind = Kind::inbox;
+    enum class Kind { inbox, hca, ports, mail } kind = Kind::inbox;
     Entry* entry = nullptr;
     platform::Hca* hca = nullptr;
   };
@@ -159,14 +175,22 @@ class Worker {
     platform::Hca* hca = nullptr;
     enum class State { awake, asleep, parked, finished } state = State::awake;
     Clock::time_point last_work;
-    std::vector<int> fds;
-    Source kick, mail;
+    bool watched = false;  // its mailbox is in the epoll set
+    Source mail;
+  };
+  // Who a port bound through this worker's handle belongs to.
+  struct PortOwner {
+    const Schedulable* context = nullptr;
+    Entry* here = nullptr;                // served by this worker
+    std::weak_ptr<Schedulable> away;      // or by another one
   };
   struct Command {
-    enum class Kind { adopt, drop, hand_over } kind;
+    enum class Kind { adopt, drop, forget_port, hand_over } kind;
     std::shared_ptr<Schedulable> context;
     platform::Hca* hca;
     Worker* to;
+    bool home;     // this worker holds the context's port
+    bool to_home;  // hand_over: `to` holds it
   };
 
   void post(Command command) {
@@ -189,6 +213,18 @@ class Worker {
       throw std::system_error(errno, std::generic_category(), "epoll_ctl");
   }
 
+  void unwatch(Entry& e) {
+    if (e.watched) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, e.context->mailbox_fd(), nullptr);
+    e.watched = false;
+  }
+
+  // Forgets the context's port unless a newer context has it (ports are
+  // numbers a handle reuses).
+  void forget(const Schedulable& context) {
+    auto it = ports_.find(context.event_port());
+    if (it != ports_.end() && it->second.context == &context) ports_.erase(it);
+  }
+
   void take_inbox() {
     std::vector<Command> commands;
     {
@@ -198,24 +234,35 @@ class Worker {
     for (auto& c : commands) {
       if (c.kind == Command::Kind::adopt) {
         // A hand-over can cross the removal of the context it hands over.
-        if (!c.context->closed()) add(std::move(c.context), *c.hca);
+        if (c.context->closed()) continue;
+        Entry& e = add(std::move(c.context), *c.hca);
+        if (c.home) ports_[e.context->event_port()] = PortOwner{e.context.get(), &e, {}};
         continue;
       }
+      if (c.kind == Command::Kind::forget_port) {
+        forget(*c.context);
+        continue;
+      }
+      if (c.kind == Command::Kind::drop && c.home) forget(*c.context);
       auto it = std::find_if(entries_.begin(), entries_.end(),
                              [&](const std::unique_ptr<Entry>& e) { return e->context == c.context; });
       if (it == entries_.end()) continue;
-      for (int fd : (*it)->fds) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+      unwatch(**it);
       std::erase(awake_, it->get());
-      if (c.kind == Command::Kind::hand_over && (*it)->state != Entry::State::finished) {
-        // The new worker starts with it awake: whatever is pending is seen.
-        (*it)->context->woke();
-        c.to->adopt(std::move((*it)->context), *c.hca);
+      if (c.kind == Command::Kind::hand_over) {
+        // Its kicks still arrive here: passed on through its mailbox.
+        if (c.home) ports_[c.context->event_port()] = PortOwner{c.context.get(), nullptr, c.context};
+        if ((*it)->state != Entry::State::finished) {
+          // The new worker starts with it awake: whatever is pending is seen.
+          (*it)->context->woke();
+          c.to->adopt(std::move((*it)->context), *c.hca, c.to_home);
+        }
       }
       entries_.erase(it);
     }
   }
 
-  void add(std::shared_ptr<Schedulable> context, platform::Hca& hca) {
+  Entry& add(std::shared_ptr<Schedulable> context, platform::Hca& hca) {
     if (!hcas_.count(&hca)) {
       // Completion events of sleeping contexts: whichever worker is free
       // takes each one (EPOLLEXCLUSIVE) and wakes the owner.
@@ -229,25 +276,52 @@ class Worker {
     entry->context = std::move(context);
     entry->hca = &hca;
     entry->last_work = Clock::now();
-    entry->fds = {entry->context->event_fd(), entry->context->mailbox_fd()};
-    entry->kick = Source{Source::Kind::kick, entry.get(), nullptr};
     entry->mail = Source{Source::Kind::mail, entry.get(), nullptr};
-    watch(entry->fds[0], &entry->kick, EPOLLIN);
-    watch(entry->fds[1], &entry->mail, EPOLLIN);
+    watch(entry->context->mailbox_fd(), &entry->mail, EPOLLIN);
+    entry->watched = true;
     awake_.push_back(entry.get());
     entries_.push_back(std::move(entry));
+    return *entries_.back();
   }
 
-  void wake_entry(Entry& e, bool kicked, Clock::time_point now) {
-    if (kicked)
-      e.context->consume_kick();
-    else
-      e.context->consume_mail();
+  void wake_entry(Entry& e, Clock::time_point now) {
     if (e.state == Entry::State::asleep || e.state == Entry::State::parked) {
       e.context->woke();
       e.state = Entry::State::awake;
       e.last_work = now;
       awake_.push_back(&e);
+    }
+  }
+
+  // The ports its guests raised on this worker's handle: one batch, without
+  // a call to learn that none is left (the handle's fd says so).
+  void take_kicks(Clock::time_point now) {
+    platform::EventPort raised[kKicksPerWait];
+    std::size_t n = 0;
+    try {
+      n = events_->take_pending(raised);
+    } catch (const std::system_error& e) {
+      log_line(LogLevel::error, "vibd/worker" + std::to_string(index_), e.what());
+      return;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      const platform::EventPort port = raised[i];
+      try {
+        events_->unmask(port);
+      } catch (const std::system_error&) {
+        continue;  // unbound meanwhile: its context was freed
+      }
+      auto it = ports_.find(port);
+      // Not known yet: a context not adopted yet starts awake anyway.
+      if (it == ports_.end()) continue;
+      if (Entry* e = it->second.here) {
+        if (e->state == Entry::State::finished) continue;
+        e->context->kicked();
+        wake_entry(*e, now);
+      } else if (auto context = it->second.away.lock()) {
+        context->kicked();
+        context->raise_mail();
+      }
     }
   }
 
@@ -267,10 +341,12 @@ class Worker {
           break;
         }
         case Source::Kind::hca: router_.dispatch_completions(*source->hca); break;
-        case Source::Kind::kick:
+        case Source::Kind::ports: take_kicks(now); break;
         case Source::Kind::mail:
-          if (source->entry->state != Entry::State::finished)
-            wake_entry(*source->entry, source->kind == Source::Kind::kick, now);
+          if (source->entry->state != Entry::State::finished) {
+            source->entry->context->consume_mail();
+            wake_entry(*source->entry, now);
+          }
           break;
       }
     }
@@ -278,8 +354,7 @@ class Worker {
 
   void finish(Entry& e) {
     e.state = Entry::State::finished;
-    for (int fd : e.fds) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
-    e.fds.clear();
+    unwatch(e);
   }
 
   void run() {
@@ -351,6 +426,7 @@ class Worker {
       wait_events(-1);
       policy_.slept(Clock::now() - last_work);
     }
+    ports_.clear();
     entries_.clear();  // lets go of every context (destroyed elsewhere: ControlPool)
   }
 
@@ -358,14 +434,19 @@ class Worker {
   int nice_;
   SpinPolicy policy_;
   HcaEventRouter& router_;
+  // Shared with the contexts whose ports are bound through it: it outlives
+  // the worker until the last of them is freed.
+  std::shared_ptr<platform::EventChannels> events_;
   platform::UniqueFd epoll_;
   platform::UniqueFd inbox_fd_;
   Source inbox_source_;
+  Source ports_source_;
   std::mutex inbox_mu_;
   std::vector<Command> inbox_;
   // The worker thread's own.
   std::vector<std::unique_ptr<Entry>> entries_;
   std::vector<Entry*> awake_;
+  std::map<platform::EventPort, PortOwner> ports_;
   std::set<platform::Hca*> hcas_;
   std::vector<std::unique_ptr<Source>> hca_sources_;
   std::atomic<bool> stop_{false};
@@ -374,47 +455,67 @@ class Worker {
 
 // ---- FastPathPool ----------------------------------------------------------
 
-FastPathPool::FastPathPool(unsigned workers, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router) {
+FastPathPool::FastPathPool(unsigned workers, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router,
+                           const OpenEventChannels& open_handle) {
   for (unsigned i = 0; i < std::max(1u, workers); ++i)
-    workers_.push_back(std::make_unique<Worker>(i, max_spin, nice, router));
+    workers_.push_back(std::make_unique<Worker>(i, max_spin, nice, router, open_handle()));
 }
 
 FastPathPool::~FastPathPool() { workers_.clear(); }
 
-void FastPathPool::add(std::shared_ptr<Schedulable> context, platform::Hca& hca) {
-  std::lock_guard lock(mu_);
+std::vector<unsigned> FastPathPool::counts() const {
   std::vector<unsigned> count(workers_.size(), 0);
   for (auto& [ctx, p] : placed_) ++count[p.worker];
+  return count;
+}
+
+FastPathPool::Home FastPathPool::next_home() {
+  std::lock_guard lock(mu_);
+  const auto count = counts();
   const auto least = static_cast<unsigned>(std::min_element(count.begin(), count.end()) - count.begin());
-  placed_[context.get()] = Placement{context, least, &hca};
-  workers_[least]->adopt(std::move(context), hca);
+  return Home{least, workers_[least]->events()};
+}
+
+void FastPathPool::add(std::shared_ptr<Schedulable> context, platform::Hca& hca, const Home& home) {
+  std::lock_guard lock(mu_);
+  if (home.worker >= workers_.size() || home.events != workers_[home.worker]->events())
+    throw std::invalid_argument("a context bound through no worker's event channels");
+  placed_[context.get()] = Placement{context, home.worker, home.worker, &hca};
+  workers_[home.worker]->adopt(std::move(context), hca, /*home=*/true);
 }
 
 void FastPathPool::remove(const std::shared_ptr<Schedulable>& context) {
   std::lock_guard lock(mu_);
   auto it = placed_.find(context.get());
   if (it == placed_.end()) return;
-  workers_[it->second.worker]->drop(context);
+  const Placement& p = it->second;
+  workers_[p.worker]->drop(context, p.worker == p.home);
+  if (p.worker != p.home) workers_[p.home]->forget_port(context);
   placed_.erase(it);
   rebalance();
 }
 
 // Moves one context from the busiest worker to the least busy when their
-// counts differ by more than one (after a removal, at most one move is due).
+// counts differ by more than one (after a removal, at most one move is due);
+// one whose port the least busy holds, if any: its kicks then need no
+// passing on.
 void FastPathPool::rebalance() {
-  std::vector<unsigned> count(workers_.size(), 0);
-  for (auto& [ctx, p] : placed_) ++count[p.worker];
+  const auto count = counts();
   const auto most = static_cast<unsigned>(std::max_element(count.begin(), count.end()) - count.begin());
   const auto least = static_cast<unsigned>(std::min_element(count.begin(), count.end()) - count.begin());
   if (count[most] <= count[least] + 1) return;
+  Placement* chosen = nullptr;
   for (auto& [ctx, p] : placed_) {
-    if (p.worker != most) continue;
-    auto context = p.context.lock();
-    if (!context) continue;
-    p.worker = least;
-    workers_[most]->hand_over(std::move(context), *p.hca, *workers_[least]);
-    return;
+    if (p.worker != most || p.context.expired()) continue;
+    if (!chosen || p.home == least) chosen = &p;
+    if (p.home == least) break;
   }
+  if (!chosen) return;
+  auto context = chosen->context.lock();
+  if (!context) return;
+  chosen->worker = least;
+  workers_[most]->hand_over(std::move(context), *chosen->hca, *workers_[least], most == chosen->home,
+                            least == chosen->home);
 }
 
 // ---- ControlPool -----------------------------------------------------------

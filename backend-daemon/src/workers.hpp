@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "vib/platform/event_channels.hpp"
 #include "vib/platform/hca.hpp"
 #include "vib/platform/unique_fd.hpp"
 
@@ -26,18 +27,24 @@ namespace vib::backend {
 
 class HcaEventRouter;
 
-// What a worker needs from a context. Every call but the constructor's
-// happens on the context's current worker thread.
+// What a worker needs from a context. Every call but the constructor's and
+// kicked()'s happens on the context's current worker thread.
 class Schedulable {
  public:
   virtual ~Schedulable() = default;
-  // The fds that wake the context when it sleeps: its event channel's and
-  // its mailbox's.
-  virtual int event_fd() = 0;
+  // The event channel port its guest kicks, bound through the handle of its
+  // home worker (FastPathPool::next_home).
+  virtual platform::EventPort event_port() const = 0;
+  // Its guest kicked it: called on its home worker's thread, which has
+  // taken and unmasked the port and then wakes the context.
+  virtual void kicked() = 0;
+  // What wakes the context otherwise (HCA events, the control pool), and
+  // its home worker's kicks once another worker serves it (see raise_mail).
   virtual int mailbox_fd() = 0;
-  // After event_fd() (or mailbox_fd()) was readable: consumes what made it so.
-  virtual void consume_kick() = 0;
+  // After mailbox_fd() was readable: consumes what made it so.
   virtual void consume_mail() = 0;
+  // From its home worker's thread, for a kick when another worker serves it.
+  virtual void raise_mail() = 0;
   enum class Pass {
     worked,    // did something: poll again soon
     idle,      // nothing to do
@@ -109,16 +116,34 @@ class Worker;
 
 // The fast-path workers. Contexts are added by vibd's main thread, go to
 // the worker serving the fewest, and move when the counts drift apart.
+//
+// Each worker has one event channel handle (like one xenevtchn handle: one
+// fd whatever the number of ports) and waits on it for the kicks of every
+// context placed on it, its *home*. A port stays bound where it was bound:
+// when a context has moved to another worker, its home worker passes its
+// kicks on through the context's mailbox.
 class FastPathPool {
  public:
+  using OpenEventChannels = std::function<std::unique_ptr<platform::EventChannels>()>;
   // `nice`: the workers' nice value (they run only for their guests' work,
-  // so they go first when they have some; 0 leaves it).
-  FastPathPool(unsigned workers, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router);
+  // so they go first when they have some; 0 leaves it). `open_handle` opens
+  // each worker's event channel handle.
+  FastPathPool(unsigned workers, std::chrono::microseconds max_spin, int nice, HcaEventRouter& router,
+               const OpenEventChannels& open_handle);
   ~FastPathPool();  // stops and joins the workers (each pass is bounded)
   FastPathPool(const FastPathPool&) = delete;
   FastPathPool& operator=(const FastPathPool&) = delete;
 
-  void add(std::shared_ptr<Schedulable> context, platform::Hca& hca);
+  // Where the next context goes: the worker serving the fewest, and the
+  // handle its port is to be bound through (the handle lives as long as
+  // any context holds it).
+  struct Home {
+    unsigned worker = 0;
+    std::shared_ptr<platform::EventChannels> events;
+  };
+  Home next_home();
+  // `context`'s port was bound through `home.events`.
+  void add(std::shared_ptr<Schedulable> context, platform::Hca& hca, const Home& home);
   // Never waits for the worker: it lets go of the context on its next loop.
   void remove(const std::shared_ptr<Schedulable>& context);
   unsigned size() const { return static_cast<unsigned>(workers_.size()); }
@@ -126,9 +151,11 @@ class FastPathPool {
  private:
   struct Placement {
     std::weak_ptr<Schedulable> context;
-    unsigned worker;
+    unsigned worker;  // serving it now
+    unsigned home;    // holding its port
     platform::Hca* hca;
   };
+  std::vector<unsigned> counts() const;  // contexts per worker; mu_ held
   void rebalance();
   std::vector<std::unique_ptr<Worker>> workers_;
   std::mutex mu_;

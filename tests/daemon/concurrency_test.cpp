@@ -34,13 +34,13 @@ class HoldingMapper final : public GrantMapper {
   explicit HoldingMapper(std::unique_ptr<GrantMapper> real) : real_(std::move(real)) {}
   std::unique_ptr<GrantMapping> map(DomId granter, std::span<const GrantRef> refs, bool writable,
                                     const UnmapNotify& notify) override {
-    if (granter == kSlowGuest && refs.size() >= kLargePages) {
-      std::unique_lock lock(mu);
-      holding = true;
-      cv.notify_all();
-      cv.wait(lock, [&] { return released; });
-    }
+    hold_if_large(granter, refs);
     return real_->map(granter, refs, writable, notify);
+  }
+  std::unique_ptr<vib::platform::MemoryAccess> access(DomId granter, std::span<const GrantRef> refs,
+                                                      bool writable) override {
+    hold_if_large(granter, refs);
+    return real_->access(granter, refs, writable);
   }
 
   std::mutex mu;
@@ -48,6 +48,14 @@ class HoldingMapper final : public GrantMapper {
   bool holding = false, released = false;
 
  private:
+  void hold_if_large(DomId granter, std::span<const GrantRef> refs) {
+    if (granter != kSlowGuest || refs.size() < kLargePages) return;
+    std::unique_lock lock(mu);
+    holding = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return released; });
+  }
+
   std::unique_ptr<GrantMapper> real_;
 };
 

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <deque>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -15,6 +16,7 @@
 #include <thread>
 
 #include "hca_events.hpp"
+#include "vib/platform/event_channels.hpp"
 #include "vib/platform/hca.hpp"
 #include "vib/platform/unique_fd.hpp"
 #include "workers.hpp"
@@ -23,23 +25,69 @@ using namespace std::chrono_literals;
 using vib::backend::FastPathPool;
 using vib::backend::HcaEventRouter;
 using vib::backend::Schedulable;
+using vib::platform::EventPort;
 using vib::platform::UniqueFd;
 
 namespace {
 
+// A worker's event channel handle: ports raised by the test, taken by the
+// worker. Like a xenevtchn handle, its fd is readable while one is pending.
+class TestPorts final : public vib::platform::EventChannels {
+ public:
+  TestPorts() : signal_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+  EventPort bind_unbound(vib::platform::DomId) override {
+    std::lock_guard lock(mu_);
+    return next_++;
+  }
+  EventPort bind_interdomain(vib::platform::DomId remote, EventPort) override { return bind_unbound(remote); }
+  void unbind(EventPort) override {}
+  void notify(EventPort) override {}
+  int fd() override { return signal_.get(); }
+  std::optional<EventPort> pending() override {
+    std::lock_guard lock(mu_);
+    if (raised_.empty()) return std::nullopt;
+    const EventPort port = raised_.front();
+    raised_.pop_front();
+    if (raised_.empty()) {
+      std::uint64_t v;
+      [[maybe_unused]] auto n = ::read(signal_.get(), &v, sizeof v);
+    }
+    return port;
+  }
+  void unmask(EventPort) override {}
+  std::optional<bool> peer_closed(EventPort) override { return std::nullopt; }
+
+  void raise(EventPort port) {
+    std::lock_guard lock(mu_);
+    raised_.push_back(port);
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(signal_.get(), &one, sizeof one);
+  }
+
+ private:
+  UniqueFd signal_;
+  std::mutex mu_;
+  EventPort next_ = 1;
+  std::deque<EventPort> raised_;
+};
+
 class StandIn final : public Schedulable {
  public:
-  StandIn() : kick_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)), mail_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
-  int event_fd() override { return kick_.get(); }
-  int mailbox_fd() override { return mail_.get(); }
-  void consume_kick() override {
-    drain(kick_);
+  // Binds its port through the handle of the worker the pool places it on.
+  explicit StandIn(FastPathPool::Home home)
+      : home_(std::move(home)), port_(home_.events->bind_unbound(1)),
+        mail_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+  EventPort event_port() const override { return port_; }
+  void kicked() override {
+    kicked_on_.store(std::this_thread::get_id());
     wakes_.fetch_add(1);
   }
+  int mailbox_fd() override { return mail_.get(); }
   void consume_mail() override {
     drain(mail_);
     wakes_.fetch_add(1);
   }
+  void raise_mail() override { mail(); }
   Pass pass() override {
     std::lock_guard lock(mu_);
     served_by_ = std::this_thread::get_id();
@@ -50,11 +98,12 @@ class StandIn final : public Schedulable {
   void woke() override {}
   bool closed() const override { return closed_.load(); }
 
+  const FastPathPool::Home& home() const { return home_; }
   static void raise(const UniqueFd& fd) {
     const std::uint64_t one = 1;
     ASSERT_EQ(::write(fd.get(), &one, sizeof one), 8);
   }
-  void kick() { raise(kick_); }
+  void kick() { static_cast<TestPorts&>(*home_.events).raise(port_); }
   void mail() { raise(mail_); }
   // Forgets who served it, then waits (bounded) for the next pass.
   std::thread::id next_server() {
@@ -80,13 +129,16 @@ class StandIn final : public Schedulable {
   std::atomic<bool> park_{false};
   std::atomic<bool> closed_{false};
   std::atomic<std::uint64_t> wakes_{0};
+  std::atomic<std::thread::id> kicked_on_{};
 
  private:
   static void drain(const UniqueFd& fd) {
     std::uint64_t v;
     [[maybe_unused]] auto n = ::read(fd.get(), &v, sizeof v);
   }
-  UniqueFd kick_, mail_;
+  FastPathPool::Home home_;
+  EventPort port_;
+  UniqueFd mail_;
   std::mutex mu_;
   std::thread::id served_by_{};
   std::uint64_t passes_ = 0;
@@ -100,6 +152,16 @@ bool let_go(const std::shared_ptr<StandIn>& p) {
 
 class Workers : public ::testing::Test {
  protected:
+  FastPathPool make_pool(unsigned workers, std::chrono::microseconds max_spin) {
+    return FastPathPool(workers, max_spin, /*nice=*/0, router_, [] { return std::make_unique<TestPorts>(); });
+  }
+  // A stand-in placed where the pool puts the next context.
+  std::shared_ptr<StandIn> place(FastPathPool& pool, bool parked = false) {
+    auto context = std::make_shared<StandIn>(pool.next_home());
+    context->park_ = parked;
+    pool.add(context, *hca_, context->home());
+    return context;
+  }
   HcaEventRouter router_;
   std::unique_ptr<vib::platform::Hca> hca_ = vib::platform::open_hca("soft");
 };
@@ -107,12 +169,9 @@ class Workers : public ::testing::Test {
 }  // namespace
 
 TEST_F(Workers, ContextsSpreadOverTheWorkersAndMoveWhenRemovalsLeaveThemApart) {
-  FastPathPool pool(2, /*max_spin=*/0us, /*nice=*/0, router_);
+  FastPathPool pool = make_pool(2, /*max_spin=*/0us);
   std::vector<std::shared_ptr<StandIn>> contexts;
-  for (int i = 0; i < 4; ++i) {
-    contexts.push_back(std::make_shared<StandIn>());
-    pool.add(contexts.back(), *hca_);
-  }
+  for (int i = 0; i < 4; ++i) contexts.push_back(place(pool));
   std::map<std::thread::id, std::vector<int>> by_worker;
   for (int i = 0; i < 4; ++i) {
     const auto server = contexts[static_cast<std::size_t>(i)]->next_server();
@@ -134,21 +193,51 @@ TEST_F(Workers, ContextsSpreadOverTheWorkersAndMoveWhenRemovalsLeaveThemApart) {
   }
   std::set<std::thread::id> now;
   for (int i : staying) {
-    const auto server = contexts[static_cast<std::size_t>(i)]->next_server();
+    auto& context = *contexts[static_cast<std::size_t>(i)];
+    const auto server = context.next_server();
     ASSERT_NE(server, std::thread::id{});
     now.insert(server);
+    // Its port stays on its first worker's handle: that worker takes its
+    // kicks and passes them on to the one serving it now, which slept
+    // between kicks (no spinning here): only a kick brought the pass.
+    EXPECT_NE(context.kicked_on_.load(), std::thread::id{});
+    if (server == emptied) {
+      EXPECT_NE(context.kicked_on_.load(), server) << "kicked on its home worker";
+    }
   }
   EXPECT_EQ(now.size(), 2u) << "one context per worker again";
   EXPECT_TRUE(now.count(emptied)) << "the emptied worker took one over";
 }
 
+TEST_F(Workers, EachWorkerHasOneEventChannelHandleForAllItsContexts) {
+  FastPathPool pool = make_pool(2, /*max_spin=*/0us);
+  std::vector<std::shared_ptr<StandIn>> contexts;
+  for (int i = 0; i < 8; ++i) contexts.push_back(place(pool));
+  std::set<vib::platform::EventChannels*> handles;
+  for (auto& c : contexts) handles.insert(c->home().events.get());
+  EXPECT_EQ(handles.size(), 2u) << "8 contexts, 2 workers, 2 handles";
+  // Once its worker has it (a kick before that is moot: a context starts
+  // awake), every kick on a shared handle reaches its own context.
+  for (auto& c : contexts)
+    for (int i = 0; i < 500 && c->passes() == 0; ++i) std::this_thread::sleep_for(2ms);
+  for (auto& c : contexts) {
+    const auto wakes = c->wakes_.load();
+    c->kick();
+    for (int i = 0; i < 500 && c->wakes_.load() == wakes; ++i) std::this_thread::sleep_for(2ms);
+    EXPECT_GT(c->wakes_.load(), wakes);
+  }
+  for (auto& c : contexts) {
+    c->closed_ = true;
+    pool.remove(c);
+    EXPECT_TRUE(let_go(c));
+  }
+}
+
 TEST_F(Workers, AParkedContextIsLeftAloneUntilItsMailboxWakesIt) {
   // A long spin window: a parked context treated as merely idle would be
   // polled through it.
-  FastPathPool pool(1, /*max_spin=*/1000us, /*nice=*/0, router_);
-  auto context = std::make_shared<StandIn>();
-  context->park_ = true;
-  pool.add(context, *hca_);
+  FastPathPool pool = make_pool(1, /*max_spin=*/1000us);
+  auto context = place(pool, /*parked=*/true);
   ASSERT_NE(context->next_server(), std::thread::id{});
   // Parked: only a wake (kick or mail) brings it one more pass, which parks
   // it again; a worker that kept polling it would pass it far more often.
@@ -171,11 +260,8 @@ TEST_F(Workers, AParkedContextIsLeftAloneUntilItsMailboxWakesIt) {
 TEST_F(Workers, StoppingLetsGoOfEveryContext) {
   std::vector<std::shared_ptr<StandIn>> contexts;
   {
-    FastPathPool pool(2, /*max_spin=*/50us, /*nice=*/0, router_);
-    for (int i = 0; i < 16; ++i) {
-      contexts.push_back(std::make_shared<StandIn>());
-      pool.add(contexts.back(), *hca_);
-    }
+    FastPathPool pool = make_pool(2, /*max_spin=*/50us);
+    for (int i = 0; i < 16; ++i) contexts.push_back(place(pool));
     for (auto& c : contexts) c->kick();
   }
   for (auto& c : contexts) EXPECT_EQ(c.use_count(), 1) << "joined workers hold nothing";

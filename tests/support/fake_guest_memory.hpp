@@ -38,6 +38,10 @@ class FakeGuestMemory final : public backend::GuestMemory {
     ++maps_;
     return std::make_unique<Mapping>(fd_, refs, writable);
   }
+  std::unique_ptr<platform::MemoryAccess> access(std::span<const platform::GrantRef> refs, bool writable) override {
+    std::shared_ptr<platform::GrantMapping> mapping = map(refs, writable);
+    return platform::holding(std::make_unique<platform::MappedMemory>(mapping->bytes()), mapping);
+  }
   std::size_t maps() const { return maps_; }
 
  private:

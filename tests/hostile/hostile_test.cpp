@@ -1,0 +1,338 @@
+// The malicious-frontend suite (docs/security.md): the test is the attacker,
+// a guest that speaks the protocol by hand against a real vibd on the
+// host-local Xen. Every case checks that the attack hurt only the attacker:
+// another guest is still served, and vibd still answers to its own signals.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "raw_guest.hpp"
+#include "ring_flooder.hpp"
+#include "vib/front/channel.hpp"
+#include "vibd_fixture.hpp"
+
+using namespace vib::platform;
+using namespace std::chrono_literals;
+using vib::test::RawGuest;
+using vib::test::RingFlooder;
+
+namespace {
+
+class Hostile : public vib::test::VibdFixture {
+ protected:
+  void start_vibd(const std::vector<std::string>& args = {}) {
+    log_ = xen_.dir() + "/vibd.log";
+    VibdFixture::start_vibd(VIBD, log_, args);
+    ASSERT_GT(pid_, 0) << "vibd did not start";
+  }
+  std::unique_ptr<vib::front::Channel> open_channel(DomId domid) {
+    vib::front::ChannelOptions options;
+    options.xen = xen_.as(domid);
+    return vib::front::Channel::open(options);
+  }
+  // The victim: a well-behaved guest on domain 6 that must still be served.
+  void victim_is_served() {
+    auto victim = open_channel(6);
+    EXPECT_EQ(victim->call(request(VIBIF_OP_QUERY_DEVICE)).hdr.status, VIBIF_OK);
+    auto pd = victim->call(request(VIBIF_OP_ALLOC_PD));
+    EXPECT_EQ(pd.hdr.status, VIBIF_OK);
+  }
+  std::string log_text() const {
+    std::ifstream in(log_);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+  std::size_t log_lines_with(const std::string& needle) const {
+    std::istringstream in(log_text());
+    std::size_t n = 0;
+    for (std::string line; std::getline(in, line);)
+      if (line.find(needle) != std::string::npos) ++n;
+    return n;
+  }
+  // The attacker's device (domain 5) connected, the victim's (domain 6)
+  // provisioned, vibd started with `args`.
+  void attacker_and_victim(const std::vector<std::string>& args = {}) {
+    provision(5);
+    provision(6);
+    start_vibd(args);
+    ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+    open_xenstore(xen_.as(5))->write(kNoTransaction, fe(5) + "/state", "4");
+  }
+  // SIGTERM must end vibd whatever the guests do: its exit status.
+  int terminate_vibd() { return stop_vibd(); }
+
+  std::string log_;
+};
+
+// Waits (bounded) until vibd has answered the flood a thousand times.
+::testing::AssertionResult flood_is_served(const RingFlooder& flood) {
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (flood.responses() < 1000 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+  if (flood.responses() >= 1000) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "the flood is not being served: " << flood.responses() << " responses";
+}
+
+}  // namespace
+
+// Issue 11, finding 1: a guest that keeps its ring busy and then closes its
+// context must not stall vibd's main thread (other guests' handshakes,
+// SIGTERM).
+TEST_F(Hostile, ABusyRingClosedMidFloodStallsNoOneElse) {
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim());
+  RawGuest guest(xen_.as(5), 5, 7);
+  RingFlooder flood(guest);
+  ASSERT_TRUE(flood_is_served(flood));
+  // Closes while the ring never runs dry.
+  guest.set_state(5);
+  EXPECT_TRUE(eventually(be(5) + "/ctx/7/state", std::nullopt)) << "the busy context was closed";
+  // Meanwhile vibd's main thread serves everyone else.
+  victim_is_served();
+  // And the toolstack's detach of the attacker's device is handled too.
+  RawGuest second(xen_.as(5), 5, 8);
+  RingFlooder flood2(second);
+  store_->write(kNoTransaction, be(5) + "/online", "0");
+  EXPECT_TRUE(eventually(be(5) + "/ctx/8/state", std::nullopt)) << "detach closed the busy context";
+  victim_is_served();
+  const int status = terminate_vibd();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "SIGTERM honoured during a flood";
+}
+
+// Issue 12, fairness: with one worker for everyone, a guest whose ring never
+// runs dry gets one bounded pass at a time (a ring's worth), and another
+// guest's requests on the same worker are served between its passes.
+TEST_F(Hostile, AFloodedRingDelaysNoOtherContextOnTheSameWorker) {
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim({"--workers", "1"}));
+  RawGuest guest(xen_.as(5), 5, 7);
+  RingFlooder flood(guest);
+  ASSERT_TRUE(flood_is_served(flood));
+  auto victim = open_channel(6);
+  // The victim's requests go on until the flood has gone on too (each call
+  // waits at most its channel's timeout): a worker that served the flood
+  // until its ring ran dry would never answer the victim.
+  const auto flooded_before = flood.responses();
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  int calls = 0;
+  while ((calls < 200 || flood.responses() < flooded_before + 1000) && std::chrono::steady_clock::now() < deadline) {
+    ASSERT_EQ(victim->call(request(VIBIF_OP_QUERY_DEVICE)).hdr.status, VIBIF_OK) << "request " << calls;
+    ++calls;
+  }
+  EXPECT_GE(flood.responses(), flooded_before + 1000) << "the flood was served meanwhile";
+  const int status = terminate_vibd();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "SIGTERM honoured during a flood";
+}
+
+// Issue 11, finding 2: quotas are the device's, whatever number of contexts
+// the guest opens; a context that goes gives its share back.
+TEST_F(Hostile, QuotasHoldForTheDeviceAcrossContexts) {
+  provision(5);
+  provision(6);
+  store_->write(kNoTransaction, be(5) + "/" VIBIF_XS_MAX_PDS, "2");
+  store_->write(kNoTransaction, be(5) + "/" VIBIF_XS_MAX_PINNED_PAGES, "1");
+  start_vibd();
+  std::vector<std::unique_ptr<vib::front::Channel>> contexts;
+  for (int i = 0; i < 4; ++i) contexts.push_back(open_channel(5));
+  // PDs: two for the whole device, however they are spread.
+  std::vector<std::pair<std::size_t, vibif_handle_t>> pds;
+  for (int round = 0; round < 2; ++round)
+    for (std::size_t i = 0; i < contexts.size(); ++i) {
+      auto rsp = contexts[i]->call(request(VIBIF_OP_ALLOC_PD));
+      if (rsp.hdr.status == VIBIF_OK)
+        pds.emplace_back(i, rsp.u.handle.handle);
+      else
+        EXPECT_EQ(rsp.hdr.status, VIBIF_EDQUOT);
+    }
+  ASSERT_EQ(pds.size(), 2u) << "max-pds=2 for the device, four contexts";
+  ASSERT_NE(pds[0].first, pds[1].first);
+  // Pinned pages: one page for the whole device.
+  auto register_page = [&](vib::front::Channel& channel, vibif_handle_t pd,
+                           std::unique_ptr<SharedPages>& page) {
+    page = channel.sharer().share(kDom0, 1, true);
+    auto req = request(VIBIF_OP_REG_MR);
+    req.u.reg_mr.pd = pd;
+    req.u.reg_mr.access = VIBIF_ACCESS_LOCAL_WRITE;
+    req.u.reg_mr.iova = 0x10000;
+    req.u.reg_mr.length = VIBIF_PAGE_SIZE;
+    req.u.reg_mr.pages.nr_pages = 1;
+    req.u.reg_mr.pages.nr_refs = 1;
+    req.u.reg_mr.pages.refs[0] = page->refs()[0];
+    return channel.call(req).hdr.status;
+  };
+  std::unique_ptr<SharedPages> page_a, page_b;
+  auto& [first, first_pd] = pds[0];
+  auto& [second, second_pd] = pds[1];
+  EXPECT_EQ(register_page(*contexts[first], first_pd, page_a), VIBIF_OK);
+  EXPECT_EQ(register_page(*contexts[second], second_pd, page_b), VIBIF_EDQUOT)
+      << "max-pinned-pages=1 for the device";
+  // A context that closes gives back what it held: its PD and its page.
+  // Closing returns before vibd has freed it (the guest waits for that only
+  // briefly), so the quota is asked for until vibd has.
+  page_a.reset();  // shared through the context's own grant sharer
+  contexts[first].reset();
+  auto once_freed = [](auto ask) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    auto status = ask();
+    while (status == VIBIF_EDQUOT && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      status = ask();
+    }
+    return status;
+  };
+  EXPECT_EQ(once_freed([&] { return register_page(*contexts[second], second_pd, page_b); }), VIBIF_OK);
+  for (auto& c : contexts)
+    if (c && c.get() != contexts[second].get()) {
+      EXPECT_EQ(once_freed([&] { return c->call(request(VIBIF_OP_ALLOC_PD)).hdr.status; }), VIBIF_OK);
+      break;
+    }
+  // Another guest's device has quotas of its own.
+  victim_is_served();
+}
+
+namespace {
+
+// The guest asks for a context with a ring-page-order beyond the maximum:
+// vibd refuses it (back-end ctx/<name>/state = 6).
+void request_refused_context(XenStore& guest, const std::string& fe_ctx) {
+  with_transaction(guest, [&](TransactionId tx) {
+    guest.write(tx, fe_ctx + "/" VIBIF_XS_RING_PAGE_ORDER, "9");
+    guest.write(tx, fe_ctx + "/" VIBIF_XS_RING_REF, "8");
+    guest.write(tx, fe_ctx + "/" VIBIF_XS_EVENT_CHANNEL, "1");
+    guest.write(tx, fe_ctx + "/state", "3");
+  });
+}
+
+}  // namespace
+
+// Issue 11, finding 3: what vibd writes because of a guest goes when the
+// guest's node goes, so refusals cannot grow dom0's part of xenstore.
+TEST_F(Hostile, RefusedContextsLeaveNoBackEndNodes) {
+  provision(5);
+  provision(6);
+  start_vibd();
+  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+  auto guest = open_xenstore(xen_.as(5));
+  guest->write(kNoTransaction, fe(5) + "/state", "4");
+  ASSERT_TRUE(eventually(be(5) + "/state", "4"));
+  std::size_t most = 0;
+  for (unsigned round = 0; round < 180; ++round) {
+    const std::string id = std::to_string(100 + round);
+    request_refused_context(*guest, fe(5) + "/ctx/" + id);
+    ASSERT_TRUE(eventually(be(5) + "/ctx/" + id + "/state", "6")) << "round " << round;
+    guest->remove(kNoTransaction, fe(5) + "/ctx/" + id);
+    most = std::max(most, store_->directory(kNoTransaction, be(5) + "/ctx").value_or(std::vector<std::string>{}).size());
+  }
+  EXPECT_LE(most, 2u) << "a refusal lives only as long as the guest's node";
+  EXPECT_TRUE(eventually(be(5) + "/ctx", std::nullopt) ||
+              store_->directory(kNoTransaction, be(5) + "/ctx").value_or(std::vector<std::string>{}).empty());
+  victim_is_served();
+  // Issue 11, finding 4: 180 refusals are not 180 lines of dom0's log.
+  EXPECT_LE(log_lines_with("refused:"), 20u);
+  EXPECT_EQ(terminate_vibd(), 0);
+  EXPECT_GE(log_lines_with("suppressed"), 1u) << "the log says what it left out";
+}
+
+// The smaller finding: "007" is not another spelling of context 7.
+TEST_F(Hostile, PaddedContextNamesAreIgnored) {
+  provision(5);
+  start_vibd();
+  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+  auto guest = open_xenstore(xen_.as(5));
+  guest->write(kNoTransaction, fe(5) + "/state", "4");
+  ASSERT_TRUE(eventually(be(5) + "/state", "4"));
+  request_refused_context(*guest, fe(5) + "/ctx/007");
+  // A later, well-spelt request is answered: the padded one was seen by then.
+  request_refused_context(*guest, fe(5) + "/ctx/9");
+  ASSERT_TRUE(eventually(be(5) + "/ctx/9/state", "6"));
+  EXPECT_FALSE(store_->read(kNoTransaction, be(5) + "/ctx/7/state")) << "ctx/007 was taken for ctx/7";
+  EXPECT_FALSE(store_->read(kNoTransaction, be(5) + "/ctx/007/state"));
+}
+
+// Ring indices that jump, go backwards or wrap: the context is cut off,
+// nobody else notices.
+TEST_F(Hostile, RingProducersThatLieCloseOnlyTheirContext) {
+  provision(5);
+  provision(6);
+  start_vibd();
+  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+  auto guest_store = open_xenstore(xen_.as(5));
+  guest_store->write(kNoTransaction, fe(5) + "/state", "4");
+  const RING_IDX lies[] = {1000, 0xffffffffu, 0x80000000u};
+  unsigned ctxid = 20;
+  for (RING_IDX lie : lies) {
+    SCOPED_TRACE("req_prod " + std::to_string(lie));
+    RawGuest guest(xen_.as(5), 5, ctxid);
+    ASSERT_TRUE(guest.call(request(VIBIF_OP_QUERY_DEVICE))) << "served while honest";
+    __atomic_store_n(&guest.sring().req_prod, lie, __ATOMIC_RELEASE);
+    guest.kick();
+    EXPECT_TRUE(eventually(be(5) + "/ctx/" + std::to_string(ctxid) + "/state", std::nullopt)) << "cut off";
+    ++ctxid;
+  }
+  victim_is_served();
+  EXPECT_LE(log_lines_with("connected:"), 1u + 3u) << "a cut-off context is not opened again (and again)";
+}
+
+// Requests of every op with garbage bodies and forged handles: each gets a
+// status, vibd keeps serving the attacker and everyone else.
+TEST_F(Hostile, GarbageRequestsGetAStatusAndHurtNoOne) {
+  provision(5);
+  provision(6);
+  start_vibd();
+  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+  auto guest_store = open_xenstore(xen_.as(5));
+  guest_store->write(kNoTransaction, fe(5) + "/state", "4");
+  RawGuest guest(xen_.as(5), 5, 30);
+  std::uint32_t seed = 12345;
+  auto next = [&] { return seed = seed * 1103515245u + 12345u; };
+  for (int i = 0; i < 2000; ++i) {
+    vibif_request req;
+    auto* bytes = reinterpret_cast<std::uint8_t*>(&req);
+    for (std::size_t b = 0; b < sizeof(req); ++b) bytes[b] = static_cast<std::uint8_t>(next() >> 16);
+    req.hdr.id = static_cast<std::uint64_t>(i);
+    req.hdr.op = static_cast<std::uint16_t>(next() % 48);  // every op and some that do not exist
+    const auto rsp = guest.call(req);
+    ASSERT_TRUE(rsp) << "no response to op " << req.hdr.op;
+    ASSERT_EQ(rsp->hdr.id, req.hdr.id);
+    ASSERT_LE(rsp->hdr.status, 0) << "op " << req.hdr.op;
+  }
+  EXPECT_TRUE(guest.open_at_backend());
+  EXPECT_EQ(guest.call(request(VIBIF_OP_QUERY_DEVICE))->hdr.status, VIBIF_OK);
+  victim_is_served();
+  EXPECT_LE(log_lines_with("dom5/vib0/ctx30:"), 40u) << "what the garbage makes vibd log is bounded";
+}
+
+// Contexts opened and closed as fast as the guest can: everything vibd made
+// for them goes, threads included.
+TEST_F(Hostile, ContextFloodingLeavesNothingBehind) {
+  provision(5);
+  provision(6);
+  start_vibd();
+  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
+  auto guest_store = open_xenstore(xen_.as(5));
+  guest_store->write(kNoTransaction, fe(5) + "/state", "4");
+  victim_is_served();  // vibd's pools are warm
+  auto threads = [&] {
+    std::size_t n = 0;
+    for ([[maybe_unused]] const auto& e :
+         std::filesystem::directory_iterator("/proc/" + std::to_string(pid_) + "/task"))
+      ++n;
+    return n;
+  };
+  const std::size_t threads_before = threads();
+  for (unsigned round = 0; round < 100; ++round) {
+    RawGuest guest(xen_.as(5), 5, 1000 + round % 8);
+    ASSERT_TRUE(guest.call(request(VIBIF_OP_ALLOC_PD)));
+    guest.set_state(5);
+    ASSERT_TRUE(eventually(be(5) + "/ctx/" + std::to_string(1000 + round % 8) + "/state", std::nullopt));
+  }
+  EXPECT_TRUE(store_->directory(kNoTransaction, be(5) + "/ctx").value_or(std::vector<std::string>{}).empty());
+  victim_is_served();
+  EXPECT_LE(threads(), threads_before + 4) << "the control pool is bounded; nothing per context";
+}
