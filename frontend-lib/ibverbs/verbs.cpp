@@ -381,8 +381,8 @@ ibv_mr* ibv_reg_mr_iova2(ibv_pd* pd, void* addr, size_t length, uint64_t iova, u
   auto& ctx = *to_ctx(pd->context);
   PumpAfter pump(ctx);
   return or_null([&] {
-    // vibd registers at the guest's own virtual address (the buffer is
-    // remapped in place, docs/frontend.md); another IOVA cannot be had.
+    // vibd registers at the guest's own virtual address (docs/frontend.md);
+    // another IOVA cannot be had.
     if (iova != reinterpret_cast<std::uintptr_t>(addr)) fail(EOPNOTSUPP, "register memory at another IOVA");
     if (access & IBV_ACCESS_ON_DEMAND) fail(EOPNOTSUPP, "on-demand paging");
     auto mr = std::make_unique<Mr>();

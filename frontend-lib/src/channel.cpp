@@ -3,6 +3,8 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <system_error>
 
@@ -63,6 +65,7 @@ class XenChannel final : public Channel {
     ring_.req_prod_pvt++;
     if (vibif_ctrl_front_push(&ring_)) events_->notify(port_);
     const auto deadline = Clock::now() + options_.timeout;
+    auto next_liveness_check = Clock::now() + kLivenessInterval;
     for (;;) {
       if (vibif_ctrl_front_final_check(&ring_)) {
         vibif_response rsp;
@@ -71,10 +74,19 @@ class XenChannel final : public Channel {
         if (rsp.hdr.id != request.hdr.id) fail(EPROTO, "response to an unknown request");
         return rsp;
       }
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) fail(ETIMEDOUT, "no response from the back-end");
+      const auto now = Clock::now();
+      if (now >= deadline) fail(ETIMEDOUT, "no response from the back-end");
+      // A back-end that closed this context (device detached, domain dying,
+      // context refused for abuse) will never answer: say so now rather
+      // than after the whole timeout.
+      if (now >= next_liveness_check) {
+        if (backend_closed_context())
+          fail(ENODEV, "vib device " + std::to_string(options_.devid) + ": the back-end closed this context");
+        next_liveness_check = now + kLivenessInterval;
+      }
+      const auto wait = std::min(deadline, next_liveness_check) - now;
       pollfd p{events_->fd(), POLLIN, 0};
-      ::poll(&p, 1, static_cast<int>(left.count()));
+      ::poll(&p, 1, static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(wait).count()));
       while (auto port = events_->pending()) events_->unmask(*port);
     }
   }
@@ -98,6 +110,13 @@ class XenChannel final : public Channel {
   template <typename Done>
   std::optional<std::string> wait_for(const std::string& path, std::chrono::milliseconds timeout, Done done) {
     return platform::wait_for_node(*store_, path, done, timeout);
+  }
+
+  static constexpr std::chrono::milliseconds kLivenessInterval{100};
+
+  bool backend_closed_context() {
+    const auto state = platform::parse_state(store_->read(kNoTransaction, backend_ctx_ + "/state").value_or(""));
+    return !state || *state == XenbusState::closing || *state == XenbusState::closed;
   }
 
   // The device-level handshake: any process may complete it, once.

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <infiniband/verbs.h>
 #include <poll.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -254,6 +255,19 @@ TEST_F(Compat, NoDevicesIsAnEmptyList) {
   ASSERT_NE(list, nullptr);
   EXPECT_EQ(n, 0);
   ibv_free_device_list(list);
+}
+
+// fork() is safe where registration grants pages in place (the host-local
+// Xen, real Xen with the vibgrant module) and not in the copying fallback
+// (real Xen without it); ibv_is_fork_initialized says which.
+TEST_F(Compat, ForkSafetyIsAnsweredTruthfully) {
+  act_as(5);
+  EXPECT_EQ(ibv_is_fork_initialized(), IBV_FORK_UNNEEDED);
+  if (::access("/dev/xen/vibgrant", F_OK) != 0) {
+    ::unsetenv("VIB_LOCAL_XEN");
+    EXPECT_EQ(ibv_is_fork_initialized(), IBV_FORK_DISABLED) << "real Xen without vibgrant copies registrations";
+    act_as(5);
+  }
 }
 
 TEST_F(Compat, ADeviceWhoseBackEndFailedIsNotListed) {

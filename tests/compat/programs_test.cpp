@@ -50,9 +50,10 @@ class Programs : public vib::test::VibdFixture {
     return finish(start(domid, argv, out), out, std::chrono::steady_clock::now() + limit);
   }
 
-  // Server in domain 5, client in domain 6 (its last argument the server).
+  // Server in domain 5, client in domain 6 (its last argument the server,
+  // after `client_args`).
   std::pair<ProgramRun, ProgramRun> run_pair(const std::string& program, std::vector<std::string> args,
-                               std::chrono::seconds limit = 30s) {
+                               std::chrono::seconds limit = 30s, const std::vector<std::string>& client_args = {}) {
     const unsigned port = free_port();
     const auto deadline = std::chrono::steady_clock::now() + limit;
     std::vector<std::string> server = {program, "-p", std::to_string(port)};
@@ -64,6 +65,7 @@ class Programs : public vib::test::VibdFixture {
       std::this_thread::sleep_for(10ms);
     }
     std::vector<std::string> client = server;
+    client.insert(client.end(), client_args.begin(), client_args.end());
     client.push_back("localhost");
     const pid_t c = start(6, client, client_out);
     ProgramRun client_run = finish(c, client_out, deadline);
@@ -166,6 +168,32 @@ TEST_F(Programs, IbReadLat) {
 
 TEST_F(Programs, IbAtomicLat) {
   expect_pair_ok(run_pair("/usr/bin/ib_atomic_lat", {"-n", "100"}), kLatencyRow, kConnected);
+}
+
+// The project's own data check through vib: SEND with immediate, RDMA
+// WRITE (with and without immediate), RDMA READ and atomics from 1 byte to
+// 64 KiB, every byte checked where it lands (the pingpongs check nothing).
+TEST_F(Programs, RdmaCheckVerifiesEveryByteOfEveryOperation) {
+  expect_pair_ok(run_pair(RDMA_CHECK, {"-n", "16"}),
+                 R"(16 iterations of SEND with immediate, RDMA WRITE, RDMA WRITE with immediate, RDMA READ, )"
+                 R"(fetch-and-add and compare-and-swap, 1 to 65536 bytes: \d+ bytes verified here, all correct)");
+}
+
+// ... and it can fail: one flipped byte in the last RDMA WRITE (-x on the
+// client) is found by the server, and both exit 1.
+TEST_F(Programs, RdmaCheckFindsAFlippedByte) {
+  const auto [server, client] = run_pair(RDMA_CHECK, {"-n", "3"}, 30s, {"-x"});
+  for (const ProgramRun* run : {&server, &client}) {
+    EXPECT_FALSE(run->timed_out) << run->output;
+    EXPECT_TRUE(WIFEXITED(run->status) && WEXITSTATUS(run->status) == 1) << "status " << run->status << ":\n"
+                                                                          << run->output;
+  }
+  EXPECT_NE(server.output.find("rdma_check: FAIL: iteration 2, RDMA WRITE of 4096 bytes: 1 bytes differ, the first at "
+                               "offset 2048"),
+            std::string::npos)
+      << server.output;
+  EXPECT_NE(client.output.find("rdma_check: FAIL: iteration 2: the peer found a mismatch"), std::string::npos)
+      << client.output;
 }
 
 }  // namespace
