@@ -68,6 +68,28 @@ check() {  # check DESCRIPTION COMMAND EXPECTED-SUBSTRING
   fi
 }
 
+# vibgrant-dkms is checked from outside: building it needs the guest
+# kernel's headers (the lab builds the same source tree, laid out from
+# debian/vibgrant-dkms.install, against its guest kernel's).
+echo "== vibgrant-dkms"
+dkms_deb=$(ls "$debs"/vibgrant-dkms_*_all.deb)
+dkms_files=$(dpkg-deb -c "$dkms_deb" | awk '{print $NF}')
+host_check() {  # host_check DESCRIPTION ACTUAL EXPECTED-SUBSTRING
+  if [[ "$2" == *"$3"* ]]; then
+    passed=$((passed + 1)); echo "ok   $1"
+  else
+    failed=$((failed + 1)); echo "FAIL $1: got:"; echo "$2" | sed 's/^/     /'
+  fi
+}
+for f in dkms.conf Kbuild Makefile vibgrant.c include/vib/vibgrant.h; do
+  host_check "vibgrant-dkms ships $f" "$dkms_files" "./usr/src/vibgrant-0.1/$f"
+done
+host_check "dkms.conf names the directory's version" \
+  "$(dpkg-deb --fsys-tarfile "$dkms_deb" | tar -xO ./usr/src/vibgrant-0.1/dkms.conf)" 'PACKAGE_VERSION="0.1"'
+host_check "vibgrant-dkms depends on dkms" "$(dpkg-deb -f "$dkms_deb" Depends)" "dkms"
+host_check "its postinst has DKMS build it" "$(dpkg-deb --ctrl-tarfile "$dkms_deb" | tar -xO ./postinst)" \
+  "dkms"
+
 xl_before=$(in_root 'readlink /usr/sbin/xl')
 check "rdma-core's libibverbs before install" 'ldd /usr/bin/ibv_devinfo' \
   "libibverbs.so.1 => /lib/x86_64-linux-gnu/libibverbs.so.1"

@@ -52,6 +52,10 @@ echo "vibd is $(systemctl is-active vibd)"
 xl="/usr/sbin/xl-vib --local-xen $lx"
 $xl vib-attach 5 hca=soft,script=vib && echo "attach: ok"
 /opt/vibtest/vib-devinfo --local-xen $lx --domid 5
+# vibd publishes counters at most once per --status-interval, so the first
+# publication may still be on its way: wait for it (bounded), then show it.
+i=0
+until $xl vib-list -l 5 | grep -q ", vibd running;" || [ $i -ge 100 ]; do i=$((i + 1)); sleep 0.1; done
 $xl vib-list -l 5
 systemctl status vibd --no-pager -n 0
 journalctl -u vibd -b --no-pager -o cat -p info
