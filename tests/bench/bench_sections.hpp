@@ -1,5 +1,6 @@
 // vib-bench's sections besides the RC workload of vib_bench.cpp, each in its
-// own file: the shared-memory floor, the QP lifecycle and the scale run.
+// own file: the shared-memory floor, the QP lifecycle, memory registration,
+// fairness under a flood and the scale run.
 #pragma once
 
 #include <string>
@@ -28,6 +29,26 @@ struct QpLifecycle {
   double direct_us = 0, via_us = 0;
 };
 QpLifecycle run_qp_lifecycle(int iterations, const std::string& vibd_log);
+
+// reg_bench.cpp: ibv_reg_mr and ibv_dereg_mr per size, µs (medians).
+struct RegCost {
+  double reg_us = 0, dereg_us = 0;
+};
+struct RegSize {
+  std::size_t bytes;
+  RegCost direct, via;
+};
+std::vector<RegSize> run_registration(const std::vector<std::size_t>& sizes, int iterations,
+                                      const std::string& vibd_log);
+
+// flood_bench.cpp: a pair's ping-pong (completion events), alone and beside a
+// guest flooding its request ring; half round trips in µs.
+struct FloodResults {
+  double alone_median_us = 0, alone_p99_us = 0;
+  double flooded_median_us = 0, flooded_p99_us = 0;
+  double flood_requests_per_s = 0;  // what vibd served the attacker meanwhile
+};
+FloodResults run_flood(int iterations, const std::string& vibd_log);
 
 // scale_bench.cpp
 struct ScaleOptions {

@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -126,6 +127,10 @@ ProcessReading read_process(pid_t pid) {
   const std::string base = "/proc/" + std::to_string(pid);
   r.threads = static_cast<long>(status_field(base + "/status", "Threads:"));
   r.rss_kib = static_cast<long>(status_field(base + "/status", "VmRSS:"));
+  std::error_code error;
+  for (auto it = std::filesystem::directory_iterator(base + "/fd", error);
+       !error && it != std::filesystem::directory_iterator(); it.increment(error))
+    ++r.open_files;
   {
     std::ifstream in(base + "/stat");
     std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -72,6 +72,7 @@ std::vector<std::string>& vibd_args();
 struct ProcessReading {
   long threads = 0;
   long rss_kib = 0;
+  long open_files = 0;  // entries of /proc/<pid>/fd
   long long cpu_ticks = 0;
   long long voluntary_switches = 0, involuntary_switches = 0;  // summed over threads
 };

@@ -241,6 +241,8 @@ void run_scale(Report& report, const ScaleOptions& o) {
               std::nullopt, "<= " + std::to_string(2 * cpus + 8)});
   report.add({section, "vibd RSS per context", "KiB",
               std::nullopt, static_cast<double>(open.rss_kib - before.rss_kib) / total, std::nullopt, "<= 256"});
+  report.add({section, "vibd open files per context", "fds", std::nullopt,
+              static_cast<double>(open.open_files - before.open_files) / total, std::nullopt, ""});
   report.add({section, "open to connected QP, per context, median", "us", median(direct_open), median(open_us),
               std::nullopt, ""});
   report.add({section, "all contexts open and connected", "s, wall", std::nullopt, all_open_s, std::nullopt, ""});

@@ -10,6 +10,8 @@
 //   floor  - the same ping-pong as raw shared memory between two processes
 //            (floor_bench.cpp): what no host-local path can beat;
 //   qp     - create + INIT/RTR/RTS + destroy of a QP (qp_bench.cpp);
+//   reg    - ibv_reg_mr / ibv_dereg_mr per size, 4 KiB to 1 GiB
+//            (reg_bench.cpp);
 //   scale  - many guests and contexts on one vibd (scale_bench.cpp).
 // Benchmarks never assert timings: this exits non-zero only on errors.
 #include <unistd.h>
@@ -83,7 +85,7 @@ void usage(FILE* out) {
                "  --iterations N    ping-pongs per latency run; 5*N 64 KiB writes and 100*N 8-byte\n"
                "                    writes; QP lifecycles N/10 (default 1000)\n"
                "  --quick           a smoke run: 300 iterations, a 2 x 4 scale run idle for 1 s\n"
-               "  --sections LIST   comma-separated, of rc,floor,qp,scale (default: all)\n"
+               "  --sections LIST   comma-separated, of rc,floor,qp,reg,flood,scale (default: all)\n"
                "  --guests N        scale run: guest domains (default 64)\n"
                "  --contexts M      scale run: contexts per guest, each with a CQ and a connected QP\n"
                "                    (default 16)\n"
@@ -109,7 +111,8 @@ int main(int argc, char** argv) {
   int iterations = 1000;
   bool json = false;
   std::string vibd_log;
-  std::set<std::string> sections{"rc", "floor", "qp", "scale"};
+  std::set<std::string> sections{"rc", "floor", "qp", "reg", "flood", "scale"};
+  std::size_t largest_registration = std::size_t{1} << 30;
   ScaleOptions scale;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -132,6 +135,7 @@ int main(int argc, char** argv) {
       scale.busy_pairs = 2;
       scale.idle_seconds = 1;
       scale.messages_per_pair = 5000;
+      largest_registration = std::size_t{16} << 20;
     } else if (arg == "--json") {
       json = true;
     } else if (arg == "--vibd-log" && has_value) {
@@ -142,7 +146,7 @@ int main(int argc, char** argv) {
       sections.clear();
       std::stringstream list(argv[++i]);
       for (std::string s; std::getline(list, s, ',');) {
-        if (s != "rc" && s != "floor" && s != "qp" && s != "scale") {
+        if (s != "rc" && s != "floor" && s != "qp" && s != "reg" && s != "flood" && s != "scale") {
           std::fprintf(stderr, "vib-bench: unknown section '%s'\n", s.c_str());
           return 2;
         }
@@ -212,6 +216,28 @@ int main(int argc, char** argv) {
     if (sections.count("qp")) {
       const QpLifecycle qp = run_qp_lifecycle(std::max(20, iterations / 10), vibd_log);
       report.add({"qp", "QP create + RTS + destroy", "us per QP", qp.direct_us, qp.via_us, std::nullopt, "<= 2x"});
+    }
+    if (sections.count("reg")) {
+      std::vector<std::size_t> sizes;
+      for (std::size_t bytes = 4096; bytes <= largest_registration; bytes *= 16) sizes.push_back(bytes);
+      if (sizes.back() != largest_registration) sizes.push_back(largest_registration);
+      for (const RegSize& r : run_registration(sizes, iterations, vibd_log)) {
+        const std::string size = r.bytes >= (1u << 20) ? std::to_string(r.bytes >> 20) + " MiB"
+                                                        : std::to_string(r.bytes >> 10) + " KiB";
+        const char* target = r.bytes == 4096 ? "<= 50 us" : r.bytes >= (1u << 20) ? "<= 0.25 s/GiB" : "";
+        report.add({"reg", "ibv_reg_mr, " + size, "us", r.direct.reg_us, r.via.reg_us, std::nullopt, target});
+        report.add({"reg", "ibv_dereg_mr, " + size, "us", r.direct.dereg_us, r.via.dereg_us, std::nullopt, target});
+      }
+    }
+    if (sections.count("flood")) {
+      // The "direct" column holds the same pair with no flood: the baseline.
+      const FloodResults f = run_flood(iterations, vibd_log);
+      report.add({"flood", "pair latency p50, events (direct: no flood)", "us, half RTT", f.alone_median_us,
+                  f.flooded_median_us, std::nullopt, "bounded"});
+      report.add({"flood", "pair latency p99, events (direct: no flood)", "us, half RTT", f.alone_p99_us,
+                  f.flooded_p99_us, std::nullopt, "bounded"});
+      report.add({"flood", "attacker's requests served meanwhile", "per s", std::nullopt, f.flood_requests_per_s,
+                  std::nullopt, ""});
     }
     if (sections.count("scale")) run_scale(report, scale);
     const double load_after = load_average();
