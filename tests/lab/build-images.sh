@@ -14,8 +14,9 @@ shift 2
 cache=${VIB_LAB_CACHE:-/var/cache/vib-lab}
 here=$(cd "$(dirname "$0")" && pwd)
 
-host_packages=(qemu-system-x86 busybox-static cpio kmod iproute2 rdma-core ibverbs-utils perftest
-               libxen-dev xenstore-utils)
+# Tools this script runs on the build host (nothing of the host goes into
+# the images).
+host_packages=(qemu-system-x86 cpio kmod binutils)
 missing=()
 for p in "${host_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,53 +28,143 @@ fi
 
 kver=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: linux-image-\(.*\)/\1/p' | head -1)
 [ -n "$kver" ] || { apt-get update -qq; kver=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: linux-image-\(.*\)/\1/p' | head -1); }
-guest_packages=(xen-hypervisor-4.17-amd64 "linux-image-$kver" xen-utils-4.17)
-versions=$(for p in "${guest_packages[@]}" busybox-static rdma-core perftest; do
-             echo "$p=$(apt-cache policy "$p" | sed -n 's/ *Candidate: //p')"; done)
-key=$(echo "$versions" "$(cat "$0" "$here/init" | sha256sum)" | sha256sum | cut -c1-16)
+# What the images run, and the libraries the project's binaries link to
+# (the overlay takes them from the image, never from the host).
+image_packages=(xen-hypervisor-4.17-amd64 "linux-image-$kver" xen-utils-4.17 xenstore-utils busybox-static
+                iproute2 rdma-core ibverbs-utils ibverbs-providers perftest libgcc-s1 libstdc++6
+                libibverbs1 libxenstore4 libxengnttab1 libxenevtchn1 libxenmisc4.17 libxentoollog1
+                libsystemd0)
+# Their dependency closure (Depends and Pre-Depends), each package pinned
+# at the version apt would install: one consistent set of Debian packages.
+closure=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+            --no-replaces --no-enhances "${image_packages[@]}" | grep -v '^[ <]' | sort -u)
+# shellcheck disable=SC2086 # one name per word
+pinned=$(apt-cache policy $closure | awk '/^[^ ]/ {p = $1; sub(/:$/, "", p)}
+                                           $1 == "Candidate:" {print p "=" $2}')
+if [ "$(echo "$pinned" | wc -l)" -ne "$(echo "$closure" | wc -l)" ] || echo "$pinned" | grep -q '=(none)$'; then
+  echo "lab: cannot pin the image's packages (apt-get update?):" >&2
+  echo "$pinned" | grep '=(none)$' >&2 || true
+  exit 1
+fi
+key=$(echo "$pinned" "$(cat "$0" "$here/init" | sha256sum)" | sha256sum | cut -c1-16)
 base=$cache/base-$key
+
+# in_root ROOT PATH: PATH's target inside ROOT, following symbolic links
+# (absolute ones relative to ROOT, as they would be inside the image).
+in_root() {
+  local root=$1 path=$2 hops=0 link
+  while [ -L "$root$path" ]; do
+    link=$(readlink "$root$path")
+    case $link in
+      /*) path=$link ;;
+      *) path=$(dirname "$path")/$link ;;
+    esac
+    hops=$((hops + 1))
+    [ $hops -lt 40 ] || return 1
+  done
+  [ -e "$root$path" ] && echo "$path"
+}
+
+# The directories the dynamic loader searches (Debian's multiarch ones).
+lib_dirs=(/lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib /usr/lib /lib64 /usr/lib64)
+
+is_elf() { [ -f "$1" ] && [ "$(head -c 4 "$1" | tr -d '\177')" = ELF ]; }
+needed_of() { readelf -d "$1" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
+runpath_of() { readelf -d "$1" 2>/dev/null | sed -n 's/.*(\(RUNPATH\|RPATH\)).*\[\(.*\)\]/\2/p' | tr ':' ' '; }
+interp_of() { readelf -l "$1" 2>/dev/null | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p'; }
+
+# find_lib ROOT NAME ELF: where NAME (a DT_NEEDED of ELF, a path inside
+# ROOT) is found inside ROOT.
+find_lib() {
+  local root=$1 name=$2 elf=$3 d
+  for d in $(runpath_of "$root$elf") "${lib_dirs[@]}"; do
+    d=${d//\$ORIGIN/$(dirname "$elf")}
+    in_root "$root" "$d/$name" >/dev/null && { echo "$d/$name"; return 0; }
+  done
+  return 1
+}
+
+# copy_from_root ROOT STAGE PATH: PATH (inside ROOT) into STAGE at the same
+# path, with its interpreter and the closure of its DT_NEEDED, all from ROOT.
+copy_from_root() {
+  local root=$1 stage=$2 path=$3 real lib interp
+  [ -e "$stage$path" ] && return 0
+  real=$(in_root "$root" "$path") || { echo "lab: $path is not in the image's packages" >&2; return 1; }
+  mkdir -p "$stage$(dirname "$path")"
+  cp "$root$real" "$stage$path"
+  is_elf "$stage$path" || return 0
+  interp=$(interp_of "$stage$path")
+  [ -z "$interp" ] || copy_from_root "$root" "$stage" "$interp"
+  for lib in $(needed_of "$stage$path"); do
+    lib=$(find_lib "$root" "$lib" "$path") || {
+      echo "lab: $path needs $lib, which no package of the image provides" >&2; return 1; }
+    copy_from_root "$root" "$stage" "$lib"
+  done
+}
+
+# check_image TREE: every ELF program and library in TREE finds its
+# interpreter and every DT_NEEDED inside TREE; lists what does not.
+check_image() {
+  local tree=$1 bad=0 f rel lib interp
+  while IFS= read -r f; do
+    is_elf "$f" || continue
+    rel=${f#"$tree"}
+    interp=$(interp_of "$f")
+    if [ -n "$interp" ] && ! in_root "$tree" "$interp" >/dev/null; then
+      echo "lab: image check: $rel: interpreter $interp is not in the image" >&2; bad=1
+    fi
+    for lib in $(needed_of "$f"); do
+      find_lib "$tree" "$lib" "$rel" >/dev/null ||
+        { echo "lab: image check: $rel needs $lib, not in the image" >&2; bad=1; }
+    done
+  done < <(find "$tree" -type f ! -name '*.ko' ! -name '*.ko.*')
+  return $bad
+}
 
 if [ ! -f "$base/done" ]; then
   echo "lab: building base images $key (cold; cached afterwards)"
-  rm -rf "$base" && mkdir -p "$base/debs" "$base/root" "$base/dom0"
-  (cd "$base/debs" && { apt-get download -qq "${guest_packages[@]}" 2>/dev/null ||
-                         { apt-get update -qq && apt-get download -qq "${guest_packages[@]}" 2>/dev/null; }; })
-  for d in "$base"/debs/*.deb; do dpkg-deb -x "$d" "$base/root"; done
-  gunzip -c "$base/root/boot/xen-4.17-amd64.gz" > "$base/xen"
-  cp "$base/root/boot/vmlinuz-$kver" "$base/vmlinuz"
-  depmod -b "$base/root" "$kver"
+  rm -rf "$base" && mkdir -p "$cache/debs" "$base/root" "$base/dom0"
+  # The downloads are kept across keys: a package at a version is the same file.
+  need=()
+  for pv in $pinned; do
+    name=${pv%%=*} ver=${pv#*=}
+    compgen -G "$cache/debs/${name}_${ver//:/%3a}_*.deb" >/dev/null || need+=("$pv")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "lab: downloading ${#need[@]} packages"
+    (cd "$cache/debs" && { apt-get download -qq "${need[@]}" 2>/dev/null ||
+                           { apt-get update -qq && apt-get download -qq "${need[@]}"; }; })
+  fi
+  for pv in $pinned; do
+    name=${pv%%=*} ver=${pv#*=}
+    for d in "$cache/debs/${name}_${ver//:/%3a}"_*.deb; do dpkg-deb -x "$d" "$base/root"; done
+  done
+  echo "$pinned" > "$base/packages"
+  root=$base/root
+  gunzip -c "$root/boot/xen-4.17-amd64.gz" > "$base/xen"
+  cp "$root/boot/vmlinuz-$kver" "$base/vmlinuz"
+  depmod -b "$root" "$kver"
 
   stage=$base/dom0
   mkdir -p "$stage"/{bin,sbin,etc,proc,sys,dev,run,tmp,var/lib/xen,var/log/xen,var/run/xen,lib/modules}
-  cp /bin/busybox "$stage/bin/busybox"
+  copy_from_root "$root" "$stage" /bin/busybox
   for app in $("$stage/bin/busybox" --list); do
     [ "$app" = busybox ] || ln -sf busybox "$stage/bin/$app"
   done
 
-  # A binary and the shared libraries it loads, at their own paths.
-  add() {
-    local f=$1 dest=${2:-$1}
-    mkdir -p "$stage$(dirname "$dest")"
-    cp -L "$f" "$stage$dest"
-    ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
-      [ -e "$stage$lib" ] || { mkdir -p "$stage$(dirname "$lib")"; cp -L "$lib" "$stage$lib"; }
-    done
-  }
-  xb=$base/root/usr/lib/xen-4.17/bin
-  for b in xl xenstored xenconsoled xen-init-dom0; do add "$xb/$b" "/usr/lib/xen-4.17/bin/$b"; done
-  for b in xenstore-read xenstore-write xenstore-ls xenstore-rm xenstore-list xenstore-chmod xenstore-watch; do
-    add "/usr/bin/$b"   # xenstore-utils of the same Xen version, on the host
+  for b in xl xenstored xenconsoled xen-init-dom0; do copy_from_root "$root" "$stage" "/usr/lib/xen-4.17/bin/$b"; done
+  for b in xenstore-read xenstore-write xenstore-ls xenstore-rm xenstore-list xenstore-chmod xenstore-watch \
+           rdma ibv_devices ibv_devinfo ibv_rc_pingpong ib_send_lat ib_write_bw; do
+    copy_from_root "$root" "$stage" "/usr/bin/$b"
   done
-  for b in /usr/bin/rdma /usr/sbin/ip /usr/bin/ibv_devices /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong \
-           /usr/bin/ib_send_lat /usr/bin/ib_write_bw; do
-    add "$b"
-  done
+  # iproute2 installs ip in /sbin; the scenarios name it by its usrmerged path.
+  copy_from_root "$root" "$stage" /sbin/ip
+  mkdir -p "$stage/usr/sbin" && ln -s /sbin/ip "$stage/usr/sbin/ip"
   # libibverbs finds its providers through these.
-  mkdir -p "$stage/etc/libibverbs.d"
-  cp /etc/libibverbs.d/rxe.driver "$stage/etc/libibverbs.d/"
-  add /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so
+  copy_from_root "$root" "$stage" /etc/libibverbs.d/rxe.driver
+  copy_from_root "$root" "$stage" /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so
   # glibc loads it at run time for pthread_cancel (xl uses it).
-  cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$stage/lib/x86_64-linux-gnu/"
+  copy_from_root "$root" "$stage" /lib/x86_64-linux-gnu/libgcc_s.so.1
   mkdir -p "$stage/etc/xen"
   : > "$stage/etc/xen/xl.conf"
   echo "root:x:0:0:root:/root:/bin/sh" > "$stage/etc/passwd"
@@ -82,9 +173,9 @@ if [ ! -f "$base/done" ]; then
   : > "$stage/modules.list"
   # rxe checksums with the crypto API's crc32; user-space verbs need ib_uverbs.
   for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs veth crc32_generic rdma_rxe ib_uverbs; do
-    modprobe -d "$base/root" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}' |
+    modprobe -d "$root" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}' |
     while read -r ko; do
-      rel=${ko#"$base/root"}
+      rel=${ko#"$root"}
       grep -qx "$rel" "$stage/modules.list" && continue
       mkdir -p "$stage$(dirname "$rel")"
       cp "$ko" "$stage$rel"
@@ -93,12 +184,12 @@ if [ ! -f "$base/done" ]; then
   done
   cp "$here/init" "$stage/init"
   chmod +x "$stage/init"
+  check_image "$stage" || { echo "lab: the base image is inconsistent; not cached" >&2; exit 1; }
   (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$base/dom0-base.cpio.gz"
 
   # The guest: the same /init and tools, without the dom0 daemons' weight
   # mattering much (it runs in 512 MiB); its role comes from /proc/xen.
   (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$base/guest-base.cpio.gz"
-  echo "$versions" > "$base/versions"
   touch "$base/done"
 fi
 
@@ -109,13 +200,28 @@ overlay=$(mktemp -d)
 trap 'rm -rf "$overlay"' EXIT
 cp "$scenario" "$overlay/scenario.sh"
 cp "$here/scenarios/lab-common.sh" "$overlay/lab-common.sh"
+# The scenarios' settings from the caller's environment (numbers only), for
+# them to source from /lab-settings: the domains do not inherit it.
+for setting in VIB_LAB_CONTROL_RUNS; do
+  value=${!setting-}
+  [ -n "$value" ] || continue
+  [[ $value =~ ^[0-9]+$ ]] || { echo "lab: $setting must be a number, not '$value'" >&2; exit 1; }
+  echo "$setting=$value" >> "$overlay/lab-settings"
+done
 chmod +x "$overlay/scenario.sh"
 mkdir -p "$overlay/vib"
 for f in "$@"; do
   cp -L "$f" "$overlay/vib/"
-  [ "$(head -c 4 "$f" | tr -d '\177')" = ELF ] || continue
-  ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
-    [ -e "$base/dom0$lib" ] || { mkdir -p "$overlay$(dirname "$lib")"; cp -L "$lib" "$overlay$lib"; }
+  is_elf "$f" || continue
+  # The project's binaries get their libraries from the image's packages,
+  # like everything else: a library the image lacks fails the build.
+  for lib in $(needed_of "$f"); do
+    find_lib "$base/dom0" "$lib" "/vib/$(basename "$f")" >/dev/null && continue
+    # vib's own libraries ride along in /vib (found through RUNPATH $ORIGIN).
+    [ -e "$overlay/vib/$lib" ] && continue
+    lib=$(find_lib "$base/root" "$lib" "/vib/$(basename "$f")") ||
+      { echo "lab: $f needs $(needed_of "$f" | tr '\n' ' '); one is in no package of the image" >&2; exit 1; }
+    copy_from_root "$base/root" "$overlay" "$lib"
   done
 done
 (cd "$overlay" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/overlay.cpio.gz"

@@ -5,13 +5,9 @@ set -e
 xl info | grep -E '^(xen_version|total_memory|nr_cpus)'
 xenstore-ls /local/domain/0 | head -5
 # (busybox sh runs its own applets first, so real tools are named by path.)
-# rxe needs an Ethernet device; a veth pair inside dom0 (no NIC, no IPv4:
-# GID 0 is the link-local address), connections go over loopback.
 /usr/sbin/ip -br link
-/usr/sbin/ip link add vibe0 type veth peer name vibe1
-/usr/sbin/ip link set vibe0 up
-/usr/sbin/ip link set vibe1 up
-rdma link add rxe0 type rxe netdev vibe0
+. /lab-common.sh
+rxe_on_veth
 ibv_devices
 ibv_devinfo -d rxe0 | grep -E 'state|link_layer'
 ibv_rc_pingpong -d rxe0 -g 0 -n 1000 > /tmp/pp-server.log 2>&1 &

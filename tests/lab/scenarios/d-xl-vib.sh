@@ -1,16 +1,21 @@
 #!/bin/sh
+# boot-timeout: 600
 # Scenario (d): `xl create` with a vib= line on real Xen, through the xl
 # front (ahead of Xen's xl in PATH, as administrators install it): it checks
 # and keeps the vib= lines, Xen's xl creates the domain, and vibd (real Xen,
 # software HCA, the vib hotplug script) sees the domain introduced, finds
 # the kept config by the domain's name and adds its vib device; the guest's
 # vib-devinfo talks to vibd over real grants, event channels and xenstore;
-# then `xl vib-list`, `xl vib-detach`, `xl vib-attach` and `xl destroy`,
-# after which vibd removes the dead domain's back-end directory.
+# then data through vib, every byte checked: two rdma_check processes in
+# the guest with vib's libibverbs.so.1, on device 0 (the software HCA) and
+# on device 1 (rxe0 in dom0 behind vibd: the rdma-core HCA path), next to
+# the same check natively over rxe0 in dom0 in this boot, the figures side
+# by side; then `xl vib-list`, `xl vib-detach`, `xl vib-attach` and
+# `xl destroy`, after which vibd removes the dead domain's back-end directory.
 #
 # dom0 gets /vib/vibd, /vib/xl-vib, /vib/vib-devinfo, /vib/vib (the hotplug
-# script, so /vib is vibd's --scripts-dir) and /vib/xl (the front); the
-# guest /vib/vib-devinfo.
+# script, so /vib is vibd's --scripts-dir), /vib/xl (the front),
+# /vib/vib-rdma-check and vib's /vib/libibverbs.so.1; the guest the same.
 . /lab-common.sh
 
 if [ "$1" = guest ]; then
@@ -23,31 +28,66 @@ if [ "$1" = guest ]; then
     sleep 1
   done
   echo "guest: device/vib/0 -> $(/usr/bin/xenstore-read device/vib/0/backend) after ${i}s"
-  # With a time limit: a hang is reported with where it hangs.
-  /vib/vib-devinfo > /tmp/devinfo.out 2>&1 &
-  pid=$!
-  i=0
-  while kill -0 $pid 2>/dev/null && [ $i -lt 120 ]; do
-    i=$((i + 1))
-    sleep 0.25
-  done
-  if kill -0 $pid 2>/dev/null; then
-    echo "guest: vib-devinfo still running after 30 s; its threads are in:"
-    for t in /proc/$pid/task/*; do
-      echo "  ${t##*/}: wchan $(cat $t/wchan 2>/dev/null), syscall $(cut -d' ' -f1-2 $t/syscall 2>/dev/null)"
+  # vib-devinfo 10 times (it once printed its results, then died with
+  # SIGSEGV: issue 14), each with a time limit: a hang is reported with
+  # where it hangs. The first one's output goes to the report, all on a
+  # failure.
+  run=1
+  while [ $run -le 10 ]; do
+    /vib/vib-devinfo > /tmp/devinfo.out 2>&1 &
+    pid=$!
+    i=0
+    while kill -0 $pid 2>/dev/null && [ $i -lt 120 ]; do
+      i=$((i + 1))
+      sleep 0.25
     done
-    ls -l /proc/$pid/fd 2>/dev/null | sed -n 's/.*[0-9] \([0-9]* -> .*\)/  fd \1/p'
-    kill -9 $pid
-    wait $pid 2>/dev/null
-    cat /tmp/devinfo.out
-    echo "guest: vib-devinfo hung"
-    exit 1
-  fi
-  wait $pid
-  rc=$?
-  cat /tmp/devinfo.out
-  echo "guest: vib-devinfo exited $rc"
-  exit $rc
+    if kill -0 $pid 2>/dev/null; then
+      echo "guest: vib-devinfo (run $run) still running after 30 s; its threads are in:"
+      for t in /proc/$pid/task/*; do
+        echo "  ${t##*/}: wchan $(cat $t/wchan 2>/dev/null), syscall $(cut -d' ' -f1-2 $t/syscall 2>/dev/null)"
+      done
+      ls -l /proc/$pid/fd 2>/dev/null | sed -n 's/.*[0-9] \([0-9]* -> .*\)/  fd \1/p'
+      kill -9 $pid
+      wait $pid 2>/dev/null
+      cat /tmp/devinfo.out
+      echo "guest: vib-devinfo hung"
+      exit 1
+    fi
+    wait $pid
+    rc=$?
+    [ $run != 1 ] || head -4 /tmp/devinfo.out
+    if [ $rc != 0 ]; then
+      cat /tmp/devinfo.out
+      echo "guest: vib-devinfo (run $run) exited $rc (above 128: killed by signal)"
+      dmesg | grep -E 'segfault at|general protection' | tail -3
+      exit 1
+    fi
+    run=$((run + 1))
+  done
+  echo "guest: vib-devinfo exited 0 10 times"
+  # Data through vib: two processes of this guest with vib's libibverbs.so.1
+  # (in /vib) first in the library path. Each checks every byte it receives;
+  # a hang is cut at 100 s. Only the verdicts go to the report (dom0 reads
+  # its last 1500 bytes), whole outputs on a failure.
+  export LD_LIBRARY_PATH=/vib
+  failed=0
+  for device in "vib0" "vib1 -g 0"; do
+    timeout 100 /vib/vib-rdma-check -d $device -n 16 > /tmp/check-server.out 2>&1 &
+    server=$!
+    timeout 100 /vib/vib-rdma-check -d $device -n 16 127.0.0.1 > /tmp/check-client.out 2>&1
+    client_rc=$?
+    wait $server
+    server_rc=$?
+    echo "guest: rdma_check through vib on ${device%% *}: server exited $server_rc, client $client_rc"
+    if [ $server_rc = 0 ] && [ $client_rc = 0 ]; then
+      grep -h 'all correct' /tmp/check-server.out | sed 's/SEND with immediate, RDMA WRITE, RDMA WRITE with immediate, RDMA READ/SEND+imm, WRITE, WRITE+imm, READ/'
+      grep -h 'usec per iteration' /tmp/check-client.out
+    else
+      failed=1
+      cat /tmp/check-server.out /tmp/check-client.out
+    fi
+  done
+  exit $failed
 fi
 
 be_root=/local/domain/0/backend/vib
@@ -101,6 +141,18 @@ VIB_REAL_XL=$(command -v xl)
 export VIB_REAL_XL VIB_XL_VIB=/vib/xl-vib PATH="/tmp/front:$PATH"
 echo "xl is $(command -v xl), Xen's xl $VIB_REAL_XL"
 
+echo "== rxe0 on a veth pair, and data natively over it (rdma_check, every byte checked)"
+rxe_on_veth || fail "no usable rxe0"
+timeout 100 /vib/vib-rdma-check -d rxe0 -g 0 -n 16 > /tmp/native-server.out 2>&1 &
+native_server=$!
+timeout 100 /vib/vib-rdma-check -d rxe0 -g 0 -n 16 127.0.0.1 > /tmp/native-client.out 2>&1
+native_client_rc=$?
+wait $native_server
+native_server_rc=$?
+cat /tmp/native-server.out /tmp/native-client.out
+[ $native_server_rc = 0 ] && [ $native_client_rc = 0 ] ||
+  fail "native rdma_check over rxe0: server exited $native_server_rc, client $native_client_rc"
+
 echo "== starting vibd (real Xen, software HCA, scripts in /vib)"
 /vib/vibd --hca soft --scripts-dir /vib --verbose > "$vibd_log" 2>&1 &
 vibd_pid=$!
@@ -108,8 +160,8 @@ wait_until 20 vibd_watching || fail "vibd did not start watching $be_root within
 kill -0 "$vibd_pid" 2>/dev/null || fail "vibd exited"
 echo "vibd (pid $vibd_pid) is watching $be_root"
 
-echo "== xl create with vib = [ 'hca=soft,script=vib' ]"
-start_guest "vib = [ 'hca=soft,script=vib' ]"
+echo "== xl create with vib = [ 'hca=soft,script=vib', 'hca=rxe0,script=vib' ]"
+start_guest "vib = [ 'hca=soft,script=vib', 'hca=rxe0,script=vib' ]"
 [ -n "$guest_domid" ] || fail "xl create gave no domain"
 grep '^vib' /tmp/guest.cfg
 
@@ -134,9 +186,18 @@ grep -q "^0 .*$be_root/$guest_domid/0\$" /tmp/vib-list.out ||
   fail "xl vib-list does not list device 0 with back-end $be_root/$guest_domid/0"
 echo "listed: ok"
 
-echo "== check: vib-devinfo in the guest"
-guest_report || fail "vib-devinfo in the guest failed (its output is above)"
-echo "guest's vib-devinfo: ok"
+echo "== check: vib-devinfo, then rdma_check through vib on both devices, in the guest"
+guest_report 300 > /tmp/guest-report.out || { cat /tmp/guest-report.out; fail "vib-devinfo or rdma_check in the guest failed"; }
+cat /tmp/guest-report.out
+echo "guest's vib-devinfo and rdma_check: ok"
+# usec_of FILE DEVICE: the client's usec per iteration on DEVICE in FILE.
+usec_of() { sed -n "s/^rdma_check client on $2: .*, \([0-9]*\) usec per iteration/\1/p" "$1" | head -1; }
+native=$(usec_of /tmp/native-client.out rxe0)
+soft=$(usec_of /tmp/guest-report.out vib0)
+over_rxe=$(usec_of /tmp/guest-report.out vib1)
+echo "VIB-LAB-MEASURE: rdma_check, 16 iterations of every operation, 1 B to 64 KiB, usec per iteration:" \
+     "native rxe0 in dom0 $native | through vib on rxe0 $over_rxe" \
+     "($(awk "BEGIN {printf \"%.1f\", $over_rxe / $native}")x) | through vib on the software HCA $soft"
 
 echo "== check: xl vib-detach vib-guest 0"
 xl vib-detach vib-guest 0 || fail "xl vib-detach vib-guest 0 failed"

@@ -1,4 +1,49 @@
-# Shared by the scenarios that run a guest (sourced, dom0 side).
+# Shared by the lab's scenarios (sourced, dom0 side).
+
+# rxe_on_veth: Soft-RoCE device rxe0 on a veth pair inside dom0 (no NIC, no
+# IPv4: GID 0 is the link-local address; connections go over loopback).
+# Returns once GID 0 is set and its address is usable. The kernel fills GID 0
+# in as soon as IPv6 adds vibe0's link-local address, but while that address
+# is still tentative (duplicate address detection, about a second) a route
+# lookup from it fails and so does moving a QP to RTR: the first run of the
+# control scenario failed that way in CI. Nothing else is on this link, so
+# DAD is switched off, and the wait also covers the tentative state in case
+# the sysctl is missing. Fails after 30 s.
+rxe_on_veth() {
+  /usr/sbin/ip link add vibe0 type veth peer name vibe1 || return 1
+  for dev in vibe0 vibe1; do
+    echo 0 > /proc/sys/net/ipv6/conf/$dev/accept_dad 2>/dev/null ||
+      echo "note: cannot switch off DAD on $dev; waiting for it instead"
+  done
+  /usr/sbin/ip link set vibe0 up || return 1
+  /usr/sbin/ip link set vibe1 up || return 1
+  rdma link add rxe0 type rxe netdev vibe0 || { echo "rdma link add rxe0 failed"; return 1; }
+  gid_file=/sys/class/infiniband/rxe0/ports/1/gids/0
+  waited=0
+  until gid_usable "$gid_file"; do
+    if [ $waited -ge 300 ]; then
+      echo "rxe0's GID 0 still unset or its address tentative after 30 s:"
+      cat $gid_file; /usr/sbin/ip -6 addr show dev vibe0
+      return 1
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  echo "rxe0 up, GID 0 $(cat $gid_file) (after $((waited * 100)) ms)"
+}
+
+# gid_usable GID_FILE: the GID is set and vibe0 has a link-local address that
+# is neither tentative nor failed duplicate detection.
+gid_usable() {
+  gid=$(cat "$1" 2>/dev/null)
+  [ -n "$gid" ] && [ "$gid" != "0000:0000:0000:0000:0000:0000:0000:0000" ] || return 1
+  addr=$(/usr/sbin/ip -6 -o addr show dev vibe0 scope link)
+  [ -n "$addr" ] || return 1
+  case "$addr" in *tentative*|*dadfailed*) return 1 ;; esac
+  return 0
+}
+
+# Shared by the scenarios that run a guest.
 # start_guest [CONFIG_LINE...]: the arguments are added to the guest's config.
 start_guest() {
   cat > /tmp/guest.cfg <<CFG
@@ -17,13 +62,14 @@ CFG
   echo "guest is domain $guest_domid"
 }
 
-# Waits for the guest's report and prints it; fails if the guest's scenario
-# failed. The guest stays (powered off: on_poweroff = "preserve").
+# guest_report [SECONDS]: waits for the guest's report (120 s unless told)
+# and prints it; fails if the guest's scenario failed. The guest stays
+# (powered off: on_poweroff = "preserve").
 guest_report() {
   i=0
   until rc=$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/rc" 2>/dev/null); do
     i=$((i + 1))
-    [ $i -lt 120 ] || { echo "guest never reported"; xl list; return 1; }
+    [ $i -lt "${1:-120}" ] || { echo "guest never reported"; xl list; return 1; }
     sleep 1
   done
   xenstore-read -R "/local/domain/$guest_domid/data/vib-lab/log"
