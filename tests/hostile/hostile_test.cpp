@@ -59,18 +59,22 @@ class Hostile : public vib::test::VibdFixture {
     return n;
   }
   // The attacker's device (domain 5) connected, the victim's (domain 6)
-  // provisioned, vibd started with `args`.
+  // provisioned, vibd started with `args`; the attacker's own xenstore
+  // connection is kept in attacker_store_.
   void attacker_and_victim(const std::vector<std::string>& args = {}) {
     provision(5);
     provision(6);
     start_vibd(args);
     ASSERT_TRUE(eventually(be(5) + "/state", "2"));
-    open_xenstore(xen_.as(5))->write(kNoTransaction, fe(5) + "/state", "4");
+    attacker_store_ = open_xenstore(xen_.as(5));
+    attacker_store_->write(kNoTransaction, fe(5) + "/state", "4");
+    ASSERT_TRUE(eventually(be(5) + "/state", "4"));
   }
   // SIGTERM must end vibd whatever the guests do: its exit status.
   int terminate_vibd() { return stop_vibd(); }
 
   std::string log_;
+  std::unique_ptr<XenStore> attacker_store_;
 };
 
 // Waits (bounded) until vibd has answered the flood a thousand times.
@@ -214,13 +218,8 @@ void request_refused_context(XenStore& guest, const std::string& fe_ctx) {
 // Issue 11, finding 3: what vibd writes because of a guest goes when the
 // guest's node goes, so refusals cannot grow dom0's part of xenstore.
 TEST_F(Hostile, RefusedContextsLeaveNoBackEndNodes) {
-  provision(5);
-  provision(6);
-  start_vibd();
-  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
-  auto guest = open_xenstore(xen_.as(5));
-  guest->write(kNoTransaction, fe(5) + "/state", "4");
-  ASSERT_TRUE(eventually(be(5) + "/state", "4"));
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim());
+  auto& guest = attacker_store_;
   std::size_t most = 0;
   for (unsigned round = 0; round < 180; ++round) {
     const std::string id = std::to_string(100 + round);
@@ -241,12 +240,8 @@ TEST_F(Hostile, RefusedContextsLeaveNoBackEndNodes) {
 
 // The smaller finding: "007" is not another spelling of context 7.
 TEST_F(Hostile, PaddedContextNamesAreIgnored) {
-  provision(5);
-  start_vibd();
-  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
-  auto guest = open_xenstore(xen_.as(5));
-  guest->write(kNoTransaction, fe(5) + "/state", "4");
-  ASSERT_TRUE(eventually(be(5) + "/state", "4"));
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim());
+  auto& guest = attacker_store_;
   request_refused_context(*guest, fe(5) + "/ctx/007");
   // A later, well-spelt request is answered: the padded one was seen by then.
   request_refused_context(*guest, fe(5) + "/ctx/9");
@@ -258,12 +253,7 @@ TEST_F(Hostile, PaddedContextNamesAreIgnored) {
 // Ring indices that jump, go backwards or wrap: the context is cut off,
 // nobody else notices.
 TEST_F(Hostile, RingProducersThatLieCloseOnlyTheirContext) {
-  provision(5);
-  provision(6);
-  start_vibd();
-  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
-  auto guest_store = open_xenstore(xen_.as(5));
-  guest_store->write(kNoTransaction, fe(5) + "/state", "4");
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim());
   const RING_IDX lies[] = {1000, 0xffffffffu, 0x80000000u};
   unsigned ctxid = 20;
   for (RING_IDX lie : lies) {
@@ -282,12 +272,7 @@ TEST_F(Hostile, RingProducersThatLieCloseOnlyTheirContext) {
 // Requests of every op with garbage bodies and forged handles: each gets a
 // status, vibd keeps serving the attacker and everyone else.
 TEST_F(Hostile, GarbageRequestsGetAStatusAndHurtNoOne) {
-  provision(5);
-  provision(6);
-  start_vibd();
-  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
-  auto guest_store = open_xenstore(xen_.as(5));
-  guest_store->write(kNoTransaction, fe(5) + "/state", "4");
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim());
   RawGuest guest(xen_.as(5), 5, 30);
   std::uint32_t seed = 12345;
   auto next = [&] { return seed = seed * 1103515245u + 12345u; };
@@ -311,12 +296,7 @@ TEST_F(Hostile, GarbageRequestsGetAStatusAndHurtNoOne) {
 // Contexts opened and closed as fast as the guest can: everything vibd made
 // for them goes, threads included.
 TEST_F(Hostile, ContextFloodingLeavesNothingBehind) {
-  provision(5);
-  provision(6);
-  start_vibd();
-  ASSERT_TRUE(eventually(be(5) + "/state", "2"));
-  auto guest_store = open_xenstore(xen_.as(5));
-  guest_store->write(kNoTransaction, fe(5) + "/state", "4");
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim());
   victim_is_served();  // vibd's pools are warm
   auto threads = [&] {
     std::size_t n = 0;
