@@ -366,6 +366,7 @@ void Device::refresh_contexts() {
       closing.push_back(id);
   }
   for (unsigned id : closing) close_context(id, "closed by the guest");
+  close_orphans(wanted);
   // New contexts.
   for (auto& [id, st] : wanted) {
     if (st != XenbusState::initialised || contexts_.count(id) || cut_off_.count(id)) continue;
@@ -389,6 +390,26 @@ void Device::refresh_contexts() {
       store.write(kNoTransaction, be_ctx + "/" VIBIF_XS_ERROR, e.what());
       store.write(kNoTransaction, be_ctx + "/state", str(XenbusState::closed));
     }
+  }
+}
+
+void Device::close_orphans(const std::map<unsigned, XenbusState>& wanted) {
+  // A context the guest holds connected, whose back-end node says connected
+  // too, but that this vibd never opened, belonged to a vibd that died (or
+  // was restarted): its ring, queues and HCA objects went with that
+  // process. Left as it is, the guest would wait on it forever; closed, its
+  // next call fails at once (ENODEV) and the application can open the
+  // device again.
+  auto& store = env_.store();
+  for (const auto& [id, st] : wanted) {
+    if (st != XenbusState::connected || contexts_.count(id) || cut_off_.count(id)) continue;
+    const std::string be_ctx = backend_path_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(id);
+    const auto be_state = platform::parse_state(store.read(kNoTransaction, be_ctx + "/state").value_or(""));
+    if (!be_state || *be_state == XenbusState::closed) continue;
+    guest_log_.log(LogLevel::info, context_subject(id_.domid, id_.devid, id),
+                   "closed: opened by an earlier vibd, whose state of it is lost");
+    store.write(kNoTransaction, be_ctx + "/" VIBIF_XS_ERROR, "the back-end (vibd) restarted; this context is lost");
+    store.write(kNoTransaction, be_ctx + "/state", str(XenbusState::closed));
   }
 }
 

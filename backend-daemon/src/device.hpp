@@ -116,6 +116,9 @@ class Device {
   // Takes the verdict of a finished script; false while one is running.
   bool finish_hotplug();
   void refresh_contexts();
+  // Closes the contexts an earlier vibd opened (the guest and the back-end
+  // nodes both say connected, but this vibd holds nothing of them).
+  void close_orphans(const std::map<unsigned, platform::XenbusState>& wanted);
   // Removes the back-end's nodes of contexts that are neither open nor
   // still named by the guest (`present`): refusals the guest walked away from.
   void forget_refusals(const std::set<unsigned>& present);

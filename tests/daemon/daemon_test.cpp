@@ -122,6 +122,38 @@ TEST_F(Vibd, AGuestProcessThatDiesIsCleanedUp) {
   EXPECT_EQ(again->call(request(VIBIF_OP_ALLOC_PD)).hdr.status, VIBIF_OK);
 }
 
+// vibd killed (-9) and started again while a guest process holds a context:
+// the new vibd has none of that context's state, so it closes it, and the
+// process's next call fails at once (not after the call timeout); a new
+// context works.
+TEST_F(Vibd, AContextOfAKilledVibdIsClosedByTheNextOne) {
+  provision(5);
+  start_vibd();
+  vib::front::ChannelOptions options;
+  options.xen = xen_.as(5);
+  options.timeout = 20s;
+  auto channel = vib::front::Channel::open(options);
+  ASSERT_EQ(channel->call(request(VIBIF_OP_ALLOC_PD)).hdr.status, VIBIF_OK);
+  const std::string ctx = be(5) + "/ctx/" + std::to_string(channel->context_id());
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  start_vibd();
+  ASSERT_GT(pid_, 0);
+  EXPECT_TRUE(eventually(ctx + "/state", "6")) << "the orphaned context is closed";
+  EXPECT_TRUE(store_->read(kNoTransaction, ctx + "/" VIBIF_XS_ERROR)) << "with the reason";
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    channel->call(request(VIBIF_OP_QUERY_DEVICE));
+    ADD_FAILURE() << "a call on the lost context succeeded";
+  } catch (const std::system_error& e) {
+    EXPECT_EQ(e.code().value(), ENODEV) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "the call failed fast, not at its timeout";
+  auto again = open_channel(5);
+  EXPECT_EQ(again->call(request(VIBIF_OP_ALLOC_PD)).hdr.status, VIBIF_OK);
+}
+
 TEST_F(Vibd, DomainDeathFreesItsContexts) {
   provision(5);
   start_vibd();
