@@ -20,6 +20,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -160,13 +161,31 @@ Target target_of(int event) {
 
 constexpr std::size_t kMaxQueuedAsyncEvents = 4096;
 
+// How often the dispatcher asks whether the back-end still serves the
+// context. A vibd that dies (or restarts) sends nothing: without asking, a
+// program blocked in ibv_get_async_event or waiting for completions would
+// never learn. One xenstore read a second per open device.
+constexpr std::chrono::seconds kLivenessInterval{1};
+
 void dispatcher_main(Context* ctx) {
   pollfd fds[2] = {{ctx->device->event_fd(), POLLIN, 0}, {ctx->stop_fd.get(), POLLIN, 0}};
+  auto next_check = std::chrono::steady_clock::now() + kLivenessInterval;
+  bool fatal = false;
   for (;;) {
-    if (::poll(fds, 2, -1) < 0 && errno != EINTR) return;
+    const int timeout = fatal ? -1 : static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                          kLivenessInterval).count());
+    if (::poll(fds, 2, timeout) < 0 && errno != EINTR) return;
     if (fds[1].revents) return;
     if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) return;  // the context is gone
     if (fds[0].revents) ctx->pump();
+    const auto now = std::chrono::steady_clock::now();
+    if (fatal || now < next_check) continue;
+    next_check = now + kLivenessInterval;
+    if (ctx->device->backend_gone().value_or(false)) {
+      ctx->pump();  // what the back-end queued before it went, first
+      ctx->report_fatal();
+      fatal = true;
+    }
   }
 }
 
@@ -267,6 +286,16 @@ void Context::pump() noexcept {
   } catch (...) {
     // Nothing to report to: the events stay queued for the next pump.
   }
+}
+
+void Context::report_fatal() noexcept {
+  ibv_async_event a{};
+  a.event_type = IBV_EVENT_DEVICE_FATAL;
+  a.element.port_num = 0;
+  std::lock_guard lock(mu);
+  if (async_events.size() >= kMaxQueuedAsyncEvents) async_events.pop_front();
+  async_events.push_back(a);
+  post_eventfd(async_fd.get());
 }
 
 }  // namespace vib::ibverbs

@@ -110,6 +110,9 @@ struct Context {
   // Routes every event the back-end queued to its completion channel or to
   // the asynchronous event queue.
   void pump() noexcept;
+  // The back-end closed this context (vibd stopped, restarted or lost the
+  // device): IBV_EVENT_DEVICE_FATAL, as rdma-core reports an HCA that died.
+  void report_fatal() noexcept;
 };
 
 static_assert(std::is_standard_layout_v<DeviceEntry>);

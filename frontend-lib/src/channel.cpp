@@ -105,6 +105,7 @@ class XenChannel final : public Channel {
   void consume_notifications() override {
     while (auto port = events_->pending()) events_->unmask(*port);
   }
+  bool backend_closed() override { return backend_closed_context(); }
 
  private:
   template <typename Done>

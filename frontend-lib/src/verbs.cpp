@@ -297,6 +297,16 @@ std::optional<vibif_event> Device::pop_event_locked() {
   return e;
 }
 
+std::optional<bool> Device::backend_gone() {
+  std::unique_lock lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock()) return std::nullopt;
+  try {
+    return channel_->backend_closed();
+  } catch (const std::system_error&) {
+    return true;  // xenstore no longer answers this domain about it
+  }
+}
+
 std::optional<vibif_event> Device::next_event() {
   std::lock_guard lock(mu_);
   return pop_event_locked();

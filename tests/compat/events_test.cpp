@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <infiniband/verbs.h>
 #include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -307,6 +309,63 @@ TEST_F(Compat, OpeningADeviceThatFailedMeanwhileIsAnError) {
   EXPECT_EQ(ibv_open_device(list[0]), nullptr);
   EXPECT_EQ(errno, ENODEV);
   ibv_free_device_list(list);
+}
+
+namespace {
+
+// The next asynchronous event of `ctx` within `limit`; IBV_EVENT_SM_CHANGE
+// (which vib never sends) when there is none.
+ibv_event_type next_async_event(ibv_context* ctx, std::chrono::milliseconds limit) {
+  pollfd p{ctx->async_fd, POLLIN, 0};
+  if (::poll(&p, 1, static_cast<int>(limit.count())) != 1) return IBV_EVENT_SM_CHANGE;
+  ibv_async_event e{};
+  if (ibv_get_async_event(ctx, &e) != 0) return IBV_EVENT_SM_CHANGE;
+  const auto type = e.event_type;
+  ibv_ack_async_event(&e);
+  return type;
+}
+
+}  // namespace
+
+// A back-end that stops (systemctl stop: SIGTERM) is a fatal device error to
+// the programs that had the device open, as a dead HCA is with rdma-core;
+// not silence.
+TEST_F(Compat, ABackEndThatStopsIsADeviceFatalEvent) {
+  provision(5);
+  start_vibd(VIBD);
+  ibv_context* ctx = open_first_device(5);
+  ASSERT_NE(ctx, nullptr);
+  EXPECT_EQ(next_async_event(ctx, 1500ms), IBV_EVENT_SM_CHANGE) << "nothing while the back-end serves";
+  stop_vibd();
+  EXPECT_EQ(next_async_event(ctx, 10s), IBV_EVENT_DEVICE_FATAL);
+  EXPECT_EQ(ibv_close_device(ctx), 0);
+}
+
+// A vibd killed (-9) and started again (systemd's Restart=) closes the
+// contexts it cannot know; their programs get the fatal event too.
+TEST_F(Compat, AContextLostToAVibdRestartIsADeviceFatalEvent) {
+  provision(5);
+  start_vibd(VIBD);
+  ibv_context* ctx = open_first_device(5);
+  ASSERT_NE(ctx, nullptr);
+  ibv_pd* pd = ibv_alloc_pd(ctx);
+  ASSERT_NE(pd, nullptr);
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  start_vibd(VIBD);
+  EXPECT_EQ(next_async_event(ctx, 10s), IBV_EVENT_DEVICE_FATAL);
+  errno = 0;
+  EXPECT_EQ(ibv_alloc_pd(ctx), nullptr) << "calls on the lost context fail";
+  EXPECT_EQ(errno, ENODEV);
+  ibv_dealloc_pd(pd);  // the back-end has nothing left to free
+  EXPECT_EQ(ibv_close_device(ctx), 0);
+  ibv_context* again = open_first_device(5);
+  ASSERT_NE(again, nullptr) << "a new open works";
+  ibv_pd* pd2 = ibv_alloc_pd(again);
+  EXPECT_NE(pd2, nullptr);
+  if (pd2) ibv_dealloc_pd(pd2);
+  EXPECT_EQ(ibv_close_device(again), 0);
 }
 
 TEST_F(Compat, DestroyingAnObjectInUseIsEbusyAndLeavesItWorking) {

@@ -44,6 +44,10 @@ class Channel {
   // clears it.
   virtual int event_fd() = 0;
   virtual void consume_notifications() = 0;
+  // True once the back-end closed this context or is gone (detached device,
+  // a vibd that stopped, or one that restarted and closed what it could not
+  // know). One xenstore read; not concurrently with call().
+  virtual bool backend_closed() = 0;
 };
 
 }  // namespace vib::front

@@ -76,6 +76,10 @@ class Device {
   void consume_notifications() { channel_->consume_notifications(); }
 
   Channel& channel() { return *channel_; }
+  // Whether the back-end has closed this context; nullopt when a control
+  // call holds the channel (it will find out itself), so a caller that
+  // only watches never waits behind a slow request.
+  std::optional<bool> backend_gone();
   // The back-end says which queue slots each completion frees (vibif.h,
   // "Queue accounting"): slots are free when completions are polled.
   bool completion_retires() const { return completion_retires_; }
