@@ -296,6 +296,16 @@ void Context::report_fatal() noexcept {
   if (async_events.size() >= kMaxQueuedAsyncEvents) async_events.pop_front();
   async_events.push_back(a);
   post_eventfd(async_fd.get());
+  // No completion will come: a thread blocked in ibv_get_cq_event wakes
+  // with EIO, as rdma-core's does when the kernel disassociates a removed
+  // HCA.
+  for (auto& [handle, cq] : cqs) {
+    if (!cq->channel) continue;
+    std::lock_guard channel_lock(cq->channel->mu);
+    if (cq->channel->device_gone) continue;
+    cq->channel->device_gone = true;
+    post_eventfd(cq->channel->fd.get());
+  }
 }
 
 }  // namespace vib::ibverbs
@@ -496,6 +506,11 @@ int ibv_get_cq_event(ibv_comp_channel* verbs_channel, ibv_cq** cq, void** cq_con
   for (;;) {
     if (!take_eventfd(channel->fd.get())) return -1;
     std::lock_guard lock(channel->mu);
+    if (channel->events.empty() && channel->device_gone) {
+      post_eventfd(channel->fd.get());  // stays readable for every waiter
+      errno = EIO;
+      return -1;
+    }
     // Empty only if the CQ whose event this count announced was destroyed.
     if (channel->events.empty()) continue;
     *cq = channel->events.front();

@@ -54,6 +54,7 @@ struct CompChannel {
   platform::UniqueFd fd;
   std::mutex mu;
   std::deque<ibv_cq*> events;
+  bool device_gone = false;  // the back-end went: waiters get EIO, as on a removed HCA
 };
 
 struct Cq {

@@ -335,9 +335,27 @@ TEST_F(Compat, ABackEndThatStopsIsADeviceFatalEvent) {
   start_vibd(VIBD);
   ibv_context* ctx = open_first_device(5);
   ASSERT_NE(ctx, nullptr);
+  ibv_comp_channel* channel = ibv_create_comp_channel(ctx);
+  ASSERT_NE(channel, nullptr);
+  ibv_cq* cq = ibv_create_cq(ctx, 4, nullptr, channel, 0);
+  ASSERT_NE(cq, nullptr);
+  ASSERT_EQ(ibv_req_notify_cq(cq, 0), 0);
+  // A thread waits for a completion that will never come.
+  std::atomic<int> waited{1}, waited_errno{0};
+  std::thread waiter([&] {
+    ibv_cq* got = nullptr;
+    void* context = nullptr;
+    waited = ibv_get_cq_event(channel, &got, &context);
+    waited_errno = errno;
+  });
   EXPECT_EQ(next_async_event(ctx, 1500ms), IBV_EVENT_SM_CHANGE) << "nothing while the back-end serves";
   stop_vibd();
   EXPECT_EQ(next_async_event(ctx, 10s), IBV_EVENT_DEVICE_FATAL);
+  waiter.join();  // woken, not left blocked for ever
+  EXPECT_EQ(waited, -1);
+  EXPECT_EQ(waited_errno, EIO);
+  ibv_destroy_cq(cq);
+  ibv_destroy_comp_channel(channel);
   EXPECT_EQ(ibv_close_device(ctx), 0);
 }
 
