@@ -22,6 +22,29 @@ namespace {
 
 std::string str(XenbusState s) { return std::to_string(static_cast<int>(s)); }
 
+// The guest owns its front-end directory, permissions included. A node it
+// made unreadable to the back-end's domain is as good as absent; so is one
+// the toolstack removed, which a driver domain is told with EACCES, not
+// ENOENT (xenstored answers for the parent it may not read). Neither may
+// throw out of the device's refresh and take vibd with it.
+std::optional<std::string> read_guest_node(platform::XenStore& store, const std::string& path) {
+  try {
+    return store.read(kNoTransaction, path);
+  } catch (const std::system_error& e) {
+    if (e.code().value() == EACCES) return std::nullopt;
+    throw;
+  }
+}
+
+std::vector<std::string> list_guest_directory(platform::XenStore& store, const std::string& path) {
+  try {
+    return store.directory(kNoTransaction, path).value_or(std::vector<std::string>{});
+  } catch (const std::system_error& e) {
+    if (e.code().value() == EACCES) return {};
+    throw;
+  }
+}
+
 // "a,b,c" of numbers (decimal or 0x hex), each at most `max`.
 std::optional<std::vector<std::uint64_t>> parse_list(const std::string& text, std::uint64_t max,
                                                      std::size_t max_items) {
@@ -294,6 +317,18 @@ bool Device::superseded() {
 }
 
 bool Device::refresh() {
+  // xenstore failing on this device (a node of the guest's that is not what
+  // it should be, a quota) is this device's problem: logged, rate-limited
+  // since the guest can provoke it, and the next event tries again.
+  try {
+    return refresh_unchecked();
+  } catch (const std::system_error& e) {
+    guest_log_.log(LogLevel::warning, subject_, std::string("refresh failed: ") + e.what());
+    return true;
+  }
+}
+
+bool Device::refresh_unchecked() {
   auto& store = env_.store();
   if (removed_ || (!store.read(kNoTransaction, backend_path_ + "/state") && !store.directory(kNoTransaction, backend_path_))) {
     if (!removed_) close_all_contexts("back-end directory removed");
@@ -313,7 +348,7 @@ bool Device::refresh() {
   }
   if (!finish_hotplug() || failed_) return true;
   const auto online = store.read(kNoTransaction, backend_path_ + "/online");
-  const auto frontend = platform::parse_state(store.read(kNoTransaction, frontend_path_ + "/state").value_or(""));
+  const auto frontend = platform::parse_state(read_guest_node(store, frontend_path_ + "/state").value_or(""));
   const bool frontend_gone = !frontend || *frontend == XenbusState::closing || *frontend == XenbusState::closed;
   if (online && *online == "0" && hotplug_added_) {
     // Unplugged: the script undoes its "add" before we report Closed.
@@ -339,7 +374,7 @@ bool Device::refresh() {
 void Device::refresh_contexts() {
   auto& store = env_.store();
   const std::string fe_ctx = frontend_path_ + "/" VIBIF_XS_CTX_DIR;
-  const auto names = store.directory(kNoTransaction, fe_ctx).value_or(std::vector<std::string>{});
+  const auto names = list_guest_directory(store, fe_ctx);
   std::map<unsigned, XenbusState> wanted;
   std::set<unsigned> present;  // the guest's context nodes, by id
   for (const auto& name : names) {
@@ -348,7 +383,7 @@ void Device::refresh_contexts() {
     // spelling names a context ("007" would alias "7").
     if (!id || std::to_string(*id) != name) continue;
     present.insert(static_cast<unsigned>(*id));
-    auto st = platform::parse_state(store.read(kNoTransaction, fe_ctx + "/" + name + "/state").value_or(""));
+    auto st = platform::parse_state(read_guest_node(store, fe_ctx + "/" + name + "/state").value_or(""));
     if (st) wanted[static_cast<unsigned>(*id)] = *st;
   }
   forget_refusals(present);

@@ -115,6 +115,7 @@ class Device {
   void start_hotplug(const char* action);
   // Takes the verdict of a finished script; false while one is running.
   bool finish_hotplug();
+  bool refresh_unchecked();
   void refresh_contexts();
   // Closes the contexts an earlier vibd opened (the guest and the back-end
   // nodes both say connected, but this vibd holds nothing of them).

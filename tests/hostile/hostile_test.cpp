@@ -316,3 +316,59 @@ TEST_F(Hostile, ContextFloodingLeavesNothingBehind) {
   victim_is_served();
   EXPECT_LE(threads(), threads_before + 4) << "the control pool is bounded; nothing per context";
 }
+
+// vibd in a driver domain (7) reads the guests' front-end directories only
+// as far as they let it: a guest that makes its own unreadable to the
+// driver domain (EACCES, which is also what a driver domain is told for a
+// front-end the toolstack removed) loses its device, and vibd goes on
+// serving everyone else.
+TEST_F(Hostile, AFrontEndHiddenFromADriverDomainHurtsOnlyItsGuest) {
+  constexpr DomId kDriver = 7;
+  xen_.create_domain(kDriver);
+  // What libxl gives a driver_domain=1 domain, and what the toolstack
+  // writes for a device whose back-end is that domain.
+  store_->write(kNoTransaction, "/local/domain/7/libxl", "");
+  store_->set_permissions(kNoTransaction, "/local/domain/7/libxl", {{kDriver, Access::none}});
+  auto provision_on_driver = [&](DomId guest) {
+    const std::string be = "/local/domain/7/backend/vib/" + std::to_string(guest) + "/0";
+    const std::string front = fe(guest);
+    with_transaction(*store_, [&](TransactionId tx) {
+      for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+               {"frontend", front}, {"frontend-id", std::to_string(guest)}, {"online", "1"}, {"state", "1"},
+               {"hca", "soft"}})
+        store_->write(tx, be + "/" + key, value);
+      store_->write(tx, front + "/backend", be);
+      store_->write(tx, front + "/backend-id", "7");
+      store_->write(tx, front + "/state", "1");
+      for (const char* key : {"", "/frontend", "/frontend-id", "/online", "/state", "/hca"})
+        store_->set_permissions(tx, be + key, {{kDriver, Access::none}, {guest, Access::read}});
+      for (const char* key : {"", "/backend", "/backend-id", "/state"})
+        store_->set_permissions(tx, front + key, {{guest, Access::none}, {kDriver, Access::read}});
+    });
+    return be;
+  };
+  const std::string attacker_be = provision_on_driver(5);
+  const std::string victim_be = provision_on_driver(6);
+  log_ = xen_.dir() + "/vibd.log";
+  pid_ = vib::test::spawn_vibd(VIBD, xen_.dir(), log_, {"--domid", "7", "--no-provision"});
+  ASSERT_TRUE(eventually(attacker_be + "/state", "2", 10s)) << log_text();
+  ASSERT_TRUE(eventually(victim_be + "/state", "2", 10s)) << log_text();
+
+  // The attacker hides its front-end from the driver domain and pokes its
+  // back-end directory (as the toolstack's writes would) to make vibd look.
+  auto attacker = open_xenstore(xen_.as(5));
+  attacker->set_permissions(kNoTransaction, fe(5), {{5, Access::none}});
+  attacker->set_permissions(kNoTransaction, fe(5) + "/state", {{5, Access::none}});
+  attacker->write(kNoTransaction, fe(5) + "/state", "4");
+  store_->write(kNoTransaction, attacker_be + "/online", "1");
+
+  // vibd in the driver domain still serves the victim.
+  vib::front::ChannelOptions options;
+  options.xen = xen_.as(6);
+  auto channel = vib::front::Channel::open(options);
+  EXPECT_EQ(channel->call(request(VIBIF_OP_QUERY_DEVICE)).hdr.status, VIBIF_OK);
+  EXPECT_EQ(::waitpid(pid_, nullptr, WNOHANG), 0) << "vibd is still running\n" << log_text();
+  EXPECT_EQ(store_->read(kNoTransaction, attacker_be + "/state"), "2") << "the hidden front-end never connected";
+  const int status = terminate_vibd();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << log_text();
+}
