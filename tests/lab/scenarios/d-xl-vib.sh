@@ -19,15 +19,7 @@
 . /lab-common.sh
 
 if [ "$1" = guest ]; then
-  # vibd adds the device when it sees the domain introduced: it may appear
-  # only after this boots.
-  i=0
-  until /usr/bin/xenstore-read device/vib/0/backend >/dev/null 2>&1; do
-    i=$((i + 1))
-    [ $i -lt 60 ] || { echo "guest: no vib device 0 after 60 s"; exit 1; }
-    sleep 1
-  done
-  echo "guest: device/vib/0 -> $(/usr/bin/xenstore-read device/vib/0/backend) after ${i}s"
+  wait_for_vib_device 0 || exit 1
   # vib-devinfo 10 times (it once printed its results, then died with
   # SIGSEGV: issue 14), each with a time limit: a hang is reported with
   # where it hangs. The first one's output goes to the report, all on a
@@ -111,21 +103,8 @@ fail() {
   exit 1
 }
 
-# Waits up to $1 seconds for the command "$2..." to succeed.
-wait_until() {
-  limit=$1
-  shift
-  n=0
-  until "$@"; do
-    n=$((n + 1))
-    [ $n -lt $((limit * 4)) ] || return 1
-    sleep 0.25
-  done
-}
-
 be_gone() { ! xenstore-read "$be_root/$guest_domid" >/dev/null 2>&1 && \
             ! xenstore-ls "$be_root/$guest_domid" >/dev/null 2>&1; }
-vibd_watching() { grep -q "watching $be_root" "$vibd_log" 2>/dev/null; }
 # The device is served: state InitWait or Connected, hotplug script done.
 be_ready() {
   st=$(xenstore-read "$be_root/$guest_domid/$1/state" 2>/dev/null)
@@ -134,12 +113,7 @@ be_ready() {
 }
 
 echo "== the xl front ahead of Xen's xl in PATH"
-mkdir -p /tmp/front
-cp /vib/xl /tmp/front/xl
-chmod 755 /tmp/front/xl
-VIB_REAL_XL=$(command -v xl)
-export VIB_REAL_XL VIB_XL_VIB=/vib/xl-vib PATH="/tmp/front:$PATH"
-echo "xl is $(command -v xl), Xen's xl $VIB_REAL_XL"
+xl_front_first
 
 echo "== rxe0 on a veth pair, and data natively over it (rdma_check, every byte checked)"
 rxe_on_veth || fail "no usable rxe0"
@@ -154,16 +128,12 @@ cat /tmp/native-server.out /tmp/native-client.out
   fail "native rdma_check over rxe0: server exited $native_server_rc, client $native_client_rc"
 
 echo "== starting vibd (real Xen, software HCA, scripts in /vib)"
-/vib/vibd --hca soft --scripts-dir /vib --verbose > "$vibd_log" 2>&1 &
-vibd_pid=$!
-wait_until 20 vibd_watching || fail "vibd did not start watching $be_root within 20 s"
-kill -0 "$vibd_pid" 2>/dev/null || fail "vibd exited"
-echo "vibd (pid $vibd_pid) is watching $be_root"
+start_vibd --hca soft --scripts-dir /vib --verbose || fail "vibd did not start watching $be_root within 20 s"
 
 echo "== xl create with vib = [ 'hca=soft,script=vib', 'hca=rxe0,script=vib' ]"
 start_guest "vib = [ 'hca=soft,script=vib', 'hca=rxe0,script=vib' ]"
 [ -n "$guest_domid" ] || fail "xl create gave no domain"
-grep '^vib' /tmp/guest.cfg
+grep '^vib' /tmp/vib-guest.cfg
 
 echo "== the config the front kept for vibd"
 cat /var/lib/vib/domains/vib-guest.cfg || fail "the xl front kept no config for vib-guest"

@@ -16,11 +16,6 @@ runs=${VIB_LAB_CONTROL_RUNS:-$runs}
 . /lab-common.sh
 rxe_on_veth || exit 1
 
-# listening PORT: a TCP socket listens on PORT (state 0A in /proc/net/tcp).
-listening() {
-  grep -qi ":$(printf '%04X' "$1") 00000000:0000 0A" /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
-
 failed=0
 i=0
 start=$(date +%s)

@@ -19,12 +19,7 @@
 . /lab-common.sh
 
 if [ "$1" = guest ]; then
-  i=0
-  until /usr/bin/xenstore-read device/vib/0/backend >/dev/null 2>&1; do
-    i=$((i + 1))
-    [ $i -lt 60 ] || { echo "guest: no vib device 0 after 60 s"; exit 1; }
-    sleep 1
-  done
+  wait_for_vib_device 0 || exit 1
   export LD_LIBRARY_PATH=/vib
   echo "guest: 1. without vibgrant"
   timeout 60 /vib/vib-reg-writers -d vib0 -n 50 > /tmp/w1.out 2> /tmp/w1.err
@@ -73,21 +68,9 @@ fail() {
   exit 1
 }
 
-mkdir -p /tmp/front
-cp /vib/xl /tmp/front/xl
-chmod 755 /tmp/front/xl
-VIB_REAL_XL=$(command -v xl)
-export VIB_REAL_XL VIB_XL_VIB=/vib/xl-vib PATH="/tmp/front:$PATH"
-
+xl_front_first
 echo "== starting vibd (real Xen, software HCA)"
-/vib/vibd --hca soft --scripts-dir /vib > "$vibd_log" 2>&1 &
-vibd_pid=$!
-n=0
-until grep -q "watching $be_root" "$vibd_log" 2>/dev/null; do
-  n=$((n + 1))
-  [ $n -lt 80 ] || fail "vibd did not start watching $be_root within 20 s"
-  sleep 0.25
-done
+start_vibd --hca soft --scripts-dir /vib || fail "vibd did not start watching $be_root within 20 s"
 
 echo "== the guest, with a vib device"
 start_guest "vib = [ 'hca=soft,script=vib' ]"

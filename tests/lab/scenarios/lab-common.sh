@@ -43,23 +43,80 @@ gid_usable() {
   return 0
 }
 
+# listening PORT: a TCP socket listens on PORT (state 0A in /proc/net/tcp).
+listening() {
+  grep -qi ":$(printf '%04X' "$1") [0-9A-F]*:0000 0A" /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# wait_until SECONDS COMMAND...: waits for COMMAND to succeed, polling 4
+# times a second; fails after SECONDS.
+wait_until() {
+  limit=$1
+  shift
+  n=0
+  until "$@"; do
+    n=$((n + 1))
+    [ $n -lt $((limit * 4)) ] || return 1
+    sleep 0.25
+  done
+}
+
+# xl_front_first: vib's xl front ahead of Xen's xl in PATH, as administrators
+# install it (from /vib/xl, with /vib/xl-vib as its plugin).
+xl_front_first() {
+  mkdir -p /tmp/front
+  cp /vib/xl /tmp/front/xl
+  chmod 755 /tmp/front/xl
+  VIB_REAL_XL=$(command -v xl)
+  export VIB_REAL_XL VIB_XL_VIB=/vib/xl-vib PATH="/tmp/front:$PATH"
+  echo "xl is $(command -v xl), Xen's xl $VIB_REAL_XL"
+}
+
+# start_vibd ARGS...: /vib/vibd with ARGS in the background, its output in
+# $vibd_log, its pid in $vibd_pid; returns once it watches its domain's
+# back-end directory, fails if it has not within 20 s or exited.
+start_vibd() {
+  /vib/vibd "$@" > "$vibd_log" 2>&1 &
+  vibd_pid=$!
+  wait_until 20 grep -q "watching /local/domain/[0-9]*/backend/vib" "$vibd_log" || return 1
+  kill -0 "$vibd_pid" 2>/dev/null || return 1
+  echo "vibd (pid $vibd_pid) is $(sed -n 's/.*vibd: \(watching .*\)/\1/p' "$vibd_log" | head -1)"
+}
+
 # Shared by the scenarios that run a guest.
 # start_guest [CONFIG_LINE...]: the arguments are added to the guest's config.
+# The guest is named $guest_name (vib-guest unless set), has $guest_vcpus
+# vCPUs (1 unless set) and its kernel gets $guest_extra on its command line;
+# its domain id goes to $guest_domid.
 start_guest() {
-  cat > /tmp/guest.cfg <<CFG
-name = "vib-guest"
+  name=${guest_name:-vib-guest}
+  cat > "/tmp/$name.cfg" <<CFG
+name = "$name"
 type = "pv"
 kernel = "/boot/vmlinuz"
 ramdisk = "/boot/guest.cpio.gz"
-extra = "console=hvc0 quiet"
+extra = "console=hvc0 quiet ${guest_extra:-}"
 memory = 512
-vcpus = 1
+vcpus = ${guest_vcpus:-1}
 on_poweroff = "preserve"
 CFG
-  for line in "$@"; do echo "$line" >> /tmp/guest.cfg; done
-  xl create /tmp/guest.cfg
-  guest_domid=$(xl domid vib-guest)
-  echo "guest is domain $guest_domid"
+  for line in "$@"; do echo "$line" >> "/tmp/$name.cfg"; done
+  xl create "/tmp/$name.cfg"
+  guest_domid=$(xl domid "$name")
+  echo "guest $name is domain $guest_domid"
+}
+
+# wait_for_vib_device N (in the guest): vibd adds devices when it sees the
+# domain introduced, so they may appear only after the guest booted; waits
+# up to 60 s for device/vib/N.
+wait_for_vib_device() {
+  i=0
+  until /usr/bin/xenstore-read "device/vib/$1/backend" >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ $i -lt 60 ] || { echo "guest: no vib device $1 after 60 s"; return 1; }
+    sleep 1
+  done
+  echo "guest: device/vib/$1 -> $(/usr/bin/xenstore-read "device/vib/$1/backend") after ${i}s"
 }
 
 # guest_report [SECONDS]: waits for the guest's report (120 s unless told)
