@@ -154,7 +154,8 @@ if [ ! -f "$base/done" ]; then
 
   for b in xl xenstored xenconsoled xen-init-dom0; do copy_from_root "$root" "$stage" "/usr/lib/xen-4.17/bin/$b"; done
   for b in xenstore-read xenstore-write xenstore-ls xenstore-rm xenstore-list xenstore-chmod xenstore-watch \
-           rdma ibv_devices ibv_devinfo ibv_rc_pingpong ib_send_lat ib_write_bw; do
+           rdma ibv_devices ibv_devinfo ibv_rc_pingpong ibv_ud_pingpong \
+           ib_send_lat ib_write_lat ib_send_bw ib_write_bw; do
     copy_from_root "$root" "$stage" "/usr/bin/$b"
   done
   # iproute2 installs ip in /sbin; the scenarios name it by its usrmerged path.
@@ -202,7 +203,7 @@ cp "$scenario" "$overlay/scenario.sh"
 cp "$here/scenarios/lab-common.sh" "$overlay/lab-common.sh"
 # The scenarios' settings from the caller's environment (numbers only), for
 # them to source from /lab-settings: the domains do not inherit it.
-for setting in VIB_LAB_CONTROL_RUNS; do
+for setting in VIB_LAB_CONTROL_RUNS VIB_LAB_REPEAT; do
   value=${!setting-}
   [ -n "$value" ] || continue
   [[ $value =~ ^[0-9]+$ ]] || { echo "lab: $setting must be a number, not '$value'" >&2; exit 1; }
