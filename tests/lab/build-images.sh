@@ -172,8 +172,11 @@ if [ ! -f "$base/done" ]; then
 
   # Kernel modules, in load order.
   : > "$stage/modules.list"
-  # rxe checksums with the crypto API's crc32; user-space verbs need ib_uverbs.
-  for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs veth crc32_generic rdma_rxe ib_uverbs; do
+  # rxe checksums with the crypto API's crc32; user-space verbs need ib_uverbs;
+  # guests that talk TCP to each other get a vif (netfront) on a bridge in
+  # dom0 (netback).
+  for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs veth crc32_generic rdma_rxe ib_uverbs \
+           xen-netback xen-netfront bridge; do
     modprobe -d "$root" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}' |
     while read -r ko; do
       rel=${ko#"$root"}
