@@ -354,8 +354,8 @@ TEST_F(Compat, ABackEndThatStopsIsADeviceFatalEvent) {
   waiter.join();  // woken, not left blocked for ever
   EXPECT_EQ(waited, -1);
   EXPECT_EQ(waited_errno, EIO);
-  ibv_destroy_cq(cq);
-  ibv_destroy_comp_channel(channel);
+  EXPECT_EQ(ibv_destroy_cq(cq), 0) << "objects of a lost context can be freed";
+  EXPECT_EQ(ibv_destroy_comp_channel(channel), 0);
   EXPECT_EQ(ibv_close_device(ctx), 0);
 }
 
@@ -376,7 +376,7 @@ TEST_F(Compat, AContextLostToAVibdRestartIsADeviceFatalEvent) {
   errno = 0;
   EXPECT_EQ(ibv_alloc_pd(ctx), nullptr) << "calls on the lost context fail";
   EXPECT_EQ(errno, ENODEV);
-  ibv_dealloc_pd(pd);  // the back-end has nothing left to free
+  EXPECT_EQ(ibv_dealloc_pd(pd), 0) << "the back-end freed it with the context: freeing it here succeeds";
   EXPECT_EQ(ibv_close_device(ctx), 0);
   ibv_context* again = open_first_device(5);
   ASSERT_NE(again, nullptr) << "a new open works";
