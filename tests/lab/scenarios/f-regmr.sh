@@ -45,28 +45,16 @@ if [ "$1" = guest ]; then
   [ $rc = 0 ] || { echo "guest: FAIL: reg_writers exited $rc"; exit 1; }
 
   echo "guest: 4. rdma_check through vib"
-  timeout 120 /vib/vib-rdma-check -d vib0 -n 10 > /tmp/s.out 2>&1 &
-  server=$!
-  sleep 1
-  timeout 120 /vib/vib-rdma-check -d vib0 -n 10 127.0.0.1 > /tmp/c.out 2>&1
-  crc=$?
-  wait $server
-  src=$?
-  tail -n 2 /tmp/s.out /tmp/c.out
-  [ $crc = 0 ] && [ $src = 0 ] || { echo "guest: FAIL: rdma_check server $src, client $crc"; exit 1; }
-  grep -q WARNING /tmp/s.out /tmp/c.out && { echo "guest: FAIL: a fallback warning with vibgrant loaded"; exit 1; }
+  check_pair vib0 -n 10
+  tail -n 2 /tmp/server.out /tmp/client.out
+  [ $client_rc = 0 ] && [ $server_rc = 0 ] || { echo "guest: FAIL: rdma_check server $server_rc, client $client_rc"; exit 1; }
+  grep -q WARNING /tmp/server.out /tmp/client.out && { echo "guest: FAIL: a fallback warning with vibgrant loaded"; exit 1; }
   echo "guest: all ok"
   exit 0
 fi
 
 be_root=/local/domain/0/backend/vib
 vibd_log=/tmp/vibd.log
-fail() {
-  echo "FAIL: $*"
-  echo "---- vibd log ----"
-  tail -n 30 "$vibd_log"
-  exit 1
-}
 
 xl_front_first
 echo "== starting vibd (real Xen, software HCA)"

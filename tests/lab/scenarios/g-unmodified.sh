@@ -90,12 +90,6 @@ if [ "$1" = guest ]; then
 fi
 
 vibd_log=/tmp/vibd.log
-fail() {
-  echo "FAIL: $*"
-  echo "---- vibd log (last 40 lines) ----"
-  tail -n 40 "$vibd_log"
-  exit 1
-}
 
 echo "== rxe0 on a veth pair; the programs natively over it, $repeat times each"
 rxe_on_veth || fail "no usable rxe0"

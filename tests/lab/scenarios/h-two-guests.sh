@@ -87,12 +87,6 @@ if [ "$1" = guest ]; then
 fi
 
 vibd_log=/tmp/vibd.log
-fail() {
-  echo "FAIL: $*"
-  echo "---- vibd log (last 40 lines) ----"
-  tail -n 40 "$vibd_log"
-  exit 1
-}
 
 echo "== rxe0 on a veth pair; the bridge vibbr0 (10.0.0.1/24) for the guests' vifs"
 rxe_on_veth || fail "no usable rxe0"

@@ -48,8 +48,8 @@ pair() {
 # $status; fails if it is still running after SECONDS.
 exits_within() {
   n=0
-  while kill -0 "$2" 2>/dev/null && [ $n -lt $(($1 * 4)) ]; do n=$((n + 1)); sleep 0.25; done
-  kill -0 "$2" 2>/dev/null && return 1
+  while running "$2" && [ $n -lt $(($1 * 4)) ]; do n=$((n + 1)); sleep 0.25; done
+  running "$2" && return 1
   wait "$2"
   status=$?
 }
@@ -69,7 +69,7 @@ if [ "$1" = guest ]; then
     wait_go 1 || { echo "guest: no go for step 1"; exit 1; }
     pair vib1 18600 1000000
     sleep 8
-    kill -0 $client 2>/dev/null || { cat /tmp/vib1-client.out; echo "guest: FAIL: the client ended early"; exit 1; }
+    running $client || { cat /tmp/vib1-client.out; echo "guest: FAIL: the client ended early"; exit 1; }
     kill -9 $client
     wait $client
     if exits_within 40 $server; then
@@ -117,7 +117,7 @@ if [ "$1" = guest ]; then
   soft_server=$server soft_client=$client
   pair vib1 18791 1000000
   sleep 8
-  kill -0 $client 2>/dev/null || { cat /tmp/vib1-client.out; echo "guest: FAIL: the client ended early"; exit 1; }
+  running $client || { cat /tmp/vib1-client.out; echo "guest: FAIL: the client ended early"; exit 1; }
   phase traffic
   wait_go 3 || { echo "guest: no go for step 3"; exit 1; }   # vibd was stopped and started again
   failed=0

@@ -35,12 +35,7 @@ if [ "$1" = guest ]; then
   echo "guest: backend-id $(/usr/bin/xenstore-read device/vib/0/backend-id)"
   insmod /vib/vibgrant.ko || { echo "guest: FAIL: insmod vibgrant.ko"; exit 1; }
   export LD_LIBRARY_PATH=/vib
-  timeout 200 /vib/vib-rdma-check -d vib0 -n 16 > /tmp/server.out 2>&1 &
-  server=$!
-  timeout 200 /vib/vib-rdma-check -d vib0 -n 16 127.0.0.1 > /tmp/client.out 2>&1
-  client_rc=$?
-  wait $server
-  server_rc=$?
+  check_pair vib0 -n 16
   echo "guest: rdma_check through the driver domain: server exited $server_rc, client $client_rc"
   if [ $server_rc = 0 ] && [ $client_rc = 0 ]; then
     grep -h 'all correct' /tmp/server.out

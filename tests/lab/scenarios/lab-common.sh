@@ -43,6 +43,38 @@ gid_usable() {
   return 0
 }
 
+# fail MESSAGE...: the scenario's verdict, with the end of vibd's log (when
+# it started one, in $vibd_log) to say why. A scenario with more to show
+# defines its own after sourcing this file.
+fail() {
+  echo "FAIL: $*"
+  if [ -n "${vibd_log:-}" ] && [ -f "$vibd_log" ]; then
+    echo "---- vibd log (last 40 lines) ----"
+    tail -n 40 "$vibd_log"
+  fi
+  exit 1
+}
+
+# check_pair DEVICE [OPTION...]: an rdma_check server and client on DEVICE
+# in this domain, over loopback TCP, each cut at 120 s; their exit statuses
+# in $server_rc and $client_rc, their outputs in /tmp/server.out and
+# /tmp/client.out.
+check_pair() {
+  timeout 120 /vib/vib-rdma-check -d "$@" > /tmp/server.out 2>&1 &
+  pair_server=$!
+  timeout 120 /vib/vib-rdma-check -d "$@" 127.0.0.1 > /tmp/client.out 2>&1
+  client_rc=$?
+  wait $pair_server
+  server_rc=$?
+}
+
+# running PID: the process PID has not ended. (kill -0 is not enough: a
+# child that exited stays a zombie until the shell waits for it.)
+running() {
+  state=$(sed -n 's/^[0-9]* (.*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null)
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
 # listening PORT: a TCP socket listens on PORT (state 0A in /proc/net/tcp).
 listening() {
   grep -qi ":$(printf '%04X' "$1") [0-9A-F]*:0000 0A" /proc/net/tcp /proc/net/tcp6 2>/dev/null
@@ -86,8 +118,9 @@ start_vibd() {
 # Shared by the scenarios that run a guest.
 # start_guest [CONFIG_LINE...]: the arguments are added to the guest's config.
 # The guest is named $guest_name (vib-guest unless set), has $guest_vcpus
-# vCPUs (1 unless set) and its kernel gets $guest_extra on its command line;
-# its domain id goes to $guest_domid.
+# vCPUs (1 unless set) and $guest_memory MiB (512 unless set), and its
+# kernel gets $guest_extra on its command line; its domain id goes to
+# $guest_domid.
 start_guest() {
   name=${guest_name:-vib-guest}
   cat > "/tmp/$name.cfg" <<CFG
@@ -96,7 +129,7 @@ type = "pv"
 kernel = "/boot/vmlinuz"
 ramdisk = "/boot/guest.cpio.gz"
 extra = "console=hvc0 quiet ${guest_extra:-}"
-memory = 512
+memory = ${guest_memory:-512}
 vcpus = ${guest_vcpus:-1}
 on_poweroff = "preserve"
 CFG
