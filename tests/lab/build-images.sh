@@ -152,10 +152,7 @@ if [ ! -f "$base/done" ]; then
     [ "$app" = busybox ] || ln -sf busybox "$stage/bin/$app"
   done
 
-  # libxl-save-helper: xl save, restore and migrate run it.
-  for b in xl xenstored xenconsoled xen-init-dom0 libxl-save-helper; do
-    copy_from_root "$root" "$stage" "/usr/lib/xen-4.17/bin/$b"
-  done
+  for b in xl xenstored xenconsoled xen-init-dom0; do copy_from_root "$root" "$stage" "/usr/lib/xen-4.17/bin/$b"; done
   for b in xenstore-read xenstore-write xenstore-ls xenstore-rm xenstore-list xenstore-chmod xenstore-watch \
            rdma ibv_devices ibv_devinfo ibv_rc_pingpong ibv_ud_pingpong \
            ib_send_lat ib_write_lat ib_send_bw ib_write_bw; do
