@@ -368,9 +368,7 @@ TEST_F(Compat, AContextLostToAVibdRestartIsADeviceFatalEvent) {
   ASSERT_NE(ctx, nullptr);
   ibv_pd* pd = ibv_alloc_pd(ctx);
   ASSERT_NE(pd, nullptr);
-  ::kill(pid_, SIGKILL);
-  ::waitpid(pid_, nullptr, 0);
-  pid_ = -1;
+  kill_vibd();
   start_vibd(VIBD);
   EXPECT_EQ(next_async_event(ctx, 10s), IBV_EVENT_DEVICE_FATAL);
   errno = 0;

@@ -135,9 +135,7 @@ TEST_F(Vibd, AContextOfAKilledVibdIsClosedByTheNextOne) {
   auto channel = vib::front::Channel::open(options);
   ASSERT_EQ(channel->call(request(VIBIF_OP_ALLOC_PD)).hdr.status, VIBIF_OK);
   const std::string ctx = be(5) + "/ctx/" + std::to_string(channel->context_id());
-  ::kill(pid_, SIGKILL);
-  ::waitpid(pid_, nullptr, 0);
-  pid_ = -1;
+  kill_vibd();
   start_vibd();
   ASSERT_GT(pid_, 0);
   EXPECT_TRUE(eventually(ctx + "/state", "6")) << "the orphaned context is closed";

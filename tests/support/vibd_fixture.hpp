@@ -49,6 +49,13 @@ class VibdFixture : public ::testing::Test {
     }
   }
   int stop_vibd() { return vib::test::stop_vibd(pid_); }
+  // vibd dies without a chance to close anything (kill -9, a crash).
+  void kill_vibd() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
 
   static std::string be(platform::DomId domid, unsigned devid = 0) { return backend_path(domid, devid); }
   static std::string fe(platform::DomId domid, unsigned devid = 0) { return frontend_path(domid, devid); }
