@@ -181,11 +181,17 @@ int or_errno(F&& f) noexcept {
 // Control calls wait on the event channel that also announces events, and
 // consume its notifications; so after each one, whatever was queued
 // meanwhile is dispatched here rather than left waiting for a kick that
-// was swallowed.
+// was swallowed. It runs after the verb has set errno for its caller, and
+// keeps it: reading an empty event channel on real Xen leaves EAGAIN,
+// which ibv_reg_mr reported instead of ENOSPC in the lab.
 class PumpAfter {
  public:
   explicit PumpAfter(Context& ctx) : ctx_(ctx) {}
-  ~PumpAfter() { ctx_.pump(); }
+  ~PumpAfter() {
+    const int err = errno;
+    ctx_.pump();
+    errno = err;
+  }
   PumpAfter(const PumpAfter&) = delete;
   PumpAfter& operator=(const PumpAfter&) = delete;
 
