@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <string>
 
@@ -27,7 +28,7 @@ namespace {
 
 void usage(std::ostream& out) {
   out << "Usage: vib-localxen serve --dir DIR\n"
-         "       vib-localxen create-domain --dir DIR --domid N [--name NAME]\n"
+         "       vib-localxen create-domain --dir DIR --domid N [--name NAME] [--max-grant-frames F]\n"
          "       vib-localxen destroy-domain --dir DIR --domid N\n"
          "\n"
          "serve           run the host-local Xen in the foreground until SIGTERM/SIGINT:\n"
@@ -35,7 +36,8 @@ void usage(std::ostream& out) {
          "                                              XENSTORED_PATH here for xenstore-*)\n"
          "                DIR/domain/<domid>/hypervisor grant tables and event channels\n"
          "create-domain   introduce a guest domain and write its xenstore home the way\n"
-         "                the toolstack does (name, domid, device/, data/)\n"
+         "                the toolstack does (name, domid, device/, data/); its grant\n"
+         "                table holds F * 512 grants (as xl's max_grant_frames; default 2048)\n"
          "destroy-domain  release a domain as libxl does: its xenstore home is removed,\n"
          "                then its connections, grants and event channels go and\n"
          "                @releaseDomain fires\n";
@@ -74,7 +76,14 @@ struct RawHandle {
   xs_handle* h;
 };
 
-int create_domain(const std::string& dir, DomId domid, const std::string& name) {
+int create_domain(const std::string& dir, DomId domid, const std::string& name, long max_grant_frames) {
+  // Read by the hypervisor when the domain is introduced, as libxl gives
+  // Xen the domain's table size when it creates it; none: the default.
+  const auto frames_file =
+      std::filesystem::path(local_hypervisor_socket(dir, domid)).parent_path() / "max_grant_frames";
+  std::filesystem::create_directories(frames_file.parent_path());
+  std::filesystem::remove(frames_file);
+  if (max_grant_frames > 0) std::ofstream(frames_file) << max_grant_frames << "\n";
   RawHandle raw(dir);
   if (!raw.h) {
     std::cerr << "vib-localxen: cannot connect to the store: " << std::strerror(errno) << "\n";
@@ -137,7 +146,7 @@ int main(int argc, char** argv) {
   }
   const std::string command = argv[1];
   std::string dir, name;
-  long domid = -1;
+  long domid = -1, max_grant_frames = 0;
   for (int i = 2; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--help") {
@@ -153,6 +162,13 @@ int main(int argc, char** argv) {
       dir = value;
     } else if (arg == "--name") {
       name = value;
+    } else if (arg == "--max-grant-frames") {
+      char* end = nullptr;
+      max_grant_frames = std::strtol(value.c_str(), &end, 10);
+      if (*end || max_grant_frames < 1 || max_grant_frames > 2048) {
+        std::cerr << "vib-localxen: --max-grant-frames must be 1..2048, not '" << value << "'\n";
+        return 2;
+      }
     } else if (arg == "--domid") {
       char* end = nullptr;
       domid = std::strtol(value.c_str(), &end, 10);
@@ -176,7 +192,8 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (command == "create-domain")
-      return create_domain(dir, static_cast<DomId>(domid), name.empty() ? "guest" + std::to_string(domid) : name);
+      return create_domain(dir, static_cast<DomId>(domid), name.empty() ? "guest" + std::to_string(domid) : name,
+                           max_grant_frames);
     if (command == "destroy-domain") return destroy_domain(dir, static_cast<DomId>(domid));
     std::cerr << "vib-localxen: unknown command " << command << "\n";
     usage(std::cerr);

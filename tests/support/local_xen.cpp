@@ -72,9 +72,10 @@ LocalXen::~LocalXen() {
   std::filesystem::remove_all(dir_, ignored);
 }
 
-void LocalXen::create_domain(platform::DomId domid) {
-  const std::string cmd = std::string(VIB_LOCALXEN) + " create-domain --dir " + dir_ + " --domid " +
-                          std::to_string(domid) + " >/dev/null";
+void LocalXen::create_domain(platform::DomId domid, unsigned max_grant_frames) {
+  std::string cmd = std::string(VIB_LOCALXEN) + " create-domain --dir " + dir_ + " --domid " + std::to_string(domid);
+  if (max_grant_frames) cmd += " --max-grant-frames " + std::to_string(max_grant_frames);
+  cmd += " >/dev/null";
   if (run_command(cmd, nullptr) != 0) throw std::runtime_error("create-domain failed");
 }
 

@@ -18,7 +18,9 @@ class LocalXen {
 
   const std::string& dir() const { return dir_; }
   platform::XenTarget as(platform::DomId domid) const { return platform::XenTarget::local(dir_, domid); }
-  void create_domain(platform::DomId domid);
+  // With max_grant_frames, the domain's grant table holds that many frames
+  // of 512 grants (as xl's max_grant_frames); without, vib-localxen's default.
+  void create_domain(platform::DomId domid, unsigned max_grant_frames = 0);
   void destroy_domain(platform::DomId domid);
   // Runs a command with XENSTORED_PATH set to dom0's socket; returns stdout.
   std::string xenstore_tool(const std::string& command, int* status = nullptr) const;

@@ -15,6 +15,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -89,6 +90,17 @@ void raise(const UniqueFd& signal) {
   [[maybe_unused]] auto n = ::write(signal.get(), &one, sizeof one);
 }
 
+// The domain's max_grant_frames, when `vib-localxen create-domain` was given
+// one: it leaves it in the domain's directory before introducing the
+// domain, as libxl hands it to Xen when it creates one. Out of range or
+// absent: the default table.
+std::optional<std::size_t> max_grant_frames(const std::filesystem::path& home) {
+  std::ifstream in(home / "max_grant_frames");
+  std::size_t frames = 0;
+  if (!(in >> frames) || frames == 0 || frames > wire::kMaxGrantsPerDomain / wire::kGrantsPerFrame) return std::nullopt;
+  return frames;
+}
+
 struct Connection {
   DomId domid;
   UniqueFd fd;
@@ -131,7 +143,9 @@ class Service final : public HypervisorService {
     if (domains_.count(domid)) return;
     Domain d;
     d.socket_path = local_hypervisor_socket(dir_, domid);
-    std::filesystem::create_directories(std::filesystem::path(d.socket_path).parent_path());
+    const auto home = std::filesystem::path(d.socket_path).parent_path();
+    std::filesystem::create_directories(home);
+    if (auto frames = max_grant_frames(home)) d.max_grants = *frames * wire::kGrantsPerFrame;
     ::unlink(d.socket_path.c_str());
     d.listener = UniqueFd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     sockaddr_un addr{};
@@ -243,6 +257,7 @@ class Service final : public HypervisorService {
       case Op::unbind: reply.status = unbind(conn_id, req.port); break;
       case Op::notify: reply.status = notify(c.domid, req.port); break;
       case Op::peer_status: reply.status = peer_status(c.domid, req.port, reply.value); break;
+      case Op::query_size: reply.status = query_size(c.domid, out, reply.value); break;
       default: return close_connection(conn_id);
     }
     reply.count = static_cast<std::uint32_t>(out.size());
@@ -295,6 +310,14 @@ class Service final : public HypervisorService {
       refs.push_back(ref);
     }
     share_id = record(c, std::move(share));
+    return 0;
+  }
+
+  int query_size(DomId self_id, std::vector<std::uint32_t>& out, std::uint32_t& size) {
+    Domain* self = domain(self_id);
+    if (!self) return ESRCH;
+    size = static_cast<std::uint32_t>(self->max_grants);
+    out.push_back(static_cast<std::uint32_t>(self->grants.size()));
     return 0;
   }
 

@@ -25,6 +25,8 @@ enum class Op : std::uint32_t {
   // Client -> service again:
   grant_range,       // `count` / 2 pages of the caller's own process, as (address low, high)
                      // pairs, in place; reply: `count` / 2 grant refs, share id in `value`
+  query_size,        // the caller's own grant table (GNTTABOP_query_size): its size in entries
+                     // in `value`, and one entry: how many are in use
 };
 
 // In a map reply, instead of an fd index: the page is another process's, at
@@ -45,7 +47,8 @@ inline constexpr std::uint32_t kNotifyPort = 1u << 2;
 // Bounds that keep every message small and every loop short.
 inline constexpr std::uint32_t kMaxEntries = 512;       // refs per grant/map message
 inline constexpr std::uint32_t kMaxFdsPerMessage = 64;  // distinct page files per map reply
-inline constexpr std::uint32_t kMaxGrantsPerDomain = 1u << 20;
+inline constexpr std::uint32_t kGrantsPerFrame = 512;  // version 1 entries in a 4 KiB frame
+inline constexpr std::uint32_t kMaxGrantsPerDomain = 1u << 20;  // unless the domain was created with fewer
 inline constexpr std::uint32_t kMaxPortsPerDomain = 4096;
 
 struct Request {
