@@ -134,6 +134,16 @@ class VibgrantRange final : public GrantedRange {
   std::vector<GrantRef> refs_;
 };
 
+// Why a GRANT of `pages` failed with ENOSPC, with the table's size and use
+// as the module reads them. The kernel and other front-ends hold a few
+// entries too, so what is left can be less than the difference.
+std::string why_table_full(int device, std::size_t pages) {
+  vibgrant_info info{};
+  if (::ioctl(device, VIBGRANT_IOCTL_INFO, &info) != 0) return grant_table_full(pages, 0, {});
+  return grant_table_full(pages, info.grants_total,
+                          std::to_string(info.grants_held) + " held by vib's registrations in this guest");
+}
+
 class XenSharer final : public GrantSharer {
  public:
   XenSharer() {
@@ -180,7 +190,7 @@ class XenSharer final : public GrantSharer {
       const int err = errno;
       std::string why = "granting " + std::to_string(pages) + " pages of this process to domain " + std::to_string(grantee);
       if (err == ENOMEM) why += " (pinned memory would exceed RLIMIT_MEMLOCK: raise it, e.g. ulimit -l)";
-      if (err == ENOSPC) why += " (the guest's grant table is full: raise max_grant_frames in the domain's xl config)";
+      if (err == ENOSPC) why += ": " + why_table_full(device->get(), pages);
       errno = err;
       fail(why);
     }

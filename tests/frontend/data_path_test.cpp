@@ -423,6 +423,45 @@ TEST_F(DataPath, TransparentHugePagesRegister) {
   ::munmap(mapped, 2 * kHuge);
 }
 
+// Every page of a registration is one grant of the guest's table, which
+// holds max_grant_frames * 512: beyond it the registration fails with
+// ENOSPC, naming the need, the table and the setting that raises it, and
+// leaves nothing granted; a domain created with a larger table registers
+// the same.
+TEST_F(DataPath, ARegistrationBeyondTheGrantTableFailsNamingMaxGrantFrames) {
+  xen_.create_domain(7, /*max_grant_frames=*/4);   // 2048 grants: 8 MiB
+  xen_.create_domain(8, /*max_grant_frames=*/16);  // 8192 grants: 32 MiB
+  provision(7);
+  provision(8);
+  ASSERT_TRUE(eventually(be(7) + "/state", "2"));
+  ASSERT_TRUE(eventually(be(8) + "/state", "2"));
+  constexpr std::size_t kBytes = 16u << 20;  // 4096 pages
+  std::vector<char> buffer(kBytes + 4096);
+  char* start = reinterpret_cast<char*>((reinterpret_cast<std::uintptr_t>(buffer.data()) + 4095) & ~std::uintptr_t{4095});
+
+  Endpoint small(xen_.as(7));
+  try {
+    small.pd->reg_mr(start, kBytes, kAccess);
+    ADD_FAILURE() << "16 MiB registered in a grant table of 2048 entries";
+  } catch (const std::system_error& e) {
+    EXPECT_EQ(e.code().value(), ENOSPC) << e.what();
+    const std::string what = e.what();
+    EXPECT_NE(what.find("needs 4096 grants"), std::string::npos) << what;
+    EXPECT_NE(what.find("it holds 2048, max_grant_frames=4"), std::string::npos) << what;
+    EXPECT_NE(what.find("raise max_grant_frames in the domain's xl config"), std::string::npos) << what;
+  }
+  // The grants the failed registration took on the way (all but the last
+  // few hundred of the table) are back: 1500 pages fit again.
+  EXPECT_NE(small.pd->reg_mr(start, 1500 * 4096, kAccess), nullptr);
+
+  Endpoint large(xen_.as(8));
+  Endpoint peer(xen_.as(5));
+  large.connect(peer);
+  peer.connect(large);
+  auto mr = large.pd->reg_mr(start, kBytes, kAccess);
+  EXPECT_TRUE(lands(peer, start + kBytes - 100, mr->rkey(), 'z'));
+}
+
 TEST_F(DataPath, ImmediatesGatherListsAndCompareAndSwap) {
   Endpoint a(xen_.as(5)), b(xen_.as(6));
   a.connect(b);

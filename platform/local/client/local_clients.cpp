@@ -379,6 +379,14 @@ class LocalSharer final : public GrantSharer {
     return share;
   }
 
+  // The table's size and use, as the hypervisor reports them.
+  std::string why_table_full(std::size_t pages) {
+    Channel::Answer a;
+    if (channel_->call(request(Op::query_size), {}, {}, a) != 0 || a.entries.size() != 1)
+      return grant_table_full(pages, 0, {});
+    return grant_table_full(pages, a.value, std::to_string(a.entries[0]) + " in use by this domain");
+  }
+
   std::unique_ptr<GrantedRange> grant_range(DomId grantee, std::byte* start, std::size_t pages,
                                             bool writable) override {
     const auto first = reinterpret_cast<std::uintptr_t>(start);
@@ -400,9 +408,14 @@ class LocalSharer final : public GrantSharer {
         addresses.push_back(static_cast<std::uint32_t>(a >> 32));
       }
       Channel::Answer a;
-      if (int err = channel_->call(req, addresses, {}, a))
-        fail(err, "granting " + std::to_string(pages) + " pages in place to domain " + std::to_string(grantee) +
-                      (err == ENOSPC ? " (the domain's grant table is full)" : ""));
+      if (int err = channel_->call(req, addresses, {}, a)) {
+        std::string why = "granting " + std::to_string(pages) + " pages in place to domain " + std::to_string(grantee);
+        if (err == ENOSPC) {
+          range.reset();  // what it granted so far goes first: the table's use is then the rest's
+          why += ": " + why_table_full(pages);
+        }
+        fail(err, why);
+      }
       if (a.entries.size() != n) fail(EPROTO, "hypervisor grant reply");
       range->held_.ids.push_back(a.value);
       range->held_.refs.insert(range->held_.refs.end(), a.entries.begin(), a.entries.end());

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 
 #include "vib/platform/memory_access.hpp"
 #include "vib/platform/types.hpp"
@@ -96,6 +97,11 @@ class GrantSharer {
   virtual std::unique_ptr<GrantedRange> grant_range(DomId grantee, std::byte* start, std::size_t pages,
                                                     bool writable) = 0;
 };
+
+// Why granting `needed` pages failed with ENOSPC, for the error: the table's
+// size in entries (0: unknown) and what holds some of it (empty: unknown),
+// and the setting that makes it larger.
+std::string grant_table_full(std::size_t needed, std::uint64_t table_size, const std::string& in_use);
 
 std::unique_ptr<GrantMapper> open_grant_mapper(const XenTarget& target);
 std::unique_ptr<GrantSharer> open_grant_sharer(const XenTarget& target);
