@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 #include "objects.hpp"
@@ -27,6 +28,15 @@ void init_sync(pthread_mutex_t& mutex, pthread_cond_t& cond) {
 void destroy_sync(pthread_mutex_t& mutex, pthread_cond_t& cond) {
   ::pthread_mutex_destroy(&mutex);
   ::pthread_cond_destroy(&cond);
+}
+
+// A registration refused by a limit only an administrator can raise (the
+// guest's grant table, RLIMIT_MEMLOCK): errno alone cannot name the limit
+// or the setting, so the reason goes to stderr too, as the copying
+// fallback's warning does.
+void say_which_limit(const std::system_error& e) {
+  const int err = e.code().value();
+  if (err == ENOSPC || err == ENOMEM) std::fprintf(stderr, "libvibfront: ibv_reg_mr: %s\n", e.what());
 }
 
 front::Cq& wrapper_object(Cq& cq) { return *cq.cq; }
@@ -386,7 +396,12 @@ ibv_mr* ibv_reg_mr_iova2(ibv_pd* pd, void* addr, size_t length, uint64_t iova, u
     if (iova != reinterpret_cast<std::uintptr_t>(addr)) fail(EOPNOTSUPP, "register memory at another IOVA");
     if (access & IBV_ACCESS_ON_DEMAND) fail(EOPNOTSUPP, "on-demand paging");
     auto mr = std::make_unique<Mr>();
-    mr->mr = to_pd(pd)->pd->reg_mr(addr, length, static_cast<int>(access & ~IBV_ACCESS_OPTIONAL_RANGE));
+    try {
+      mr->mr = to_pd(pd)->pd->reg_mr(addr, length, static_cast<int>(access & ~IBV_ACCESS_OPTIONAL_RANGE));
+    } catch (const std::system_error& e) {
+      say_which_limit(e);
+      throw;
+    }
     auto& v = mr->verbs;
     v.context = pd->context;
     v.pd = pd;

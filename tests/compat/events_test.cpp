@@ -432,4 +432,33 @@ TEST_F(Compat, DestroyingAnObjectInUseIsEbusyAndLeavesItWorking) {
   EXPECT_EQ(ibv_close_device(ctx), 0);
 }
 
+// A registration beyond the guest's grant table (max_grant_frames * 512
+// grants, one per page): NULL with errno ENOSPC, as the application checks
+// it, and the limit and the setting that raises it on stderr, since errno
+// cannot name them.
+TEST_F(Compat, ARegistrationBeyondTheGrantTableIsEnospcAndNamesTheLimit) {
+  xen_.create_domain(7, /*max_grant_frames=*/4);  // 2048 grants: 8 MiB
+  provision(7);
+  start_vibd(VIBD);
+  ASSERT_TRUE(eventually(be(7) + "/state", "2"));
+  ibv_context* ctx = open_first_device(7);
+  ASSERT_NE(ctx, nullptr);
+  ibv_pd* pd = ibv_alloc_pd(ctx);
+  ASSERT_NE(pd, nullptr);
+  std::vector<char> buf(16u << 20);
+  ::testing::internal::CaptureStderr();
+  errno = 0;
+  ibv_mr* mr = ibv_reg_mr(pd, buf.data(), buf.size(), IBV_ACCESS_LOCAL_WRITE);
+  const int err = errno;
+  const std::string said = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(mr, nullptr);
+  EXPECT_EQ(err, ENOSPC) << std::strerror(err);
+  EXPECT_NE(said.find("libvibfront: ibv_reg_mr: "), std::string::npos) << said;
+  EXPECT_NE(said.find("max_grant_frames=4"), std::string::npos) << said;
+  EXPECT_NE(said.find("raise max_grant_frames in the domain's xl config"), std::string::npos) << said;
+  if (mr) ibv_dereg_mr(mr);
+  EXPECT_EQ(ibv_dealloc_pd(pd), 0);
+  EXPECT_EQ(ibv_close_device(ctx), 0);
+}
+
 }  // namespace
