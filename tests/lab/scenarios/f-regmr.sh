@@ -11,11 +11,17 @@
 #   3. reg_writers: 100 register/deregister cycles with a thread writing
 #      around the buffer, no write lost, and no fallback warning;
 #   4. rdma_check, both sides in the guest over loopback TCP, every byte of
-#      SEND/WRITE/READ/atomics checked: data moves through in-place grants.
+#      SEND/WRITE/READ/atomics checked: data moves through in-place grants;
+#   5. reg_big: a 256 MiB registration (65536 grants) does not fit the grant
+#      table of Xen's default max_grant_frames (64 frames, 32768 grants):
+#      ibv_reg_mr fails with ENOSPC and libvibfront's stderr names
+#      max_grant_frames. (Scenario g registers the same in a guest whose
+#      config raises max_grant_frames.)
 #
 # dom0 gets /vib/vibd, /vib/vib (hotplug script), /vib/xl (the front),
 # /vib/xl-vib; the guest /vib/libibverbs.so.1, /vib/vib-reg-writers,
-# /vib/vib-rdma-check, /vib/vib-vibgrant-check and /vib/vibgrant.ko.
+# /vib/vib-rdma-check, /vib/vib-vibgrant-check, /vib/vib-reg-big and
+# /vib/vibgrant.ko.
 . /lab-common.sh
 
 if [ "$1" = guest ]; then
@@ -49,6 +55,15 @@ if [ "$1" = guest ]; then
   tail -n 2 /tmp/server.out /tmp/client.out
   [ $client_rc = 0 ] && [ $server_rc = 0 ] || { echo "guest: FAIL: rdma_check server $server_rc, client $client_rc"; exit 1; }
   grep -q WARNING /tmp/server.out /tmp/client.out && { echo "guest: FAIL: a fallback warning with vibgrant loaded"; exit 1; }
+
+  echo "guest: 5. 256 MiB with the default max_grant_frames"
+  timeout 120 /vib/vib-reg-big -d vib0 -m 256 > /tmp/big.out 2> /tmp/big.err
+  rc=$?
+  cat /tmp/big.out /tmp/big.err
+  dmesg | grep 'max_grant_frames reached' | tail -n 1
+  [ $rc != 0 ] || { echo "guest: FAIL: 256 MiB registered with the default grant table"; exit 1; }
+  grep -q 'ibv_reg_mr failed: errno 28 ' /tmp/big.out || { echo "guest: FAIL: not ENOSPC"; exit 1; }
+  grep -q 'max_grant_frames' /tmp/big.err || { echo "guest: FAIL: stderr does not name max_grant_frames"; exit 1; }
   echo "guest: all ok"
   exit 0
 fi
