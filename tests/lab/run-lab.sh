@@ -11,6 +11,8 @@ shift
 # A scenario that needs longer than 300 s says so in a "# boot-timeout: N" line.
 default_timeout=$(sed -n 's/^# boot-timeout: \([0-9][0-9]*\)$/\1/p' "$scenario" | head -1)
 timeout_s=${VIB_LAB_TIMEOUT:-${default_timeout:-300}}
+# And one that needs more on Xen's command line, in a "# xen-cmdline: ..." line.
+xen_extra=$(sed -n 's/^# xen-cmdline: \([a-z0-9_=, ]*\)$/\1/p' "$scenario" | head -1)
 # The CPU model (docs/lab.md says why these features are off); another one
 # only to compare, e.g. VIB_LAB_QEMU_CPU=max with the control scenario.
 cpu=${VIB_LAB_QEMU_CPU:-max,-smap,-smep,-pku,-xsave,-avx,-avx2,-fma,-f16c}
@@ -23,7 +25,7 @@ start=$(date +%s)
 qemu-system-x86_64 -machine q35 -cpu "$cpu" -m 3072 -smp 2 \
   -nographic -no-reboot -nic none \
   -kernel "$work/xen" \
-  -append "dom0_mem=1024M,max:1024M console=com1 com1=115200 noreboot smap=0 smep=0" \
+  -append "dom0_mem=1024M,max:1024M console=com1 com1=115200 noreboot smap=0 smep=0${xen_extra:+ $xen_extra}" \
   -initrd "$work/vmlinuz console=hvc0 quiet,$work/dom0.cpio.gz" > "$log" 2>&1 < /dev/null &
 qemu=$!
 # Xen does not exit when dom0 dies ('noreboot'): watch the console instead.
