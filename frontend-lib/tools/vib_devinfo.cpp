@@ -76,6 +76,13 @@ int main(int argc, char** argv) {
               << "  max_pd:        " << d.max_pd << "\n"
               << "  max_mr_size:   " << d.max_mr_size << "\n"
               << "  phys_port_cnt: " << unsigned(d.phys_port_cnt) << "\n";
+    // Every registered page is one grant of this guest's table: how close
+    // registrations are to its end (docs/frontend.md).
+    if (const auto use = channel->sharer().table_use())
+      std::cout << "  grant table:   " << use->size << " entries (max_grant_frames=" << use->size / 512 << "), "
+                << use->held_by_vib << " held by vib\n";
+    else
+      std::cout << "  grant table:   size unknown (no vibgrant module)\n";
     auto port_req = request(VIBIF_OP_QUERY_PORT);
     port_req.u.query_port.port = 1;
     auto port = channel->call(port_req);

@@ -134,16 +134,6 @@ class VibgrantRange final : public GrantedRange {
   std::vector<GrantRef> refs_;
 };
 
-// Why a GRANT of `pages` failed with ENOSPC, with the table's size and use
-// as the module reads them. The kernel and other front-ends hold a few
-// entries too, so what is left can be less than the difference.
-std::string why_table_full(int device, std::size_t pages) {
-  vibgrant_info info{};
-  if (::ioctl(device, VIBGRANT_IOCTL_INFO, &info) != 0) return grant_table_full(pages, 0, {});
-  return grant_table_full(pages, info.grants_total,
-                          std::to_string(info.grants_held) + " held by vib's registrations in this guest");
-}
-
 class XenSharer final : public GrantSharer {
  public:
   XenSharer() {
@@ -190,11 +180,30 @@ class XenSharer final : public GrantSharer {
       const int err = errno;
       std::string why = "granting " + std::to_string(pages) + " pages of this process to domain " + std::to_string(grantee);
       if (err == ENOMEM) why += " (pinned memory would exceed RLIMIT_MEMLOCK: raise it, e.g. ulimit -l)";
-      if (err == ENOSPC) why += ": " + why_table_full(device->get(), pages);
+      if (err == ENOSPC) {
+        // The kernel and other front-ends hold a few entries too, so what
+        // is left can be less than the difference.
+        const auto use = table_use();
+        why += ": " + (use ? grant_table_full(pages, use->size, std::to_string(use->held_by_vib) +
+                                                                    " held by vib's registrations in this guest")
+                           : grant_table_full(pages, 0, {}));
+      }
       errno = err;
       fail(why);
     }
     return std::make_unique<VibgrantRange>(std::move(device), g.handle, std::move(refs));
+  }
+
+  std::optional<GrantTableUse> table_use() override {
+    std::shared_ptr<UniqueFd> device;
+    try {
+      device = vibgrant();
+    } catch (const std::system_error&) {
+      return std::nullopt;  // no module: nothing here knows the table
+    }
+    vibgrant_info info{};
+    if (::ioctl(device->get(), VIBGRANT_IOCTL_INFO, &info) != 0 || !info.grants_total) return std::nullopt;
+    return GrantTableUse{info.grants_total, info.grants_held};
   }
 
  private:

@@ -379,12 +379,10 @@ class LocalSharer final : public GrantSharer {
     return share;
   }
 
-  // The table's size and use, as the hypervisor reports them.
-  std::string why_table_full(std::size_t pages) {
+  std::optional<GrantTableUse> table_use() override {
     Channel::Answer a;
-    if (channel_->call(request(Op::query_size), {}, {}, a) != 0 || a.entries.size() != 1)
-      return grant_table_full(pages, 0, {});
-    return grant_table_full(pages, a.value, std::to_string(a.entries[0]) + " in use by this domain");
+    if (channel_->call(request(Op::query_size), {}, {}, a) != 0 || a.entries.size() != 1) return std::nullopt;
+    return GrantTableUse{a.value, a.entries[0]};
   }
 
   std::unique_ptr<GrantedRange> grant_range(DomId grantee, std::byte* start, std::size_t pages,
@@ -412,7 +410,10 @@ class LocalSharer final : public GrantSharer {
         std::string why = "granting " + std::to_string(pages) + " pages in place to domain " + std::to_string(grantee);
         if (err == ENOSPC) {
           range.reset();  // what it granted so far goes first: the table's use is then the rest's
-          why += ": " + why_table_full(pages);
+          const auto use = table_use();
+          why += ": " + (use ? grant_table_full(pages, use->size, std::to_string(use->held_by_vib) +
+                                                                      " in use by this domain")
+                             : grant_table_full(pages, 0, {}));
         }
         fail(err, why);
       }

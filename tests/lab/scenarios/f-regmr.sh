@@ -15,13 +15,13 @@
 #   5. reg_big: a 256 MiB registration (65536 grants) does not fit the grant
 #      table of Xen's default max_grant_frames (64 frames, 32768 grants):
 #      ibv_reg_mr fails with ENOSPC and libvibfront's stderr names
-#      max_grant_frames. (Scenario g registers the same in a guest whose
-#      config raises max_grant_frames.)
+#      max_grant_frames; vib-devinfo reports that table's size. (Scenario g
+#      registers the same in a guest whose config raises max_grant_frames.)
 #
 # dom0 gets /vib/vibd, /vib/vib (hotplug script), /vib/xl (the front),
 # /vib/xl-vib; the guest /vib/libibverbs.so.1, /vib/vib-reg-writers,
-# /vib/vib-rdma-check, /vib/vib-vibgrant-check, /vib/vib-reg-big and
-# /vib/vibgrant.ko.
+# /vib/vib-rdma-check, /vib/vib-vibgrant-check, /vib/vib-reg-big,
+# /vib/vib-devinfo and /vib/vibgrant.ko.
 . /lab-common.sh
 
 if [ "$1" = guest ]; then
@@ -64,6 +64,10 @@ if [ "$1" = guest ]; then
   [ $rc != 0 ] || { echo "guest: FAIL: 256 MiB registered with the default grant table"; exit 1; }
   grep -q 'ibv_reg_mr failed: errno 28 ' /tmp/big.out || { echo "guest: FAIL: not ENOSPC"; exit 1; }
   grep -q 'max_grant_frames' /tmp/big.err || { echo "guest: FAIL: stderr does not name max_grant_frames"; exit 1; }
+  /vib/vib-devinfo > /tmp/devinfo.out 2>&1 || { cat /tmp/devinfo.out; echo "guest: FAIL: vib-devinfo"; exit 1; }
+  grep 'grant table:' /tmp/devinfo.out
+  grep -q 'grant table:   32768 entries (max_grant_frames=64), ' /tmp/devinfo.out ||
+    { echo "guest: FAIL: vib-devinfo does not show the default table"; exit 1; }
   echo "guest: all ok"
   exit 0
 fi

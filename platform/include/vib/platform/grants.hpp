@@ -81,9 +81,21 @@ class GrantedRange {
   virtual std::span<const GrantRef> refs() const = 0;
 };
 
+// A domain's grant table: its size in entries (max_grant_frames * 512) and
+// how many of them vib holds, as far as the platform can tell.
+struct GrantTableUse {
+  std::uint64_t size = 0;
+  std::uint64_t held_by_vib = 0;
+};
+
 class GrantSharer {
  public:
   virtual ~GrantSharer() = default;
+  // This domain's table, or nullopt where nothing reports it (real Xen
+  // without the vibgrant module). On real Xen the count is the module's
+  // in-place grants, all processes together; on the host-local Xen every
+  // grant of the domain.
+  virtual std::optional<GrantTableUse> table_use() = 0;
   // Allocates `pages` zeroed pages and grants them to `grantee`.
   virtual std::unique_ptr<SharedPages> share(DomId grantee, std::size_t pages, bool writable,
                                              const UnmapNotify& notify = {}) = 0;
