@@ -159,7 +159,12 @@ guest_report() {
   i=0
   until rc=$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/rc" 2>/dev/null); do
     i=$((i + 1))
-    [ $i -lt "${1:-120}" ] || { echo "guest never reported"; xl list; return 1; }
+    [ $i -lt "${1:-120}" ] || {
+      echo "guest never reported; the end of its console:"
+      tail -n 40 "/var/log/xen/console/guest-$(xl domname "$guest_domid" 2>/dev/null).log" 2>/dev/null
+      xl list
+      return 1
+    }
     sleep 1
   done
   xenstore-read -R "/local/domain/$guest_domid/data/vib-lab/log"
