@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real-Xen lab from Debian packages only: Xen 4.17, the Debian
-# 6.1 kernel, a busybox dom0 initramfs with xenstored/xl/rdma-core/perftest,
+# 6.1 kernel, a busybox dom0 initramfs with xenstored/xl/rdma-core/perftest/rping,
 # and a guest initramfs. The base images are cached in $VIB_LAB_CACHE
 # (default /var/cache/vib-lab), keyed by the package versions; a second run
 # reuses them and only packs the scenario's overlay.
@@ -31,8 +31,8 @@ kver=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: li
 # What the images run, and the libraries the project's binaries link to
 # (the overlay takes them from the image, never from the host).
 image_packages=(xen-hypervisor-4.17-amd64 "linux-image-$kver" xen-utils-4.17 xenstore-utils busybox-static
-                iproute2 rdma-core ibverbs-utils ibverbs-providers perftest libgcc-s1 libstdc++6
-                libibverbs1 libxenstore4 libxengnttab1 libxenevtchn1 libxenmisc4.17 libxentoollog1
+                iproute2 rdma-core ibverbs-utils ibverbs-providers perftest rdmacm-utils libgcc-s1 libstdc++6
+                libibverbs1 librdmacm1 libxenstore4 libxengnttab1 libxenevtchn1 libxenmisc4.17 libxentoollog1
                 libsystemd0)
 # Their dependency closure (Depends and Pre-Depends), each package pinned
 # at the version apt would install: one consistent set of Debian packages.
@@ -152,10 +152,10 @@ if [ ! -f "$base/done" ]; then
     [ "$app" = busybox ] || ln -sf busybox "$stage/bin/$app"
   done
 
-  for b in xl xenstored xenconsoled xen-init-dom0; do copy_from_root "$root" "$stage" "/usr/lib/xen-4.17/bin/$b"; done
+  for b in xl xenstored xenconsoled xen-init-dom0 libxl-save-helper; do copy_from_root "$root" "$stage" "/usr/lib/xen-4.17/bin/$b"; done
   for b in xenstore-read xenstore-write xenstore-ls xenstore-rm xenstore-list xenstore-chmod xenstore-watch \
            rdma ibv_devices ibv_devinfo ibv_rc_pingpong ibv_ud_pingpong \
-           ib_send_lat ib_write_lat ib_send_bw ib_write_bw; do
+           ib_send_lat ib_write_lat ib_send_bw ib_write_bw rping ucmatose udaddy; do
     copy_from_root "$root" "$stage" "/usr/bin/$b"
   done
   # iproute2 installs ip in /sbin; the scenarios name it by its usrmerged path.

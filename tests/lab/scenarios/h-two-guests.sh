@@ -8,12 +8,15 @@
 # libibverbs.so.1 and the vibgrant module in both:
 #   rdma_check on vib0 and on vib1: SEND (+imm), RDMA WRITE (+imm), RDMA
 #     READ, atomics, 1 B to 64 KiB, every byte checked where it lands;
-#   unmodified ibv_rc_pingpong on vib0 and on vib1.
+#   unmodified ibv_rc_pingpong on vib0 and on vib1;
+#   unmodified rping (rdmacm-utils, every ping's data validated with -V)
+#     on vib0 through vib's librdmacm.so.1: vibd is the connection manager,
+#     and each guest's RDMA-CM address is the ip= of its vib line.
 # Every process exits 0; the figures are printed.
 #
 # dom0 gets /vib/vibd, /vib/vib (hotplug script), /vib/xl (the front),
 # /vib/xl-vib, /vib/vif-lab; the guests /vib/libibverbs.so.1,
-# /vib/vib-rdma-check and /vib/vibgrant.ko.
+# /vib/librdmacm.so.1, /vib/vib-rdma-check and /vib/vibgrant.ko.
 . /lab-common.sh
 
 # The servers' TCP ports in guest A, by device.
@@ -21,6 +24,8 @@ check_port_vib0=18510
 check_port_vib1=18511
 pingpong_port_vib0=18520
 pingpong_port_vib1=18521
+rping_port=18530
+rping_count=100
 
 if [ "$1" = guest ]; then
   role=$(sed -n 's/.*vib_lab_role=\([a-z]*\).*/\1/p' /proc/cmdline)
@@ -39,21 +44,25 @@ if [ "$1" = guest ]; then
   if [ "$role" = server ]; then
     # Every server at once, each on its own port; dom0 starts guest B once
     # all of them listen (data/vib-lab/ready).
-    timeout 300 /vib/vib-rdma-check -d vib0 -p $check_port_vib0 -n 16 > /tmp/check-vib0.out 2>&1 &
+    timeout 700 /vib/vib-rdma-check -d vib0 -p $check_port_vib0 -n 16 > /tmp/check-vib0.out 2>&1 &
     check_vib0=$!
-    timeout 300 /vib/vib-rdma-check -d vib1 -g 0 -p $check_port_vib1 -n 16 > /tmp/check-vib1.out 2>&1 &
+    timeout 700 /vib/vib-rdma-check -d vib1 -g 0 -p $check_port_vib1 -n 16 > /tmp/check-vib1.out 2>&1 &
     check_vib1=$!
-    timeout 300 ibv_rc_pingpong -d vib0 -n 500 -s 4096 -p $pingpong_port_vib0 > /tmp/pp-vib0.out 2>&1 &
+    timeout 700 ibv_rc_pingpong -d vib0 -n 500 -s 4096 -p $pingpong_port_vib0 > /tmp/pp-vib0.out 2>&1 &
     pp_vib0=$!
-    timeout 300 ibv_rc_pingpong -d vib1 -g 0 -n 500 -s 4096 -p $pingpong_port_vib1 > /tmp/pp-vib1.out 2>&1 &
+    timeout 700 ibv_rc_pingpong -d vib1 -g 0 -n 500 -s 4096 -p $pingpong_port_vib1 > /tmp/pp-vib1.out 2>&1 &
     pp_vib1=$!
+    # Listens through vibd, not on a socket: dom0 waits for vibd's word.
+    timeout 700 rping -s -a "$address" -p $rping_port -V -C $rping_count -S 100 > /tmp/rping.out 2>&1 &
+    rping=$!
     for port in $check_port_vib0 $check_port_vib1 $pingpong_port_vib0 $pingpong_port_vib1; do
       wait_until 60 listening $port || { echo "guest: FAIL: nothing listens on port $port after 60 s"; exit 1; }
     done
     /usr/bin/xenstore-write data/vib-lab/ready 1
     failed=0
     for server in "rdma_check vib0 $check_vib0 /tmp/check-vib0.out" "rdma_check vib1 $check_vib1 /tmp/check-vib1.out" \
-                  "rc_pingpong vib0 $pp_vib0 /tmp/pp-vib0.out" "rc_pingpong vib1 $pp_vib1 /tmp/pp-vib1.out"; do
+                  "rc_pingpong vib0 $pp_vib0 /tmp/pp-vib0.out" "rc_pingpong vib1 $pp_vib1 /tmp/pp-vib1.out" \
+                  "rping vib0 $rping /tmp/rping.out"; do
       set -- $server
       wait "$3"
       rc=$?
@@ -83,6 +92,11 @@ if [ "$1" = guest ]; then
     echo "guest B: rc_pingpong client on $device exited $rc"
     if [ $rc = 0 ]; then grep -h 'usec/iter' /tmp/pp.out; else failed=1; tail -n 5 /tmp/pp.out; fi
   done
+  start=$(date +%s)
+  timeout 200 rping -c -a 10.0.0.2 -p $rping_port -V -C $rping_count -S 100 > /tmp/rping.out 2>&1
+  rc=$?
+  echo "guest B: rping client on vib0 exited $rc after $(($(date +%s) - start)) s ($rping_count pings, 100 B, validated)"
+  [ $rc = 0 ] || { failed=1; tail -n 5 /tmp/rping.out; }
   exit $failed
 fi
 
@@ -96,32 +110,38 @@ rxe_on_veth || fail "no usable rxe0"
 xl_front_first
 echo "== vibd (real Xen); guest A, then (once A's servers listen) guest B"
 start_vibd --hca soft --scripts-dir /vib || fail "vibd did not start"
-devices="vib = [ 'hca=soft,script=vib', 'hca=rxe0,script=vib' ]"
+devices() { echo "vib = [ 'hca=soft,script=vib,ip=$1', 'hca=rxe0,script=vib' ]"; }
 guest_name=vib-a guest_extra="vib_lab_role=server vib_lab_ip=10.0.0.2"
-start_guest "$devices" "vif = [ 'script=/vib/vif-lab' ]"
+start_guest "$(devices 10.0.0.2)" "vif = [ 'script=/vib/vif-lab' ]"
 domid_a=$guest_domid
 [ -n "$domid_a" ] || fail "xl create gave no domain for guest A"
 wait_until 300 xenstore-read "/local/domain/$domid_a/data/vib-lab/ready" > /dev/null 2>&1 || {
   guest_report 1
   fail "guest A's servers did not listen within 300 s"
 }
+wait_until 60 grep -q "RDMA-CM listening at 10.0.0.2 port $rping_port" "$vibd_log" || {
+  guest_report 1
+  fail "guest A's rping did not listen through vibd within 60 s"
+}
 guest_name=vib-b guest_extra="vib_lab_role=client vib_lab_ip=10.0.0.3"
-start_guest "$devices" "vif = [ 'script=/vib/vif-lab' ]"
+start_guest "$(devices 10.0.0.3)" "vif = [ 'script=/vib/vif-lab' ]"
 domid_b=$guest_domid
 [ -n "$domid_b" ] || fail "xl create gave no domain for guest B"
 
 echo "== guest B's report"
 guest_ok=0
-guest_report 400 > /tmp/report-b.out || guest_ok=1
+guest_report 700 > /tmp/report-b.out || guest_ok=1
 cat /tmp/report-b.out
 echo "== guest A's report"
 guest_domid=$domid_a
 guest_report 100 || guest_ok=1
 usec_of() { sed -n "s/^rdma_check client on $1: .*, \([0-9]*\) usec per iteration/\1/p" /tmp/report-b.out | head -1; }
+rping_s() { sed -n 's/^guest B: rping client on vib0 exited 0 after \([0-9]*\) s.*/\1/p' /tmp/report-b.out; }
 pp_of() { sed -n 's/.* = \([0-9.]*\) usec\/iter/\1/p' /tmp/report-b.out | sed -n "${1}p"; }
 echo "VIB-LAB-MEASURE: guest B to guest A through vib: rdma_check (every operation, 1 B to 64 KiB," \
      "usec per iteration) on the software HCA $(usec_of vib0), on rxe0 $(usec_of vib1);" \
-     "ibv_rc_pingpong (4 KiB, usec/iter) on the software HCA $(pp_of 1), on rxe0 $(pp_of 2)"
+     "ibv_rc_pingpong (4 KiB, usec/iter) on the software HCA $(pp_of 1), on rxe0 $(pp_of 2);" \
+     "rping ($rping_count validated pings of 100 B, s) on the software HCA $(rping_s)"
 
 xl destroy vib-a
 xl destroy vib-b
