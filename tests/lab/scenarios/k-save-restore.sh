@@ -1,0 +1,96 @@
+#!/bin/sh
+# boot-timeout: 600
+# Scenario (k): `xl save` and `xl restore` of a PV guest with a vib device,
+# in the middle of traffic. libxl knows nothing of vib devices: the restored
+# domain (a new domain id, the same name) gets its device again from vibd's
+# provisioning (the config the xl front kept), and the old domain's back-end
+# directory goes with it. In the guest, the rdma_check pair that was moving
+# data when the guest was saved ends with an error instead of hanging (its
+# context belonged to the old domain), and a new pair moves data correctly
+# on the restored domain's device.
+#
+# dom0 gets /vib/vibd, /vib/vib (hotplug script), /vib/xl (the front),
+# /vib/xl-vib; the guest /vib/libibverbs.so.1, /vib/vib-rdma-check and
+# /vib/vibgrant.ko.
+. /lab-common.sh
+
+if [ "$1" = guest ]; then
+  wait_for_vib_device 0 || exit 1
+  insmod /vib/vibgrant.ko || { echo "guest: FAIL: insmod vibgrant.ko"; exit 1; }
+  export LD_LIBRARY_PATH=/vib
+  before=$(/usr/bin/xenstore-read domid)
+  /vib/vib-rdma-check -d vib0 -p 18800 -n 1000000 > /tmp/server.out 2>&1 &
+  server=$!
+  /vib/vib-rdma-check -d vib0 -p 18800 -n 1000000 127.0.0.1 > /tmp/client.out 2>&1 &
+  client=$!
+  sleep 8
+  running $client || { cat /tmp/client.out; echo "guest: FAIL: the client ended early"; exit 1; }
+  /usr/bin/xenstore-write data/vib-lab/phase traffic
+  # dom0 saves and restores this domain now; its domain id changes.
+  wait_until 300 sh -c "[ \"\$(/usr/bin/xenstore-read domid)\" != $before ]" ||
+    { echo "guest: FAIL: not restored within 300 s"; exit 1; }
+  echo "guest: restored: domain $before is now $(/usr/bin/xenstore-read domid)"
+  for p in "client $client" "server $server"; do
+    set -- $p
+    n=0
+    while running "$2" && [ $n -lt 240 ]; do n=$((n + 1)); sleep 0.25; done
+    if running "$2"; then
+      echo "guest: FAIL: the $1 of the saved traffic still runs 60 s after the restore; its threads:"
+      for t in /proc/$2/task/*; do
+        echo "  ${t##*/}: $(cut -d' ' -f3 $t/stat) wchan $(cat $t/wchan 2>/dev/null) syscall $(cut -d' ' -f1-2 $t/syscall 2>/dev/null)"
+      done
+      tail -n 3 /tmp/$1.out
+      exit 1
+    fi
+    wait "$2"
+    rc=$?
+    echo "guest: the $1 of the saved traffic ended with $rc: $(tail -n 1 /tmp/$1.out)"
+    [ $rc != 0 ] || { echo "guest: FAIL: it ended well, without the back-end it was using"; exit 1; }
+  done
+  # The device again, on the restored domain.
+  i=0
+  until /usr/bin/xenstore-read device/vib/0/backend 2>/dev/null | grep -q "/backend/vib/$(/usr/bin/xenstore-read domid)/0$"; do
+    i=$((i + 1))
+    [ $i -lt 60 ] || { echo "guest: FAIL: no vib device 0 of the restored domain after 60 s"; exit 1; }
+    sleep 1
+  done
+  echo "guest: device/vib/0 -> $(/usr/bin/xenstore-read device/vib/0/backend)"
+  check_pair vib0 -p 18801 -n 8
+  echo "guest: a new pair after the restore: server $server_rc, client $client_rc"
+  grep -h 'all correct' /tmp/server.out
+  [ $client_rc = 0 ] && [ $server_rc = 0 ] || { tail -n 3 /tmp/server.out /tmp/client.out; exit 1; }
+  exit 0
+fi
+
+be_root=/local/domain/0/backend/vib
+vibd_log=/tmp/vibd.log
+phase_is() { [ "$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/phase" 2>/dev/null)" = "$1" ]; }
+served() {
+  st=$(xenstore-read "$be_root/$1/0/state" 2>/dev/null)
+  [ "$st" = 2 ] || [ "$st" = 4 ]
+}
+gone() { ! xenstore-ls "$be_root/$1" > /dev/null 2>&1; }
+
+xl_front_first
+start_vibd --hca soft --scripts-dir /vib || fail "vibd did not start"
+guest_memory=256   # the save file lives in dom0's memory (its root is an initramfs)
+start_guest "vib = [ 'hca=soft,script=vib' ]"
+saved_domid=$guest_domid
+wait_until 200 phase_is traffic || { guest_report 1; fail "the guest's traffic did not start within 200 s"; }
+echo "== xl save vib-guest in the middle of traffic, then xl restore"
+xl save vib-guest /tmp/vib-guest.save || fail "xl save failed"
+ls -l /tmp/vib-guest.save
+wait_until 20 gone "$saved_domid" || fail "domain $saved_domid's back-end directory is left 20 s after xl save"
+echo "domain $saved_domid's vib back-end is gone: ok"
+xl restore /tmp/vib-guest.save || fail "xl restore failed"
+rm -f /tmp/vib-guest.save
+guest_domid=$(xl domid vib-guest)
+echo "restored as domain $guest_domid"
+wait_until 60 served "$guest_domid" || fail "the restored domain $guest_domid has no served vib device 0 within 60 s"
+echo "vibd provisioned the restored domain's device: state $st"
+guest_report 300 || fail "the guest's checks after the restore failed (above)"
+xl destroy vib-guest
+kill "$vibd_pid"
+wait "$vibd_pid"
+echo "vibd exited with status $?"
+exit 0
