@@ -12,6 +12,11 @@ cache=${VIB_LAB_CACHE:-/var/cache/vib-lab}
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 
+# modinfo checks the module's vermagic; ctest -R may run this before
+# build-images.sh has installed its host tools.
+dpkg-query -W -f='${Status}' kmod 2>/dev/null | grep -q "install ok installed" ||
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kmod >/dev/null
+
 kver=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: linux-image-\(.*\)/\1/p' | head -1)
 [ -n "$kver" ] || { apt-get update -qq; kver=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: linux-image-\(.*\)/\1/p' | head -1); }
 candidate() { apt-cache policy "$1" | awk '$1 == "Candidate:" {print $2}'; }
