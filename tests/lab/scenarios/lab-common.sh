@@ -160,8 +160,14 @@ guest_report() {
   until rc=$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/rc" 2>/dev/null); do
     i=$((i + 1))
     [ $i -lt "${1:-120}" ] || {
+      console="/var/log/xen/console/guest-$(xl domname "$guest_domid" 2>/dev/null).log"
+      # A kernel oops scrolls past any tail: its first report in full.
+      if grep -q -E '\] (BUG|Oops|general protection fault|WARNING|kernel BUG)' "$console" 2>/dev/null; then
+        echo "the guest's kernel failed; its first report:"
+        sed -n -E '/\] (BUG|Oops|general protection fault|WARNING|kernel BUG)/,$p' "$console" | head -n 80
+      fi
       echo "guest never reported; the end of its console:"
-      tail -n 40 "/var/log/xen/console/guest-$(xl domname "$guest_domid" 2>/dev/null).log" 2>/dev/null
+      tail -n 40 "$console" 2>/dev/null
       xl list
       return 1
     }
