@@ -32,4 +32,10 @@ std::unique_ptr<EventChannels> open_event_channels(const XenTarget& target) {
   return real::open_event_channels();
 }
 
+std::unique_ptr<EventChannels> open_frontend_event_channels(const XenTarget& target) {
+  if (target.kind == XenTarget::Kind::local)
+    return local::open_event_channels(target.local_dir, target.local_domid);
+  return real::open_frontend_event_channels();
+}
+
 }  // namespace vib::platform

@@ -154,12 +154,16 @@ class XenChannel final : public Channel {
     ctx_path_ = frontend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_);
     backend_ctx_ = backend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_);
 
-    events_ = platform::open_event_channels(options_.xen);
+    events_ = platform::open_frontend_event_channels(options_.xen);
     port_ = events_->bind_unbound(backend_domid_);
-    // If this process dies, the ring's unmap clears its alive byte and
-    // notifies the back-end.
+    // If this process dies, the ring's unmap clears its alive byte, and the
+    // back-end is notified: by the event channel's own device where it does
+    // that (vibgrant: right after a restore, gntalloc's notification would
+    // reach whatever port carries the number now), else by the unmap.
     sharer_ = platform::open_grant_sharer(options_.xen);
-    ring_pages_ = sharer_->share(backend_domid_, 1, true, platform::UnmapNotify{VIBIF_RING_ALIVE_OFFSET, port_});
+    platform::UnmapNotify notify{VIBIF_RING_ALIVE_OFFSET, port_};
+    if (events_->notifies_peer_on_exit()) notify.port.reset();
+    ring_pages_ = sharer_->share(backend_domid_, 1, true, notify);
     auto* shared = reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data());
     SHARED_RING_INIT(shared);
     ring_pages_->bytes()[VIBIF_RING_ALIVE_OFFSET] = std::byte{1};

@@ -1,6 +1,9 @@
-// Event channels over the real libxenevtchn. Peer status needs libxenctrl's
-// evtchn_status, which only a privileged domain (dom0, a driver domain) has.
+// Event channels over the real libxenevtchn, or in a guest over the vibgrant
+// module. Peer status needs libxenctrl's evtchn_status, which only a
+// privileged domain (dom0, a driver domain) has.
 #include <fcntl.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <system_error>
@@ -11,6 +14,8 @@ extern "C" {
 
 #include "evtchn_status.h"
 #include "real_xen.hpp"
+#include "vib/platform/unique_fd.hpp"
+#include "vib/vibgrant.h"
 
 namespace vib::platform::real {
 
@@ -85,8 +90,87 @@ class XenEventChannels final : public EventChannels {
   xenevtchn_handle* h_;
 };
 
+// The vibgrant module's event channels (vib/vibgrant.h): the ports a
+// front-end process holds when its guest is saved and restored end quietly
+// with the process, where /dev/xen/evtchn's crash the guest's kernel. Every
+// port tells its peer when the process goes without unbinding it.
+class VibgrantEventChannels final : public EventChannels {
+ public:
+  explicit VibgrantEventChannels(UniqueFd device) : fd_(std::move(device)) {}
+
+  EventPort bind_unbound(DomId remote) override {
+    vibgrant_evtchn_bind b{};
+    b.remote_domid = remote;
+    b.flags = VIBGRANT_EVTCHN_NOTIFY_ON_CLOSE;
+    if (::ioctl(fd_.get(), VIBGRANT_IOCTL_EVTCHN_BIND, &b) != 0)
+      fail("allocating an event channel for domain " + std::to_string(remote) + " (vibgrant)");
+    return b.port;
+  }
+
+  EventPort bind_interdomain(DomId remote, EventPort remote_port) override {
+    vibgrant_evtchn_bind b{};
+    b.remote_domid = remote;
+    b.remote_port = remote_port;
+    b.flags = VIBGRANT_EVTCHN_NOTIFY_ON_CLOSE;
+    if (remote_port == 0 || ::ioctl(fd_.get(), VIBGRANT_IOCTL_EVTCHN_BIND, &b) != 0) {
+      if (remote_port == 0) errno = EINVAL;
+      fail("binding to port " + std::to_string(remote_port) + " of domain " + std::to_string(remote) +
+           " (vibgrant)");
+    }
+    return b.port;
+  }
+
+  bool notifies_peer_on_exit() const override { return true; }
+  void unbind(EventPort port) override { on_port(VIBGRANT_IOCTL_EVTCHN_UNBIND, port, "unbinding"); }
+  void notify(EventPort port) override { on_port(VIBGRANT_IOCTL_EVTCHN_NOTIFY, port, "notifying"); }
+  void unmask(EventPort port) override { on_port(VIBGRANT_IOCTL_EVTCHN_UNMASK, port, "unmasking"); }
+  int fd() override { return fd_.get(); }
+
+  std::optional<EventPort> pending() override {
+    EventPort port;
+    return take_pending({&port, 1}) ? std::optional(port) : std::nullopt;
+  }
+
+  std::size_t take_pending(std::span<EventPort> out) override {
+    static_assert(sizeof(EventPort) == sizeof(__u32));
+    if (out.empty()) return 0;
+    const ssize_t n = ::read(fd_.get(), out.data(), out.size_bytes());
+    if (n < 0) {
+      if (errno == EAGAIN) return 0;
+      fail("reading pending event channels (vibgrant)");
+    }
+    return static_cast<std::size_t>(n) / sizeof(EventPort);
+  }
+
+  std::optional<bool> peer_closed(EventPort port) override {
+    const int closed = vib_evtchn_peer_closed(port);
+    if (closed < 0) return std::nullopt;
+    return closed == 1;
+  }
+
+ private:
+  void on_port(unsigned long request, EventPort port, const char* what) {
+    vibgrant_evtchn_port p{port};
+    if (::ioctl(fd_.get(), request, &p) != 0) fail(std::string(what) + " port " + std::to_string(port) + " (vibgrant)");
+  }
+
+  UniqueFd fd_;
+};
+
 }  // namespace
 
 std::unique_ptr<EventChannels> open_event_channels() { return std::make_unique<XenEventChannels>(); }
+
+std::unique_ptr<EventChannels> open_frontend_event_channels() {
+  UniqueFd device(::open(VIBGRANT_DEVICE, O_RDWR | O_CLOEXEC | O_NONBLOCK));
+  if (device) {
+    // A module from before event channels answers ENOTTY; ours ENOENT
+    // (port 0 is never bound).
+    vibgrant_evtchn_port none{0};
+    if (::ioctl(device.get(), VIBGRANT_IOCTL_EVTCHN_UNMASK, &none) != 0 && errno == ENOENT)
+      return std::make_unique<VibgrantEventChannels>(std::move(device));
+  }
+  return std::make_unique<XenEventChannels>();
+}
 
 }  // namespace vib::platform::real

@@ -17,5 +17,7 @@ std::unique_ptr<XenStore> open_libxenstore(const std::optional<std::string>& soc
 std::unique_ptr<GrantMapper> open_grant_mapper();
 std::unique_ptr<GrantSharer> open_grant_sharer();
 std::unique_ptr<EventChannels> open_event_channels();
+// Through the vibgrant module where it is loaded, else open_event_channels().
+std::unique_ptr<EventChannels> open_frontend_event_channels();
 
 }  // namespace vib::platform::real

@@ -46,6 +46,11 @@ class EventChannels {
   }
   virtual void unmask(EventPort port) = 0;
 
+  // Whether the peer of every port bound here is notified when this process
+  // exits or dies without unbinding it. Otherwise a process that needs its
+  // peer told asks for an unmap notification on a shared page instead.
+  virtual bool notifies_peer_on_exit() const { return false; }
+
   // True when the other end of an interdomain port has gone (unbound, its
   // process died, its domain died). nullopt where this handle cannot tell
   // (the real implementation needs the privilege of dom0 / a driver domain).
@@ -53,5 +58,12 @@ class EventChannels {
 };
 
 std::unique_ptr<EventChannels> open_event_channels(const XenTarget& target);
+
+// For a guest's front-end process. On real Xen, through the vibgrant module
+// when it is loaded: Linux's /dev/xen/evtchn hits a BUG_ON when a port bound
+// before the guest was saved and restored (or migrated) is closed after it,
+// which the process's exit does; vibgrant's ports end quietly. Without the
+// module, and on the host-local Xen, the same as open_event_channels().
+std::unique_ptr<EventChannels> open_frontend_event_channels(const XenTarget& target);
 
 }  // namespace vib::platform
