@@ -526,8 +526,31 @@ void Device::remove_script_leftovers() {
 
 namespace {
 
-vibif_doorbell_page& doorbell_of(platform::SharedPages& pages) {
+vibif_doorbell_page& doorbell_of(platform::GrantMapping& pages) {
   return *reinterpret_cast<vibif_doorbell_page*>(pages.bytes().data());
+}
+
+// The keys of a context's node, in the order a refusal names the first bad
+// one. A bad or missing key refuses the context (EINVAL).
+ContextKeys read_context_keys(platform::XenStore& store, const std::string& fe) {
+  auto need = [&](const std::string& key, std::uint64_t max) {
+    auto text = store.read(kNoTransaction, fe + "/" + key);
+    auto v = text ? parse_decimal(*text, max) : std::nullopt;
+    if (!v) throw std::system_error(EINVAL, std::generic_category(), "bad or missing " + key);
+    return *v;
+  };
+  ContextKeys keys;
+  const auto order = need(VIBIF_XS_RING_PAGE_ORDER, VIBIF_MAX_RING_PAGE_ORDER);
+  if (order == 0) {
+    keys.ring_refs.push_back(static_cast<platform::GrantRef>(need(VIBIF_XS_RING_REF, 0xffffffffu)));
+  } else {
+    for (unsigned i = 0; i < (1u << order); ++i)
+      keys.ring_refs.push_back(
+          static_cast<platform::GrantRef>(need(VIBIF_XS_RING_REF + std::to_string(i), 0xffffffffu)));
+  }
+  keys.remote_port = static_cast<platform::EventPort>(need(VIBIF_XS_EVENT_CHANNEL, 0xffffffffu));
+  keys.doorbell_ref = static_cast<platform::GrantRef>(need(VIBIF_XS_DOORBELL_REF, 0xffffffffu));
+  return keys;
 }
 
 // Requests that may take long: they map or unmap guest pages (as much as the
@@ -604,7 +627,10 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
       ctxid_(ctxid),
       subject_(context_subject(device.domid, device.devid, ctxid)),
       resolves_paths_(port_resolves_paths(hca, config.port)),
-      doorbell_(env.sharer().share(device.domid, 1, /*writable=*/true)),
+      keys_(read_context_keys(env.store(), fe)),
+      // The process's page, not one of vibd's: a guest then never maps
+      // dom0's memory, which its save, restore or migration could not carry.
+      doorbell_(env.mapper().map(device.domid, std::span(&keys_.doorbell_ref, 1), /*writable=*/true)),
       memory_(std::make_unique<GrantedMemory>(env.mapper(), device.domid)),
       mailbox_(std::make_shared<ContextMailbox>()),
       cm_(env.cm().open(device, subject_, [mailbox = mailbox_] { mailbox->wake(); })),
@@ -618,36 +644,16 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
                std::move(quota)) {
   control_.set_extension(cm_.get());
   auto& store = env.store();
-  auto need = [&](const char* key, std::uint64_t max) {
-    auto text = store.read(kNoTransaction, fe + "/" + key);
-    auto v = text ? parse_decimal(*text, max) : std::nullopt;
-    if (!v) throw std::system_error(EINVAL, std::generic_category(), std::string("bad or missing ") + key);
-    return *v;
-  };
-  const auto order = need(VIBIF_XS_RING_PAGE_ORDER, VIBIF_MAX_RING_PAGE_ORDER);
-  std::vector<platform::GrantRef> refs;
-  if (order == 0) {
-    refs.push_back(static_cast<platform::GrantRef>(need(VIBIF_XS_RING_REF, 0xffffffffu)));
-  } else {
-    for (unsigned i = 0; i < (1u << order); ++i)
-      refs.push_back(static_cast<platform::GrantRef>(
-          need((std::string(VIBIF_XS_RING_REF) + std::to_string(i)).c_str(), 0xffffffffu)));
-  }
-  const auto remote_port = need(VIBIF_XS_EVENT_CHANNEL, 0xffffffffu);
-
-  port_ = std::make_unique<BoundPort>(std::move(events), device.domid, static_cast<platform::EventPort>(remote_port));
-  ring_pages_ = env.mapper().map(device.domid, refs, /*writable=*/true);
+  port_ = std::make_unique<BoundPort>(std::move(events), device.domid, keys_.remote_port);
+  ring_pages_ = env.mapper().map(device.domid, keys_.ring_refs, /*writable=*/true);
   vibif_ctrl_back_ring_init(&ring_, reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data()),
                             ring_pages_->bytes().size());
   // Awake until its worker first puts it to sleep: the guest need not kick.
   __atomic_store_n(&doorbell_of(*doorbell_).backend_polling, 1u, __ATOMIC_RELEASE);
-  platform::with_transaction(store, [&](platform::TransactionId tx) {
-    store.write(tx, be + "/" VIBIF_XS_DOORBELL_REF, std::to_string(doorbell_->refs()[0]));
-    store.write(tx, be + "/state", str(XenbusState::connected));
-  });
+  store.write(kNoTransaction, be + "/state", str(XenbusState::connected));
   log_line(LogLevel::info, subject_,
-           "connected: " + std::to_string(refs.size()) + "-page ring, event channel " + std::to_string(port_->port()) +
-               ", doorbell grant " + std::to_string(doorbell_->refs()[0]));
+           "connected: " + std::to_string(keys_.ring_refs.size()) + "-page ring, event channel " +
+               std::to_string(port_->port()) + ", doorbell grant " + std::to_string(keys_.doorbell_ref));
 }
 
 Context::~Context() {

@@ -152,6 +152,13 @@ class Device {
   std::set<unsigned> cut_off_;
 };
 
+// What a process wrote in its ctx/<ctxid> node, read once and validated.
+struct ContextKeys {
+  std::vector<platform::GrantRef> ring_refs;
+  platform::EventPort remote_port = 0;
+  platform::GrantRef doorbell_ref = 0;  // the process's page, as the ring's are
+};
+
 // One guest process's channel: its ring, event channel, doorbell page and
 // every verbs object it created, all freed with it.
 //
@@ -214,9 +221,10 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   unsigned ctxid_;
   std::string subject_;
   bool resolves_paths_;  // RoCE: a QP's path or an AH may wait for the network
+  ContextKeys keys_;
   std::unique_ptr<BoundPort> port_;
   std::unique_ptr<platform::GrantMapping> ring_pages_;
-  std::unique_ptr<platform::SharedPages> doorbell_;
+  std::unique_ptr<platform::GrantMapping> doorbell_;  // the process's page, as the ring is
   std::unique_ptr<GuestMemory> memory_;  // before control_, which uses it
   std::shared_ptr<ContextMailbox> mailbox_;
   std::shared_ptr<CmEndpoint> cm_;  // before control_, which serves its ops

@@ -26,6 +26,18 @@ namespace {
 
 std::string str(XenbusState s) { return std::to_string(static_cast<int>(s)); }
 
+// Whether `versions`, the back-end's comma-separated protocol-versions,
+// lists `version`.
+bool speaks(const std::string& versions, unsigned version) {
+  std::size_t at = 0;
+  while (at <= versions.size()) {
+    const auto comma = std::min(versions.find(',', at), versions.size());
+    if (platform::parse_decimal(versions.substr(at, comma - at), 0xffff) == version) return true;
+    at = comma + 1;
+  }
+  return false;
+}
+
 using Clock = std::chrono::steady_clock;
 
 class XenChannel final : public Channel {
@@ -133,6 +145,11 @@ class XenChannel final : public Channel {
       fail(ENODEV, "vib device " + std::to_string(options_.devid) + " is closed by its back-end" +
                        (why ? ": " + *why : std::string()));
     }
+    const auto versions = store_->read(kNoTransaction, backend_ + "/" VIBIF_XS_PROTOCOL_VERSIONS).value_or("");
+    if (!speaks(versions, VIBIF_PROTOCOL_VERSION))
+      fail(EPROTO, "the back-end of vib device " + std::to_string(options_.devid) + " speaks protocol versions '" +
+                       versions + "'; this libvibfront speaks " + std::to_string(VIBIF_PROTOCOL_VERSION) +
+                       ": install the same vib release in dom0 and the guest");
     const auto mine = platform::parse_state(store_->read(kNoTransaction, frontend_ + "/state").value_or(""));
     if (!mine || *mine != XenbusState::connected) {
       platform::with_transaction(*store_, [&](platform::TransactionId tx) {
@@ -168,10 +185,15 @@ class XenChannel final : public Channel {
     SHARED_RING_INIT(shared);
     ring_pages_->bytes()[VIBIF_RING_ALIVE_OFFSET] = std::byte{1};
     vibif_ctrl_front_ring_init(&ring_, shared, ring_pages_->bytes().size());
+    // Shared by this process and mapped by the back-end, as the ring is: a
+    // guest that mapped dom0's memory could not be saved, restored or
+    // migrated with the mapping in place.
+    doorbell_ = sharer_->share(backend_domid_, 1, true);
     platform::with_transaction(*store_, [&](platform::TransactionId tx) {
       store_->write(tx, ctx_path_ + "/" VIBIF_XS_RING_PAGE_ORDER, "0");
       store_->write(tx, ctx_path_ + "/" VIBIF_XS_RING_REF, std::to_string(ring_pages_->refs()[0]));
       store_->write(tx, ctx_path_ + "/" VIBIF_XS_EVENT_CHANNEL, std::to_string(port_));
+      store_->write(tx, ctx_path_ + "/" VIBIF_XS_DOORBELL_REF, std::to_string(doorbell_->refs()[0]));
       store_->write(tx, ctx_path_ + "/state", str(XenbusState::initialised));
     });
     auto state = wait_for(backend_ctx_ + "/state", options_.timeout, [](const std::optional<std::string>& v) {
@@ -183,11 +205,6 @@ class XenChannel final : public Channel {
       store_->remove(kNoTransaction, ctx_path_);
       fail(ECONNREFUSED, "the back-end refused the context" + (why ? ": " + *why : std::string()));
     }
-    const auto doorbell_ref = store_->read(kNoTransaction, backend_ctx_ + "/" VIBIF_XS_DOORBELL_REF);
-    auto ref = doorbell_ref ? platform::parse_decimal(*doorbell_ref, 0xffffffffu) : std::nullopt;
-    if (!ref) fail(EPROTO, "back-end published no doorbell page");
-    const platform::GrantRef refs[] = {static_cast<platform::GrantRef>(*ref)};
-    doorbell_ = platform::open_grant_mapper(options_.xen)->map(backend_domid_, refs, true);
     store_->write(kNoTransaction, ctx_path_ + "/state", str(XenbusState::connected));
   }
 
@@ -201,7 +218,7 @@ class XenChannel final : public Channel {
   std::unique_ptr<platform::GrantSharer> sharer_;
   std::unique_ptr<platform::SharedPages> ring_pages_;
   vibif_ctrl_front_ring ring_{};
-  std::unique_ptr<platform::GrantMapping> doorbell_;
+  std::unique_ptr<platform::SharedPages> doorbell_;
   std::uint64_t last_id_ = 0;
 };
 

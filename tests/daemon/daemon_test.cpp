@@ -42,12 +42,13 @@ TEST_F(Vibd, DeviceHandshakeAndControlRequests) {
   provision(5);
   start_vibd();
   ASSERT_TRUE(eventually(be(5) + "/state", "2")) << "InitWait";
-  EXPECT_EQ(store_->read(kNoTransaction, be(5) + "/protocol-versions"), "1");
+  EXPECT_EQ(store_->read(kNoTransaction, be(5) + "/protocol-versions"), "2");
   auto channel = open_channel(5);
   EXPECT_EQ(store_->read(kNoTransaction, be(5) + "/state"), "4");
   const std::string ctx = be(5) + "/ctx/" + std::to_string(channel->context_id());
   EXPECT_EQ(store_->read(kNoTransaction, ctx + "/state"), "4");
-  EXPECT_TRUE(store_->read(kNoTransaction, ctx + "/doorbell-ref"));
+  EXPECT_FALSE(store_->read(kNoTransaction, ctx + "/doorbell-ref")) << "the process shares its doorbell page";
+  EXPECT_TRUE(store_->read(kNoTransaction, fe(5) + "/ctx/" + std::to_string(channel->context_id()) + "/doorbell-ref"));
 
   auto dev = channel->call(request(VIBIF_OP_QUERY_DEVICE));
   ASSERT_EQ(dev.hdr.status, VIBIF_OK);
@@ -207,6 +208,23 @@ TEST_F(Vibd, AGarbageRingProducerClosesOnlyThatContext) {
   const auto why = store_->read(kNoTransaction, be(5) + "/ctx/77/error");
   ASSERT_TRUE(why);
   EXPECT_NE(why->find("ring-page-order"), std::string::npos) << *why;
+  // No doorbell page, then one that was never granted to dom0.
+  for (const auto& [id, doorbell] : {std::pair{"78", ""}, std::pair{"79", "4095"}}) {
+    const std::string c = fe(5) + "/ctx/" + id;
+    with_transaction(*guest, [&](TransactionId tx) {
+      guest->write(tx, c + "/ring-page-order", "0");
+      guest->write(tx, c + "/ring-ref", "8");
+      guest->write(tx, c + "/event-channel", "1");
+      if (*doorbell) guest->write(tx, c + "/doorbell-ref", doorbell);
+      guest->write(tx, c + "/state", "3");
+    });
+    EXPECT_TRUE(eventually(be(5) + "/ctx/" + id + "/state", "6")) << "refused: doorbell-ref '" << doorbell << "'";
+    const auto refusal = store_->read(kNoTransaction, be(5) + "/ctx/" + id + "/error");
+    ASSERT_TRUE(refusal);
+    if (!*doorbell) {
+      EXPECT_NE(refusal->find("doorbell-ref"), std::string::npos) << *refusal;
+    }
+  }
   EXPECT_EQ(victim->call(request(VIBIF_OP_QUERY_DEVICE)).hdr.status, VIBIF_OK);
 }
 

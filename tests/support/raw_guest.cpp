@@ -23,10 +23,12 @@ RawGuest::RawGuest(const platform::XenTarget& xen, platform::DomId domid, unsign
   SHARED_RING_INIT(&sring());
   ring_->bytes()[VIBIF_RING_ALIVE_OFFSET] = std::byte{1};
   vibif_ctrl_front_ring_init(&ring_view_, &sring(), ring_->bytes().size());
+  doorbell_ = sharer_->share(platform::kDom0, 1, true);
   platform::with_transaction(*store_, [&](platform::TransactionId tx) {
     store_->write(tx, fe_ctx_ + "/" VIBIF_XS_RING_PAGE_ORDER, "0");
     store_->write(tx, fe_ctx_ + "/" VIBIF_XS_RING_REF, std::to_string(ring_->refs()[0]));
     store_->write(tx, fe_ctx_ + "/" VIBIF_XS_EVENT_CHANNEL, std::to_string(port_));
+    store_->write(tx, fe_ctx_ + "/" VIBIF_XS_DOORBELL_REF, std::to_string(doorbell_->refs()[0]));
     store_->write(tx, fe_ctx_ + "/state", "3");
   });
   const auto state = platform::wait_for_node(

@@ -46,6 +46,7 @@ class RawGuest {
   platform::EventPort port_ = 0;
   std::unique_ptr<platform::GrantSharer> sharer_;
   std::unique_ptr<platform::SharedPages> ring_;
+  std::unique_ptr<platform::SharedPages> doorbell_;
   vibif_ctrl_front_ring ring_view_{};
 };
 

@@ -50,7 +50,7 @@
  * "protocol-versions" (comma-separated); the front-end writes the one it
  * chose to "protocol-version" before it leaves Initialising.
  */
-#define VIBIF_PROTOCOL_VERSION 1
+#define VIBIF_PROTOCOL_VERSION 2  /* 2: the process shares the doorbell page */
 
 /******************************************************************************
  * XENSTORE LAYOUT
@@ -75,7 +75,7 @@
  *     ip              the guest's addresses for RDMA-CM, "192.0.2.5 2001:db8::5"
  *                     (default: its vifs' "ip" nodes; see CONNECTION MANAGEMENT)
  *   written by the back-end when it reaches InitWait:
- *     protocol-versions       "1"
+ *     protocol-versions       "2"
  *     max-ring-page-order     largest ring-page-order it accepts
  *     max-contexts            how many contexts the device may open at once
  *     feature-indirect-grants "1": page lists may be indirect
@@ -107,10 +107,10 @@
  *     ring-ref         grant ref of the ring (order 0), or
  *     ring-ref0..N     grant refs of each ring page (order > 0)
  *     event-channel    port the front-end allocated for the back-end
+ *     doorbell-ref     grant ref of the doorbell page (granted by the process)
  *     state            XenbusState of this context
  *   /local/domain/<be>/backend/vib/<domid>/<devid>/ctx/<ctxid>/
  *     state            XenbusState of this context, written by the back-end
- *     doorbell-ref     grant ref of the doorbell page (granted BY the back-end)
  *     error            readable text if the context failed
  *
  * Device handshake (per device, like netif):
@@ -122,11 +122,13 @@
  *   when the front-end directory disappears.
  *
  * Context handshake:
- *   front-end writes ring-ref*, ring-page-order, event-channel, then
- *             state=Initialised (one transaction)
- *   back-end  maps the ring, binds the port, grants the doorbell page,
- *             writes doorbell-ref and state=Connected
- *   front-end maps the doorbell page, writes state=Connected
+ *   front-end writes ring-ref*, ring-page-order, event-channel, doorbell-ref,
+ *             then state=Initialised (one transaction)
+ *   back-end  maps the ring and the doorbell page, binds the port, writes
+ *             state=Connected
+ *   front-end writes state=Connected
+ *   Every page is the guest's and only the back-end maps: a guest holding a
+ *   mapping of dom0's memory could not be saved, restored or migrated.
  *   Close: the front-end writes state=Closing (or its process dies: the ring
  *   page is shared with an unmap notification on the event channel, and the
  *   port's peer closes); the back-end frees every object of the context,
@@ -763,7 +765,7 @@ static inline int vibif_ctrl_front_final_check(struct vibif_ctrl_front_ring *r) 
  * FAST PATH: WORK QUEUES, COMPLETION QUEUES, DOORBELL PAGE
  *
  * Work and completion queues live in guest pages the guest granted when it
- * created the QP, SRQ or CQ; the doorbell page is granted by the back-end.
+ * created the QP, SRQ or CQ, and so is the context's doorbell page.
  * Indices are free-running uint32 counters; an entry's slot is
  * index & (entries - 1).
  *
@@ -942,8 +944,8 @@ static inline uint8_t vibif_cqe_owner(uint32_t index, uint32_t entries) {
     return (index / entries) % 2u == 0u ? first_lap_value : second_lap_value;
 }
 
-/* The doorbell page (one per context, granted by the back-end, writable by
- * the guest). Every field has one writer, named in its comment. */
+/* The doorbell page (one per context, granted by the process, mapped
+ * writable by the back-end). Every field has one writer, named in its comment. */
 #define VIBIF_DB_SLOTS         124
 #define VIBIF_EVENT_QUEUE_LEN  254
 
