@@ -6,11 +6,16 @@
 // returns distinct refs and counts its pages; read-only memory grants
 // read-only and refuses a writable grant; RLIMIT_MEMLOCK bounds what an
 // unprivileged process pins (ENOMEM); a fork()ed child writes its own copy
-// of granted pages; closing the file ends every grant it held.
+// of granted pages; closing the file ends every grant it held. Its event
+// channels: bad binds refused, a loopback pair delivers a notification
+// through poll() and read(), a raised port stays masked until UNMASK, 64
+// bindings per file, and closing a file notifies the peers of the ports
+// bound with NOTIFY_ON_CLOSE, and only those.
 //
-//   vibgrant_check BACKEND_DOMID
+//   vibgrant_check BACKEND_DOMID THIS_DOMID
 //
 // Prints one line per check; exit status 1 if any failed.
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -63,14 +68,83 @@ vibgrant_info info(int fd) {
   return i;
 }
 
+// 0 or the errno of EVTCHN_BIND; `port` set on success.
+int bind_port(int fd, std::uint32_t remote, std::uint32_t remote_port, std::uint32_t flags, std::uint32_t& port) {
+  vibgrant_evtchn_bind b{};
+  b.remote_domid = remote;
+  b.remote_port = remote_port;
+  b.flags = flags;
+  if (::ioctl(fd, VIBGRANT_IOCTL_EVTCHN_BIND, &b) != 0) return errno;
+  port = b.port;
+  return 0;
+}
+
+int on_port(int fd, unsigned long request, std::uint32_t port) {
+  vibgrant_evtchn_port p{port};
+  return ::ioctl(fd, request, &p) == 0 ? 0 : errno;
+}
+
+// The one port read() returns within `ms`, or 0 if none.
+std::uint32_t next_raised(int fd, int ms) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, ms) != 1) return 0;
+  std::uint32_t ports[4];
+  return ::read(fd, ports, sizeof ports) == sizeof ports[0] ? ports[0] : 0;
+}
+
+void check_event_channels(std::uint32_t backend, std::uint32_t self) {
+  const int fd = ::open(VIBGRANT_DEVICE, O_RDWR | O_CLOEXEC | O_NONBLOCK);
+  std::uint32_t a = 0, b = 0, unused = 0;
+  check(bind_port(fd, backend, 0, 1u << 7, unused) == EINVAL, "event channel: unknown flag: EINVAL");
+  check(bind_port(fd, 0x7FF0, 0, 0, unused) == EINVAL, "event channel: reserved domid: EINVAL");
+  check(on_port(fd, VIBGRANT_IOCTL_EVTCHN_UNMASK, 0) == ENOENT, "event channel: a port not bound here: ENOENT");
+  check(bind_port(fd, self, 0, 0, a) == 0 && a != 0, "event channel: a port this domain may bind");
+  check(bind_port(fd, self, a, 0, b) == 0 && b != 0 && b != a, "event channel: bound to it (loopback)");
+  // Xen raises a port it has just bound, for an event sent before it was.
+  check(next_raised(fd, 5000) == b && on_port(fd, VIBGRANT_IOCTL_EVTCHN_UNMASK, b) == 0,
+        "event channel: the new binding is raised once, then unmasked");
+  std::uint32_t buf[4];
+  check(::read(fd, buf, sizeof buf) == -1 && errno == EAGAIN, "event channel: nothing raised: read() EAGAIN");
+  check(on_port(fd, VIBGRANT_IOCTL_EVTCHN_NOTIFY, a) == 0 && next_raised(fd, 5000) == b,
+        "event channel: a notification makes poll() ready and read() return the peer's port");
+  on_port(fd, VIBGRANT_IOCTL_EVTCHN_NOTIFY, a);
+  check(next_raised(fd, 300) == 0, "event channel: a raised port stays masked until UNMASK");
+  check(on_port(fd, VIBGRANT_IOCTL_EVTCHN_UNMASK, b) == 0 && next_raised(fd, 5000) == b,
+        "event channel: UNMASK delivers what was raised meanwhile");
+  check(on_port(fd, VIBGRANT_IOCTL_EVTCHN_UNBIND, b) == 0 && on_port(fd, VIBGRANT_IOCTL_EVTCHN_UNBIND, b) == ENOENT,
+        "event channel: unbound once, then ENOENT");
+  on_port(fd, VIBGRANT_IOCTL_EVTCHN_UNBIND, a);
+  std::size_t bound = 0;
+  while (bound < VIBGRANT_MAX_EVTCHNS && bind_port(fd, backend, 0, 0, unused) == 0) ++bound;
+  check(bound == VIBGRANT_MAX_EVTCHNS && bind_port(fd, backend, 0, 0, unused) == EMFILE,
+        "event channel: 64 bindings per file, the 65th EMFILE");
+  ::close(fd);
+
+  // A process that dies with a port bound: its peer hears of it only if
+  // the port asked for it.
+  const int peer = ::open(VIBGRANT_DEVICE, O_RDWR | O_CLOEXEC | O_NONBLOCK);
+  const int dying = ::open(VIBGRANT_DEVICE, O_RDWR | O_CLOEXEC | O_NONBLOCK);
+  bind_port(peer, self, 0, 0, a);
+  check(bind_port(dying, self, a, VIBGRANT_EVTCHN_NOTIFY_ON_CLOSE, b) == 0, "event channel: bound NOTIFY_ON_CLOSE");
+  ::close(dying);
+  check(next_raised(peer, 5000) == a, "event channel: closing its file notifies the peer");
+  on_port(peer, VIBGRANT_IOCTL_EVTCHN_UNMASK, a);
+  const int quiet = ::open(VIBGRANT_DEVICE, O_RDWR | O_CLOEXEC | O_NONBLOCK);
+  check(bind_port(quiet, self, a, 0, b) == 0, "event channel: bound again, without the flag");
+  ::close(quiet);
+  check(next_raised(peer, 300) == 0, "event channel: closing that file notifies nobody");
+  ::close(peer);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: vibgrant_check BACKEND_DOMID\n");
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: vibgrant_check BACKEND_DOMID THIS_DOMID\n");
     return 2;
   }
   const auto backend = static_cast<std::uint32_t>(std::atoi(argv[1]));
+  const auto self = static_cast<std::uint32_t>(std::atoi(argv[2]));
   int fd = ::open(VIBGRANT_DEVICE, O_RDWR | O_CLOEXEC);
   if (fd < 0) {
     std::perror("vibgrant_check: " VIBGRANT_DEVICE);
@@ -158,6 +232,7 @@ int main(int argc, char** argv) {
   fd = ::open(VIBGRANT_DEVICE, O_RDWR | O_CLOEXEC);
   check(info(fd).grants_held == held_before, "nothing held after every file closed");
   ::close(fd);
+  check_event_channels(backend, self);
   std::printf("vibgrant_check: %s\n", failures ? "FAILED" : "all ok");
   return failures ? 1 : 0;
 }
