@@ -44,7 +44,8 @@ if [ "$1" = guest ]; then
     fi
     wait "$2"
     rc=$?
-    echo "guest: the $1 of the saved traffic ended with $rc: $(tail -n 1 /tmp/$1.out)"
+    echo "guest: the $1 of the saved traffic ended with $rc:"
+    tail -n 3 "/tmp/$1.out" | sed 's/^/  /'
     [ $rc != 0 ] || { echo "guest: FAIL: it ended well, without the back-end it was using"; exit 1; }
   done
   # The device again, on the restored domain.
@@ -59,6 +60,12 @@ if [ "$1" = guest ]; then
   echo "guest: a new pair after the restore: server $server_rc, client $client_rc"
   grep -h 'all correct' /tmp/server.out
   [ $client_rc = 0 ] && [ $server_rc = 0 ] || { tail -n 3 /tmp/server.out /tmp/client.out; exit 1; }
+  # The guest's kernel came through the restore and the old contexts' end
+  # without a complaint.
+  if dmesg | grep -E '(BUG|WARNING|Oops|general protection)' ; then
+    echo "guest: FAIL: the guest's kernel complained (above)"
+    exit 1
+  fi
   exit 0
 fi
 
