@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string_view>
 
 #include "internal.hpp"
 #include "vib/platform/unique_fd.hpp"
@@ -110,9 +111,14 @@ ProvisionResult Toolstack::provision_stashed(platform::DomId domid, const std::s
   const auto name = store_->read(platform::kNoTransaction, "/local/domain/" + std::to_string(domid) + "/name");
   if (!name || !usable_as_file_name(*name))
     throw Error(ErrorCode::not_found, "domain " + std::to_string(domid) + " has no usable name");
-  const std::string path = dir + "/" + *name + ".cfg";
+  // xl migrate-receive names the domain it builds "<name>--incoming" until
+  // all its memory has come (then it renames it): <name>'s config is its.
+  constexpr std::string_view incoming = "--incoming";
+  std::string kept = *name;
+  if (kept.size() > incoming.size() && kept.ends_with(incoming)) kept.resize(kept.size() - incoming.size());
+  const std::string path = dir + "/" + kept + ".cfg";
   std::ifstream in(path);
-  if (!in) throw Error(ErrorCode::not_found, "no config kept for " + *name + " in " + dir);
+  if (!in) throw Error(ErrorCode::not_found, "no config kept for " + kept + " in " + dir);
   std::stringstream text;
   text << in.rdbuf();
   return provision_from_config(domid, text.str());

@@ -584,6 +584,13 @@ TEST_F(VibToolstack, VibdProvisionsTheDomainsXlCreatesAndCleansUpAfterThem) {
   EXPECT_EQ(read(be(7, 1) + "/max-qps"), "4");
   EXPECT_TRUE(read("/libxl/7/vib-provisioned"));
 
+  // The domain `xl migrate` builds on this host is named "guest7--incoming"
+  // until its memory is all there: it gets guest7's devices.
+  xen_.create_domain(12);
+  store_->write(kNoTransaction, "/local/domain/12/name", "guest7--incoming");
+  EXPECT_TRUE(eventually(be(12, 1) + "/state", "2")) << vibd_log();
+  EXPECT_EQ(read(be(12, 1) + "/max-qps"), "4");
+
   // A bad vib= line stops xl create before the domain exists.
   std::filesystem::remove(bin.path() + "/ran");
   bin.write("bad.cfg", "name = \"guest9\"\nvib = [ 'hca=soft,max-qps=lots' ]\n");
