@@ -6,8 +6,11 @@
 # provisioning (the config the xl front kept), and the old domain's back-end
 # directory goes with it. In the guest, the rdma_check pair that was moving
 # data when the guest was saved ends with an error instead of hanging (its
-# context belonged to the old domain), and a new pair moves data correctly
-# on the restored domain's device.
+# context belonged to the old domain; its own error, not a signal), a new
+# pair moves data correctly on the restored domain's device, and the guest's
+# kernel logs no complaint. In dom0, vibd holds no grant mapping once the
+# saved domain has gone, and holds the same after the restored one is
+# destroyed.
 #
 # dom0 gets /vib/vibd, /vib/vib (hotplug script), /vib/xl (the front),
 # /vib/xl-vib; the guest /vib/libibverbs.so.1, /vib/vib-rdma-check and
@@ -46,7 +49,7 @@ if [ "$1" = guest ]; then
     rc=$?
     echo "guest: the $1 of the saved traffic ended with $rc:"
     tail -n 3 "/tmp/$1.out" | sed 's/^/  /'
-    [ $rc != 0 ] || { echo "guest: FAIL: it ended well, without the back-end it was using"; exit 1; }
+    [ $rc = 1 ] || { echo "guest: FAIL: it should have ended with its own error (status 1)"; exit 1; }
   done
   # The device again, on the restored domain.
   i=0
@@ -77,6 +80,12 @@ served() {
   [ "$st" = 2 ] || [ "$st" = 4 ]
 }
 gone() { ! xenstore-ls "$be_root/$1" > /dev/null 2>&1; }
+# What vibd holds of dom0: grant mappings and file descriptors.
+holdings() {
+  echo "$(grep -c /dev/xen/gntdev /proc/$vibd_pid/maps) gntdev mappings," \
+       "$(ls /proc/$vibd_pid/fd 2>/dev/null | wc -l) fds"
+}
+holds() { [ "$(holdings)" = "$1" ]; }
 
 xl_front_first
 start_vibd --hca soft --scripts-dir /vib || fail "vibd did not start"
@@ -89,6 +98,11 @@ xl save vib-guest /tmp/vib-guest.save || fail "xl save failed"
 ls -l /tmp/vib-guest.save
 wait_until 20 gone "$saved_domid" || fail "domain $saved_domid's back-end directory is left 20 s after xl save"
 echo "domain $saved_domid's vib back-end is gone: ok"
+# No guest now: the saved domain's contexts are all freed.
+wait_until 20 sh -c "! grep -q /dev/xen/gntdev /proc/$vibd_pid/maps" ||
+  fail "vibd still holds $(holdings) 20 s after xl save"
+no_guest=$(holdings)
+echo "vibd with no guest: $no_guest"
 xl restore /tmp/vib-guest.save || fail "xl restore failed"
 rm -f /tmp/vib-guest.save
 guest_domid=$(xl domid vib-guest)
@@ -97,6 +111,8 @@ wait_until 60 served "$guest_domid" || fail "the restored domain $guest_domid ha
 echo "vibd provisioned the restored domain's device: state $st"
 guest_report 300 || fail "the guest's checks after the restore failed (above)"
 xl destroy vib-guest
+wait_until 20 holds "$no_guest" || fail "vibd holds $(holdings) 20 s after xl destroy; after xl save it held $no_guest"
+echo "after xl destroy, vibd holds what it did after xl save: $no_guest"
 kill "$vibd_pid"
 wait "$vibd_pid"
 echo "vibd exited with status $?"
