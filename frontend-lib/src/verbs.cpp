@@ -304,11 +304,13 @@ std::optional<vibif_event> Device::pop_event_locked() {
 std::optional<bool> Device::backend_gone() {
   std::unique_lock lock(mu_, std::try_to_lock);
   if (!lock.owns_lock()) return std::nullopt;
+  bool closed = true;  // xenstore no longer answers this domain about it
   try {
-    return channel_->backend_closed();
+    closed = channel_->backend_closed();
   } catch (const std::system_error&) {
-    return true;  // xenstore no longer answers this domain about it
   }
+  if (closed) gone_.store(true, std::memory_order_release);
+  return closed;
 }
 
 std::optional<vibif_event> Device::next_event() {
@@ -446,7 +448,39 @@ int Cq::poll(std::span<ibv_wc> out) {
     ++n;
   }
   if (n) store_release(device_.channel().doorbell().slots[slot_].consumer, consumer_);
+  // Only once the ring is empty: what the back-end completed comes first.
+  // Without completion retires the queues cannot tell what is outstanding.
+  if (n < static_cast<int>(out.size()) && device_.gone() && device_.completion_retires())
+    n += flush(out.subspan(static_cast<std::size_t>(n)));
   return n;
+}
+
+int Cq::flush(std::span<ibv_wc> out) {
+  std::size_t n = 0;
+  // The WQEs are this process's own memory; wr_id is the first field of
+  // both kinds.
+  auto drain = [&](Qp& qp, GuestQueue& q, std::atomic<std::uint32_t>& retired) {
+    for (std::uint32_t at = retired.load(std::memory_order_acquire); n < out.size() && at != q.producer; ++at) {
+      const std::byte* wqe = q.base + std::size_t{at & (q.entries - 1)} * q.stride;
+      ibv_wc& wc = out[n++];
+      wc = ibv_wc{};
+      std::memcpy(&wc.wr_id, wqe, sizeof wc.wr_id);
+      wc.status = IBV_WC_WR_FLUSH_ERR;
+      wc.qp_num = qp.qp_num_;
+      retired.store(at + 1, std::memory_order_release);
+    }
+  };
+  for (auto& [qpn, qp] : qps_) {
+    if (qp->send_cq_ == this) {
+      std::lock_guard lock(qp->send_mu_);
+      drain(*qp, qp->sq_, qp->sq_retired_);
+    }
+    if (qp->recv_cq_ == this && qp->has_rq_ && !qp->srq_) {
+      std::lock_guard lock(qp->recv_mu_);
+      drain(*qp, qp->rq_, qp->rq_retired_);
+    }
+  }
+  return static_cast<int>(n);
 }
 
 void Cq::retire(const vibif_cqe& e) {

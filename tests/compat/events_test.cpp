@@ -359,6 +359,49 @@ TEST_F(Compat, ABackEndThatStopsIsADeviceFatalEvent) {
   EXPECT_EQ(ibv_close_device(ctx), 0);
 }
 
+// What was posted and not completed when the back-end went completes with
+// IBV_WC_WR_FLUSH_ERR, as on an HCA in its fatal state: a program polling
+// for a completion learns at once instead of by its own timeout. What had
+// completed before is not reported again.
+TEST_F(Compat, WorkOutstandingWhenTheBackEndStopsIsFlushed) {
+  provision(5);
+  start_vibd(VIBD);
+  Side a, b;
+  ASSERT_NO_FATAL_FAILURE(a.create(open_first_device(5), false));
+  ASSERT_NO_FATAL_FAILURE(b.create(open_first_device(5), false));
+  ASSERT_NO_FATAL_FAILURE(a.connect(b));
+  ASSERT_NO_FATAL_FAILURE(b.connect(a));
+  ASSERT_EQ(b.post_recv(10), 0);
+  ASSERT_EQ(a.post_send(20), 0);
+  ibv_wc wc{};
+  ASSERT_TRUE(a.poll_one(wc));
+  EXPECT_EQ(wc.wr_id, 20u);
+  EXPECT_EQ(wc.status, IBV_WC_SUCCESS);
+  ASSERT_TRUE(b.poll_one(wc));
+  EXPECT_EQ(wc.wr_id, 10u);
+  // b has no receive left: a's sends wait (RNR, retried for ever); a's
+  // receives wait for sends b never makes.
+  for (uint64_t id : {21, 22}) ASSERT_EQ(a.post_send(id), 0);
+  for (uint64_t id : {11, 12, 13}) ASSERT_EQ(a.post_recv(id), 0);
+  EXPECT_EQ(ibv_poll_cq(a.cq, 1, &wc), 0) << "nothing completes while the back-end serves";
+
+  stop_vibd();
+  EXPECT_EQ(next_async_event(a.ctx, 10s), IBV_EVENT_DEVICE_FATAL);
+  std::vector<ibv_wc> got(8);
+  const int n = ibv_poll_cq(a.cq, static_cast<int>(got.size()), got.data());
+  ASSERT_EQ(n, 5);
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(got[i].status, IBV_WC_WR_FLUSH_ERR) << "wr " << got[i].wr_id;
+    EXPECT_EQ(got[i].qp_num, a.qp->qp_num);
+    ids.push_back(got[i].wr_id);
+  }
+  EXPECT_EQ(ids, (std::vector<uint64_t>{21, 22, 11, 12, 13})) << "each queue oldest first, once";
+  EXPECT_EQ(ibv_poll_cq(a.cq, 1, &wc), 0) << "flushed once";
+  a.destroy();
+  b.destroy();
+}
+
 // A vibd killed (-9) and started again (systemd's Restart=) closes the
 // contexts it cannot know; their programs get the fatal event too.
 TEST_F(Compat, AContextLostToAVibdRestartIsADeviceFatalEvent) {

@@ -80,6 +80,11 @@ class Device {
   // call holds the channel (it will find out itself), so a caller that
   // only watches never waits behind a slow request.
   std::optional<bool> backend_gone();
+  // backend_gone() has answered true: no completion will come, and each CQ
+  // completes what is still outstanding with IBV_WC_WR_FLUSH_ERR, as an HCA
+  // in its fatal state does, so a program polling for a completion ends
+  // instead of waiting out its own timeout.
+  bool gone() const { return gone_.load(std::memory_order_acquire); }
   // The back-end says which queue slots each completion frees (vibif.h,
   // "Queue accounting"): slots are free when completions are polled.
   bool completion_retires() const { return completion_retires_; }
@@ -117,6 +122,7 @@ class Device {
   std::map<std::uintptr_t, std::weak_ptr<CopiedRange>> copied_ranges_;
   std::uint32_t event_consumer_ = 0;
   bool completion_retires_ = false;
+  std::atomic<bool> gone_{false};
 };
 
 class Mr {
@@ -205,6 +211,10 @@ class Cq {
   void attach(const vibif_create_cq_resp& rsp, std::unique_ptr<platform::SharedPages> pages, std::uint32_t entries);
   // Frees the queue slots a polled completion retires; mu_ held.
   void retire(const vibif_cqe& e);
+  // After the back-end has gone: flush completions for the work requests
+  // of this CQ's queues not completed yet, oldest first per queue, into
+  // `out`; how many. mu_ held.
+  int flush(std::span<ibv_wc> out);
   Device& device_;
   std::mutex mu_;
   std::unordered_map<std::uint32_t, Qp*> qps_;  // QPs completing here, by number; mu_
