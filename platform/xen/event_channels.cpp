@@ -25,6 +25,13 @@ namespace {
   throw std::system_error(errno, std::generic_category(), what);
 }
 
+// libxenctrl's evtchn_status: an answer only in a privileged domain.
+std::optional<bool> peer_closed_by_status(EventPort port) {
+  const int closed = vib_evtchn_peer_closed(port);
+  if (closed < 0) return std::nullopt;
+  return closed == 1;
+}
+
 class XenEventChannels final : public EventChannels {
  public:
   XenEventChannels() : h_(xenevtchn_open(nullptr, 0)) {
@@ -80,11 +87,7 @@ class XenEventChannels final : public EventChannels {
     if (xenevtchn_unmask(h_, port) != 0) fail("unmasking port " + std::to_string(port));
   }
 
-  std::optional<bool> peer_closed(EventPort port) override {
-    const int closed = vib_evtchn_peer_closed(port);
-    if (closed < 0) return std::nullopt;
-    return closed == 1;
-  }
+  std::optional<bool> peer_closed(EventPort port) override { return peer_closed_by_status(port); }
 
  private:
   xenevtchn_handle* h_;
@@ -99,25 +102,16 @@ class VibgrantEventChannels final : public EventChannels {
   explicit VibgrantEventChannels(UniqueFd device) : fd_(std::move(device)) {}
 
   EventPort bind_unbound(DomId remote) override {
-    vibgrant_evtchn_bind b{};
-    b.remote_domid = remote;
-    b.flags = VIBGRANT_EVTCHN_NOTIFY_ON_CLOSE;
-    if (::ioctl(fd_.get(), VIBGRANT_IOCTL_EVTCHN_BIND, &b) != 0)
-      fail("allocating an event channel for domain " + std::to_string(remote) + " (vibgrant)");
-    return b.port;
+    return bind(remote, 0, "allocating an event channel for domain " + std::to_string(remote));
   }
 
   EventPort bind_interdomain(DomId remote, EventPort remote_port) override {
-    vibgrant_evtchn_bind b{};
-    b.remote_domid = remote;
-    b.remote_port = remote_port;
-    b.flags = VIBGRANT_EVTCHN_NOTIFY_ON_CLOSE;
-    if (remote_port == 0 || ::ioctl(fd_.get(), VIBGRANT_IOCTL_EVTCHN_BIND, &b) != 0) {
-      if (remote_port == 0) errno = EINVAL;
-      fail("binding to port " + std::to_string(remote_port) + " of domain " + std::to_string(remote) +
-           " (vibgrant)");
+    const std::string what = "binding to port " + std::to_string(remote_port) + " of domain " + std::to_string(remote);
+    if (remote_port == 0) {  // 0 would ask the module to allocate one
+      errno = EINVAL;
+      fail(what + " (vibgrant)");
     }
-    return b.port;
+    return bind(remote, remote_port, what);
   }
 
   bool notifies_peer_on_exit() const override { return true; }
@@ -142,13 +136,19 @@ class VibgrantEventChannels final : public EventChannels {
     return static_cast<std::size_t>(n) / sizeof(EventPort);
   }
 
-  std::optional<bool> peer_closed(EventPort port) override {
-    const int closed = vib_evtchn_peer_closed(port);
-    if (closed < 0) return std::nullopt;
-    return closed == 1;
-  }
+  std::optional<bool> peer_closed(EventPort port) override { return peer_closed_by_status(port); }
 
  private:
+  // remote_port 0: a new port `remote` may bind to.
+  EventPort bind(DomId remote, EventPort remote_port, const std::string& what) {
+    vibgrant_evtchn_bind b{};
+    b.remote_domid = remote;
+    b.remote_port = remote_port;
+    b.flags = VIBGRANT_EVTCHN_NOTIFY_ON_CLOSE;
+    if (::ioctl(fd_.get(), VIBGRANT_IOCTL_EVTCHN_BIND, &b) != 0) fail(what + " (vibgrant)");
+    return b.port;
+  }
+
   void on_port(unsigned long request, EventPort port, const char* what) {
     vibgrant_evtchn_port p{port};
     if (::ioctl(fd_.get(), request, &p) != 0) fail(std::string(what) + " port " + std::to_string(port) + " (vibgrant)");
