@@ -170,6 +170,9 @@ class Daemon {
       }
       if (!ready && fds[1].revents) {
         ready = true;
+        // Every thread vibd keeps (fast-path workers, CM timer, provisioner)
+        // runs by now; scripts and administrators wait for this line.
+        log_line(LogLevel::info, "vibd", "ready: serving " + std::to_string(devices_.size()) + " vib devices");
         notify("READY=1");
       }
       publish_status();

@@ -106,11 +106,15 @@ xl_front_first() {
 
 # start_vibd ARGS...: /vib/vibd with ARGS in the background, its output in
 # $vibd_log, its pid in $vibd_pid; returns once it watches its domain's
-# back-end directory, fails if it has not within 20 s or exited.
+# back-end directory and has served its first pass (so every thread it keeps
+# runs), fails if it has not within 20 s or exited. The log is emptied here,
+# not by the background shell's redirection, which may run after the first
+# look at the log and let a previous vibd's lines answer for this one.
 start_vibd() {
-  /vib/vibd "$@" > "$vibd_log" 2>&1 &
+  : > "$vibd_log"
+  /vib/vibd "$@" >> "$vibd_log" 2>&1 &
   vibd_pid=$!
-  wait_until 20 grep -q "watching /local/domain/[0-9]*/backend/vib" "$vibd_log" || return 1
+  wait_until 20 grep -q "vibd: ready: serving" "$vibd_log" || return 1
   kill -0 "$vibd_pid" 2>/dev/null || return 1
   echo "vibd (pid $vibd_pid) is $(sed -n 's/.*vibd: \(watching .*\)/\1/p' "$vibd_log" | head -1)"
 }
