@@ -31,7 +31,6 @@
 #include "vib_private.h"
 #include "vib/platform/xenbus.hpp"
 #include "vib/platform/xenstore.hpp"
-#include "vib/vibgrant.h"
 
 // Defined here under their exported names, which verbs.h maps to inline wrappers.
 #undef ibv_get_device_list
@@ -576,15 +575,9 @@ int ibv_read_sysfs_file(const char* dir, const char* file, char* buf, size_t siz
 // Registration grants the application's own pages in place (pinned by the
 // vibgrant module on real Xen), so after fork() the child writes copies, as
 // the kernel gives it for pinned pages, and the parent's registrations are
-// untouched: nothing to set up. Only libvibfront's copying fallback (real
-// Xen without vibgrant, docs/frontend.md) shares registered pages with a
-// child; then fork is not safe, and ibv_is_fork_initialized says so.
+// untouched: nothing to set up, on every platform vib registers memory on.
 int ibv_fork_init(void) { return 0; }
-ibv_fork_status ibv_is_fork_initialized(void) {
-  const char* local = std::getenv("VIB_LOCAL_XEN");
-  if ((local && *local) || ::access(VIBGRANT_DEVICE, F_OK) == 0) return IBV_FORK_UNNEEDED;
-  return IBV_FORK_DISABLED;
-}
+ibv_fork_status ibv_is_fork_initialized(void) { return IBV_FORK_UNNEEDED; }
 int ibv_dontfork_range(void*, size_t) { return 0; }
 int ibv_dofork_range(void*, size_t) { return 0; }
 

@@ -30,13 +30,14 @@ void destroy_sync(pthread_mutex_t& mutex, pthread_cond_t& cond) {
   ::pthread_cond_destroy(&cond);
 }
 
-// A registration refused by a limit only an administrator can raise (the
-// guest's grant table, RLIMIT_MEMLOCK): errno alone cannot name the limit
-// or the setting, so the reason goes to stderr too, as the copying
-// fallback's warning does.
+// A registration refused by something only an administrator can change
+// (the guest's grant table, RLIMIT_MEMLOCK, the vibgrant module missing):
+// errno alone cannot name the limit or the remedy, and programs print no
+// more than strerror, so the reason goes to stderr too.
 void say_which_limit(const std::system_error& e) {
   const int err = e.code().value();
-  if (err == ENOSPC || err == ENOMEM) std::fprintf(stderr, "libvibfront: ibv_reg_mr: %s\n", e.what());
+  if (err == ENOSPC || err == ENOMEM || err == EOPNOTSUPP)
+    std::fprintf(stderr, "libvibfront: ibv_reg_mr: %s\n", e.what());
 }
 
 front::Cq& wrapper_object(Cq& cq) { return *cq.cq; }

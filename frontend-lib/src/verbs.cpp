@@ -66,39 +66,6 @@ void ring_doorbell(Channel& channel, GuestQueue& q) {
   }
 }
 
-// Copies whole pages around an application's buffer. The pages hold other
-// objects of the application too (heap neighbours, and under AddressSanitizer
-// its redzones), which must move with the buffer; so this copy is deliberately
-// not checked by the sanitizer, and volatile word loads keep the compiler from
-// turning it back into an (intercepted) memcpy call.
-#if defined(__clang__) || defined(__GNUC__)
-__attribute__((no_sanitize("address")))
-#endif
-void copy_pages(void* to, const void* from, std::size_t bytes) {
-  auto* out = static_cast<std::uint64_t*>(to);
-  const auto* in = static_cast<const volatile std::uint64_t*>(from);
-  for (std::size_t i = 0; i < bytes / sizeof(std::uint64_t); ++i) out[i] = in[i];
-}
-
-// Set once granting in place turned out impossible in this process (real
-// Xen without the vibgrant module): every later registration copies.
-std::atomic<bool> registration_copies{false};
-
-// Says once per process, on stderr, that registrations now copy and what
-// that risks: the application's memory is at stake, so not only in a log.
-void fall_back_to_copying(const std::system_error& why) {
-  if (registration_copies.exchange(true)) return;
-  std::fprintf(stderr,
-               "libvibfront: WARNING: cannot grant memory in place (%s).\n"
-               "libvibfront: the vibgrant guest kernel module is missing; build and load it (vib's\n"
-               "libvibfront: frontend-lib/kernel, with DKMS or make; docs/frontend.md). Until then memory\n"
-               "libvibfront: registration copies the buffer's pages\n"
-               "libvibfront: into granted pages remapped over it: a write another thread makes to those pages\n"
-               "libvibfront: during ibv_reg_mr or ibv_dereg_mr can be LOST, memory freed before ibv_dereg_mr is\n"
-               "libvibfront: overwritten at deregistration, and overlapping registrations fail with EBUSY.\n",
-               why.what());
-}
-
 // Full while the back-end has not consumed a slot's WQE (its memory is still
 // needed) or, with completion retires, while the application has `entries`
 // WQEs whose completions it has not polled: max_*_wr as on an HCA.
@@ -118,53 +85,6 @@ void advance(std::atomic<std::uint32_t>& retired, std::uint32_t to) {
 }  // namespace
 
 // ---- Device -----------------------------------------------------------------
-
-struct Device::CopiedRange {
-  std::uintptr_t start = 0;
-  std::size_t pages = 0;
-  std::unique_ptr<platform::SharedPages> shared;
-
-  // Puts private pages with the same bytes back under the application's
-  // buffer; replacing the mapping in one mremap leaves no hole.
-  ~CopiedRange() {
-    const std::size_t size = pages * VIBIF_PAGE_SIZE;
-    void* copy = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (copy == MAP_FAILED) return;  // the granted pages stay: nothing is lost
-    copy_pages(copy, reinterpret_cast<const void*>(start), size);
-    if (::mremap(copy, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, reinterpret_cast<void*>(start)) == MAP_FAILED) {
-      ::munmap(copy, size);
-      return;
-    }
-    shared->forget_mapping();
-  }
-};
-
-std::shared_ptr<Device::CopiedRange> Device::copy_range(std::uintptr_t start, std::size_t pages) {
-  std::lock_guard lock(mu_);
-  const std::uintptr_t end = start + pages * VIBIF_PAGE_SIZE;
-  for (auto it = copied_ranges_.begin(); it != copied_ranges_.end();) {
-    auto range = it->second.lock();
-    if (!range) {
-      it = copied_ranges_.erase(it);
-      continue;
-    }
-    const std::uintptr_t r_end = range->start + range->pages * VIBIF_PAGE_SIZE;
-    if (range->start <= start && end <= r_end) return range;
-    if (start < r_end && range->start < end)
-      fail(EBUSY, "memory region overlaps part of another registration (copying fallback: load vibgrant)");
-    ++it;
-  }
-  auto range = std::make_shared<CopiedRange>();
-  range->start = start;
-  range->pages = pages;
-  range->shared = channel_->sharer().share(channel_->backend_domid(), pages, /*writable=*/true);
-  // The application's bytes move into the granted pages, which then take
-  // the buffer's place at the same address.
-  copy_pages(range->shared->bytes().data(), reinterpret_cast<const void*>(start), pages * VIBIF_PAGE_SIZE);
-  range->shared->move_to(reinterpret_cast<std::byte*>(start));
-  copied_ranges_[start] = range;
-  return range;
-}
 
 Device::Device(std::unique_ptr<Channel> channel) : channel_(std::move(channel)) {}
 Device::~Device() = default;
@@ -342,23 +262,20 @@ std::unique_ptr<Mr> Pd::reg_mr(void* addr, std::size_t length, int access) {
   // place leaves no moment in which another thread's write could be lost.
   const bool hca_writes = access & (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC);
   auto& channel = device_.channel();
-  std::span<const platform::GrantRef> refs;
-  if (!registration_copies.load()) {
-    try {
-      mr->granted_ = channel.sharer().grant_range(channel.backend_domid(), reinterpret_cast<std::byte*>(start),
-                                                  pages, hca_writes);
-      refs = mr->granted_->refs();
-    } catch (const std::system_error& e) {
-      // ENODEV: real Xen's guest has no vibgrant module (nothing else
-      // answers it); any other error is the registration's own.
-      if (e.code().value() != ENODEV) throw;
-      fall_back_to_copying(e);
-    }
+  try {
+    mr->granted_ = channel.sharer().grant_range(channel.backend_domid(), reinterpret_cast<std::byte*>(start), pages,
+                                                hca_writes);
+  } catch (const std::system_error& e) {
+    // ENODEV: real Xen's guest has no vibgrant module (nothing else answers
+    // it). Copying the pages into granted ones instead would lose the
+    // writes other threads make meanwhile: refused, with the remedy.
+    if (e.code().value() != ENODEV) throw;
+    fail(EOPNOTSUPP,
+         "register memory: this guest cannot grant its memory in place: the vibgrant guest kernel module is not "
+         "loaded (" + std::string(e.what()) + "); install vib's vibgrant-dkms package or build frontend-lib/kernel "
+         "and load vibgrant.ko (docs/frontend.md)");
   }
-  if (!mr->granted_) {
-    mr->copied_ = device_.copy_range(start, pages);
-    refs = mr->copied_->shared->refs().subspan((start - mr->copied_->start) / VIBIF_PAGE_SIZE, pages);
-  }
+  const auto refs = mr->granted_->refs();
   auto req = request(VIBIF_OP_REG_MR);
   auto& r = req.u.reg_mr;
   r.pd = handle_;

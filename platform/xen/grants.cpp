@@ -99,13 +99,6 @@ class XenShare final : public SharedPages {
     // gntalloc frees the grants when their mapping goes, wherever it is.
     if (addr_) xengntshr_unshare(h_.get(), addr_, static_cast<uint32_t>(refs_.size()));
   }
-  void move_to(std::byte* address) override {
-    const std::size_t size = refs_.size() * kPageSize;
-    void* moved = ::mremap(addr_, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, address);
-    if (moved == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mremap of granted pages");
-    addr_ = moved;
-  }
-  void forget_mapping() override { addr_ = nullptr; }
   std::span<std::byte> bytes() override {
     return {static_cast<std::byte*>(addr_), refs_.size() * kPageSize};
   }

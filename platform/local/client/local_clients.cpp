@@ -322,12 +322,6 @@ class LocalShare final : public SharedPages {
   }
   std::span<std::byte> bytes() override { return {base_, size_}; }
   std::span<const GrantRef> refs() const override { return held_.refs; }
-  void move_to(std::byte* address) override {
-    void* moved = ::mremap(base_, size_, size_, MREMAP_MAYMOVE | MREMAP_FIXED, address);
-    if (moved == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mremap of granted pages");
-    base_ = static_cast<std::byte*>(moved);
-  }
-  void forget_mapping() override { base_ = nullptr; }
 
   HeldGrants held_;  // grants end before the pages are unmapped
   std::size_t size_;

@@ -11,10 +11,8 @@
 //
 // Memory registration is zero copy for any buffer, including ones the
 // application allocated itself: the pages under the buffer are granted where
-// they are (on real Xen by the vibgrant guest module). Without that module
-// it falls back, with a warning, to copying the pages into granted ones
-// remapped over the buffer, which can lose other threads' writes. See
-// docs/frontend.md.
+// they are (on real Xen by the vibgrant guest module; without it
+// registration is refused with EOPNOTSUPP). See docs/frontend.md.
 //
 // Errors throw std::system_error with the errno the back-end answered;
 // post_* and poll_cq return errno values like libibverbs.
@@ -110,16 +108,8 @@ class Device {
   // The next queued event, consumed; mu_ held.
   std::optional<vibif_event> pop_event_locked();
 
-  // The fallback registration while real Xen's guest has no vibgrant module:
-  // granted pages under [start, start + pages * 4096), holding a copy of the
-  // application's bytes and remapped over them, shared by every MR that lies
-  // within them (a cache keyed by page range).
-  struct CopiedRange;
-  std::shared_ptr<CopiedRange> copy_range(std::uintptr_t start, std::size_t pages);
-
   std::unique_ptr<Channel> channel_;
-  std::mutex mu_;  // the ring and the copied ranges: verbs calls may come from any thread
-  std::map<std::uintptr_t, std::weak_ptr<CopiedRange>> copied_ranges_;
+  std::mutex mu_;  // the ring: verbs calls may come from any thread
   std::uint32_t event_consumer_ = 0;
   bool completion_retires_ = false;
   std::atomic<bool> gone_{false};
@@ -140,10 +130,8 @@ class Mr {
   Mr() = default;
   Device* device_ = nullptr;
   // The application's pages under the region, granted in place to the
-  // back-end (or, in the fallback, copied and remapped); the grants end
-  // after the back-end has deregistered.
+  // back-end; the grants end after the back-end has deregistered.
   std::unique_ptr<platform::GrantedRange> granted_;
-  std::shared_ptr<Device::CopiedRange> copied_;
   vibif_handle_t handle_ = 0;
   std::uint32_t lkey_ = 0, rkey_ = 0;
   void* addr_ = nullptr;

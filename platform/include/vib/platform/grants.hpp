@@ -59,15 +59,6 @@ class SharedPages {
   virtual ~SharedPages() = default;
   virtual std::span<std::byte> bytes() = 0;
   virtual std::span<const GrantRef> refs() const = 0;
-  // Moves the pages' mapping to `address` (page-aligned), replacing whatever
-  // was mapped there, as mremap(MREMAP_FIXED) does. Only libvibfront's
-  // copy-and-remap registration uses it, the fallback on real Xen while the
-  // vibgrant module is missing (docs/frontend.md). bytes() follows. Throws
-  // std::system_error.
-  virtual void move_to(std::byte* address) = 0;
-  // The caller has mapped other memory over the pages (which unmapped
-  // them): destruction then ends the grants and unmaps nothing.
-  virtual void forget_mapping() = 0;
 };
 
 // Pages of this process's address space granted in place, where they are:
