@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 
 #include <dirent.h>
+#include <malloc.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -421,6 +422,145 @@ TEST_F(DataPath, TransparentHugePagesRegister) {
   EXPECT_EQ(static_cast<unsigned char>(huge[20]), 0x5a);
   mr.reset();
   ::munmap(mapped, 2 * kHuge);
+}
+
+// The kernel's pool of 2 MiB huge pages holds at least `pages` free ones
+// while this lives: as root it grows the pool for the test and shrinks it
+// back after; otherwise it uses what the administrator reserved.
+class HugePageReservation {
+ public:
+  explicit HugePageReservation(long pages) {
+    const long free_now = read_count("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
+    if (free_now >= pages) {
+      ok_ = true;
+      return;
+    }
+    old_total_ = read_count(kTotal);
+    if (old_total_ < 0 || !write_count(old_total_ + pages - std::max(free_now, 0L))) return;
+    grown_ = true;
+    ok_ = read_count("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") >= pages;
+  }
+  ~HugePageReservation() {
+    if (grown_) write_count(old_total_);
+  }
+  bool ok() const { return ok_; }
+
+ private:
+  static constexpr const char* kTotal = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+  static long read_count(const char* path) {
+    std::ifstream in(path);
+    long n = -1;
+    in >> n;
+    return in ? n : -1;
+  }
+  static bool write_count(long n) {
+    std::ofstream out(kTotal);
+    out << n;
+    out.flush();
+    return static_cast<bool>(out);
+  }
+  long old_total_ = -1;
+  bool grown_ = false, ok_ = false;
+};
+
+// hugetlbfs pages (MAP_HUGETLB), as MPI and DPDK-style programs allocate
+// their buffers: registered whole and in part, reached at every 4 KiB frame
+// inside the huge page.
+TEST_F(DataPath, HugetlbPagesRegister) {
+  constexpr std::size_t kHuge = 2u << 20;
+  HugePageReservation reservation(1);
+  if (!reservation.ok())
+    GTEST_SKIP() << "no free 2 MiB huge page and not allowed to reserve one (run as root, or "
+                    "echo 1 > /proc/sys/vm/nr_hugepages)";
+  void* mapped = ::mmap(nullptr, kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+  ASSERT_NE(mapped, MAP_FAILED) << std::strerror(errno);
+  auto* huge = static_cast<char*>(mapped);
+  std::memset(huge, 0x5a, kHuge);
+  Endpoint a(xen_.as(5)), b(xen_.as(6));
+  a.connect(b);
+  b.connect(a);
+  {
+    auto whole = b.pd->reg_mr(huge, kHuge, kAccess);
+    auto part = b.pd->reg_mr(huge + 4096 * 100 + 7, 3 * 4096, kAccess);
+    for (std::size_t at = 3; at < kHuge; at += 4096 * 29 + 1)
+      EXPECT_TRUE(lands(a, huge + at, whole->rkey(), static_cast<char>('A' + at % 23))) << "at offset " << at;
+    EXPECT_TRUE(lands(a, huge + 4096 * 101, part->rkey(), 'p'));
+    EXPECT_FALSE(lands(a, huge + 4096 * 104 + 16, part->rkey(), 'q')) << "beyond the partial registration";
+  }
+  EXPECT_EQ(static_cast<unsigned char>(huge[1]), 0x5a);
+  EXPECT_EQ(static_cast<unsigned char>(huge[kHuge - 1]), 0x5a);
+  ::munmap(mapped, kHuge);
+}
+
+// Issue 13: malloc's metadata shares pages with the buffers programs
+// register, and other threads allocate all the time (perftest's processes
+// died with "malloc(): corrupted top size" while vib copied and remapped).
+// Four threads allocate, fill, check and free blocks while this thread
+// registers and deregisters malloc'd buffers of many sizes; every block
+// must hold its bytes (under ASan in CI, any heap damage stops the test).
+TEST_F(DataPath, MallocdBuffersRegisterWhileOtherThreadsAllocate) {
+  // One arena for every thread, so that their blocks and the registered
+  // buffers share pages (glibc would otherwise give each thread its own).
+  ::mallopt(M_ARENA_MAX, 1);
+  Endpoint a(xen_.as(5)), b(xen_.as(6));
+  a.connect(b);
+  b.connect(a);
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> damaged{0}, checked{0};
+  std::vector<std::thread> allocators;
+  for (int t = 0; t < 4; ++t) {
+    allocators.emplace_back([&, t] {
+      std::vector<std::pair<unsigned char*, std::size_t>> live;
+      std::uint32_t seed = 0x9e3779b9u * (t + 1);
+      while (!stop.load(std::memory_order_relaxed)) {
+        seed = seed * 1664525u + 1013904223u;
+        if (live.size() < 64 && (seed >> 28) < 10) {
+          const std::size_t size = 16 + (seed >> 8) % 6000;
+          auto* block = static_cast<unsigned char*>(std::malloc(size));
+          if (!block) continue;
+          std::memset(block, static_cast<int>(size & 0xff), size);
+          live.emplace_back(block, size);
+        } else if (!live.empty()) {
+          const std::size_t i = (seed >> 4) % live.size();
+          auto [block, size] = live[i];
+          for (std::size_t k = 0; k < size; ++k)
+            if (block[k] != static_cast<unsigned char>(size & 0xff)) {
+              damaged.fetch_add(1);
+              break;
+            }
+          checked.fetch_add(1, std::memory_order_relaxed);
+          std::free(block);
+          live[i] = live.back();
+          live.pop_back();
+        }
+      }
+      for (auto [block, size] : live) std::free(block);
+    });
+  }
+  constexpr int kCycles = 300;
+  int registered = 0;
+  for (int i = 0; i < kCycles; ++i) {
+    const std::size_t size = 64 + (static_cast<std::size_t>(i) * 977) % 20000;
+    std::unique_ptr<char, decltype(&std::free)> buffer(static_cast<char*>(std::malloc(size)), &std::free);
+    ASSERT_TRUE(buffer);
+    std::memset(buffer.get(), 'm', size);
+    try {
+      auto mr = b.pd->reg_mr(buffer.get(), size, kAccess);
+      ++registered;
+      if (i % 25 == 0) {
+        EXPECT_TRUE(lands(a, buffer.get() + size - 16, mr->rkey(), static_cast<char>('a' + i % 20)))
+            << "cycle " << i;
+      }
+    } catch (const std::system_error& e) {
+      ADD_FAILURE() << "registration " << i << ": " << e.what();
+      break;
+    }
+  }
+  stop = true;
+  for (auto& t : allocators) t.join();
+  EXPECT_EQ(registered, kCycles);
+  EXPECT_EQ(damaged.load(), 0u) << "heap blocks of other threads changed while buffers were registered";
+  EXPECT_GT(checked.load(), 0u) << "the allocating threads never ran";
 }
 
 // vib-devinfo's output for domain `domid` of the host-local Xen in `dir`.
