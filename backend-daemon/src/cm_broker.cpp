@@ -188,7 +188,12 @@ struct CmEndpoint::Id {
 };
 
 CmEndpoint::CmEndpoint(CmBroker& broker, DeviceId device, std::string subject, std::function<void()> wake)
-    : broker_(broker), device_(device), subject_(std::move(subject)), wake_(std::move(wake)), ids_(VIBIF_CM_MAX_IDS) {}
+    : broker_(broker),
+      device_(device),
+      subject_(std::move(subject)),
+      log_(subject_),
+      wake_(std::move(wake)),
+      ids_(VIBIF_CM_MAX_IDS) {}
 
 CmEndpoint::~CmEndpoint() = default;
 
@@ -309,7 +314,7 @@ void CmBroker::queue_event(Id& id, std::uint8_t event, int status, const vibif_c
   CmEndpoint& ep = *id.ep;
   if (ep.closed_) return;
   if (id.events.size() >= VIBIF_CM_MAX_EVENTS) {
-    log_line(LogLevel::warning, ep.subject_, "CM id " + std::to_string(id.handle) + ": event queue full, event dropped");
+    ep.log_.log(LogLevel::warning, "CM id " + std::to_string(id.handle) + ": event queue full, event dropped");
     return;
   }
   Id::Event e;
@@ -384,7 +389,7 @@ int CmBroker::bind(Id& id, const vibif_cm_addr& addr, vibif_response& rsp) {
   if (id.state != Id::State::idle) return VIBIF_EINVAL;
   const IpAddress ip = IpAddress::from_wire(addr);
   if (!may_bind(*id.ep, ip)) {
-    log_line(LogLevel::warning, id.ep->subject_, "CM bind to " + ip.str() + " refused: not this guest's address");
+    id.ep->log_.log(LogLevel::warning, "CM bind to " + ip.str() + " refused: not this guest's address");
     return VIBIF_EADDRNOTAVAIL;
   }
   std::uint16_t port = addr.port;
@@ -465,7 +470,7 @@ int CmBroker::listen(Id& id, std::uint32_t backlog) {
   if (id.state != Id::State::bound) return VIBIF_EINVAL;
   id.backlog = backlog == 0 || backlog > kDefaultBacklog ? kDefaultBacklog : backlog;
   id.state = Id::State::listening;
-  log_line(LogLevel::info, id.ep->subject_,
+  id.ep->log_.log(LogLevel::info,
            std::string("RDMA-CM listening at ") + id.src_ip.str() + " port " + std::to_string(id.src_port) +
                (id.port_space == VIBIF_CM_PS_UDP ? " (UDP)" : " (TCP)"));
   // Requests that arrived just before this listener now find it.
@@ -577,7 +582,7 @@ void CmBroker::deliver_request(Id& id, Id& listener) {
   p.srq = id.srq;
   p.qp_num = ud ? 0 : id.qp_num;
   queue_event(listener, kConnectRequest, 0, &p, id.request_data.data(), id.request_data.size(), child_handle);
-  log_line(LogLevel::debug, id.ep->subject_,
+  id.ep->log_.log(LogLevel::debug,
            "CM: " + id.src_ip.str() + ":" + std::to_string(id.src_port) + " -> " + id.dst_ip.str() + ":" +
                std::to_string(id.dst_port) + " request to " + passive.subject_);
 }
@@ -698,7 +703,7 @@ void CmBroker::abandon(Id& id, const char* why) {
   else
     queue_event(*peer, peer->qp_type == VIBIF_QPT_UD ? kUnreachable : kRejected,
                 peer->qp_type == VIBIF_QPT_UD ? kSidrReject : kRejectConsumer);
-  log_line(LogLevel::debug, id.ep->subject_,
+  id.ep->log_.log(LogLevel::debug,
            "CM id " + std::to_string(id.handle) + " went (" + why + "): its peer " + peer->ep->subject_ + " told");
 }
 
@@ -722,7 +727,7 @@ void CmBroker::expire(Id& id) {
     return;
   }
   if (id.state != Id::State::req_sent && id.state != Id::State::rep_sent) return;
-  log_line(LogLevel::info, id.ep->subject_, "CM id " + std::to_string(id.handle) + ": peer did not answer in time");
+  id.ep->log_.log(LogLevel::info, "CM id " + std::to_string(id.handle) + ": peer did not answer in time");
   abandon(id, "timed out");
   id.state = Id::State::disconnected;
   queue_event(id, kUnreachable, -ETIMEDOUT);

@@ -87,6 +87,9 @@ class CmEndpoint final : public ControlExtension {
   CmBroker& broker_;
   const DeviceId device_;
   const std::string subject_;
+  // Everything this context's requests make the broker log: a guest can
+  // bind, listen and let handshakes time out as often as it likes.
+  LogLimiter log_;
   const std::function<void()> wake_;
   // Broker mutex for everything below but `announce_pending_`.
   HandleTable<Id> ids_;  // VIBIF_CM_MAX_IDS

@@ -22,6 +22,10 @@ namespace {
 
 std::string str(XenbusState s) { return std::to_string(static_cast<int>(s)); }
 
+// Three lines per context (connected, closing, freed): 20 contexts' worth
+// per LogLimiter period before a guest's churn is summarised.
+constexpr unsigned kLifecycleLinesPerPeriod = 60;
+
 // The guest owns its front-end directory, permissions included. A node it
 // made unreadable to the back-end's domain is as good as absent; so is one
 // the toolstack removed, which a driver domain is told with EACCES, not
@@ -173,7 +177,8 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
       id_(id),
       backend_path_(std::move(backend_path)),
       subject_(device_subject(id.domid, id.devid)),
-      guest_log_(subject_) {
+      guest_log_(subject_),
+      lifecycle_log_(std::make_shared<LogLimiter>(subject_, kLifecycleLinesPerPeriod)) {
   frontend_path_ = env_.store().read(kNoTransaction, backend_path_ + "/frontend").value_or("");
   // The toolstack writes this; accept only the path it must be.
   const std::string expected =
@@ -416,7 +421,7 @@ void Device::refresh_contexts() {
       const auto home = env_.fast_path().next_home();
       auto context = make_context(
           std::make_unique<Context>(env_, *config_, *hca_, id_, id, fe_ctx + "/" + std::to_string(id), be_ctx,
-                                    quota_, home.events),
+                                    quota_, home.events, lifecycle_log_),
           env_.control_pool());
       env_.fast_path().add(context, *hca_, home);
       contexts_[id] = std::move(context);
@@ -467,7 +472,7 @@ void Device::forget_refusals(const std::set<unsigned>& present) {
 void Device::close_context(unsigned ctxid, const char* why) {
   auto it = contexts_.find(ctxid);
   if (it == contexts_.end()) return;
-  log_line(LogLevel::info, context_subject(id_.domid, id_.devid, ctxid), std::string("closing: ") + why);
+  lifecycle_log_->log(LogLevel::info, context_subject(id_.domid, id_.devid, ctxid), std::string("closing: ") + why);
   // Never waits: the worker and the control pool let go on their own, and
   // the last of them hands it to the control pool to be freed.
   it->second->close();
@@ -621,11 +626,13 @@ std::shared_ptr<Context> make_context(std::unique_ptr<Context> context, ControlP
 
 Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
                  unsigned ctxid, const std::string& fe, const std::string& be,
-                 std::shared_ptr<DeviceQuota> quota, std::shared_ptr<platform::EventChannels> events)
+                 std::shared_ptr<DeviceQuota> quota, std::shared_ptr<platform::EventChannels> events,
+                 std::shared_ptr<LogLimiter> lifecycle_log)
     : env_(env),
       config_(config),
       ctxid_(ctxid),
       subject_(context_subject(device.domid, device.devid, ctxid)),
+      lifecycle_log_(std::move(lifecycle_log)),
       resolves_paths_(port_resolves_paths(hca, config.port)),
       keys_(read_context_keys(env.store(), fe)),
       // The process's page, not one of vibd's: a guest then never maps
@@ -651,15 +658,15 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
   // Awake until its worker first puts it to sleep: the guest need not kick.
   __atomic_store_n(&doorbell_of(*doorbell_).backend_polling, 1u, __ATOMIC_RELEASE);
   store.write(kNoTransaction, be + "/state", str(XenbusState::connected));
-  log_line(LogLevel::info, subject_,
-           "connected: " + std::to_string(keys_.ring_refs.size()) + "-page ring, event channel " +
+  lifecycle_log_->log(LogLevel::info, subject_,
+                      "connected: " + std::to_string(keys_.ring_refs.size()) + "-page ring, event channel " +
                std::to_string(port_->port()) + ", doorbell grant " + std::to_string(keys_.doorbell_ref));
 }
 
 Context::~Context() {
   env_.cm().close(*cm_);  // the peers of its connections learn it went
-  log_line(LogLevel::info, subject_,
-           "freed: " + control_.free_all() + "; " + std::to_string(requests_) + " requests served (" +
+  lifecycle_log_->log(LogLevel::info, subject_,
+                      "freed: " + control_.free_all() + "; " + std::to_string(requests_) + " requests served (" +
                std::to_string(handed_over_) + " on the control pool), slept " + std::to_string(sleeps_) + " times");
 }
 
@@ -697,7 +704,7 @@ Context::Ring Context::serve_ring(bool& did) {
   // per pass, however fast the guest produces.
   const RING_IDX prod = __atomic_load_n(&ring_.sring->req_prod, __ATOMIC_ACQUIRE);
   if (RING_REQUEST_PROD_OVERFLOW(&ring_, prod)) {
-    log_line(LogLevel::warning, subject_, "request producer beyond the ring: closing");
+    lifecycle_log_->log(LogLevel::warning, subject_, "request producer beyond the ring: closing");
     return Ring::broken;
   }
   Ring result = Ring::served;

@@ -134,6 +134,10 @@ class Device {
   std::string frontend_path_;
   std::string subject_;
   LogLimiter guest_log_;  // what the guest's contexts make us log (refusals)
+  // Contexts' connected/closing/freed lines: a guest opens and closes
+  // contexts as often as it likes, so these are bounded too, more loosely
+  // (they are the story an administrator follows).
+  std::shared_ptr<LogLimiter> lifecycle_log_;
   platform::XenbusState state_ = platform::XenbusState::initialising;
   bool failed_ = false;
   std::optional<DeviceConfig> config_;
@@ -176,7 +180,8 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   // FastPathPool::next_home), which its port is bound through.
   Context(DeviceEnvironment& env, const DeviceConfig& config, platform::Hca& hca, DeviceId device,
           unsigned ctxid, const std::string& frontend_ctx, const std::string& backend_ctx,
-          std::shared_ptr<DeviceQuota> quota, std::shared_ptr<platform::EventChannels> events);
+          std::shared_ptr<DeviceQuota> quota, std::shared_ptr<platform::EventChannels> events,
+          std::shared_ptr<LogLimiter> lifecycle_log);
   ~Context() override;
 
   unsigned id() const { return ctxid_; }
@@ -220,6 +225,7 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   DeviceConfig config_;  // a copy: the context may outlive its Device by a little
   unsigned ctxid_;
   std::string subject_;
+  std::shared_ptr<LogLimiter> lifecycle_log_;  // the device's, which it may outlive
   bool resolves_paths_;  // RoCE: a QP's path or an AH may wait for the network
   ContextKeys keys_;
   std::unique_ptr<BoundPort> port_;

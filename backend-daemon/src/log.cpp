@@ -77,6 +77,7 @@ void LogLimiter::report_suppressed() {
 
 void LogLimiter::log_at(Clock::time_point now, LogLevel level, std::string_view subject, std::string_view message) {
   std::lock_guard lock(mu_);
+  if (level < threshold_level) return;  // never shown: it takes no one's place
   if (now - window_start_ >= period_) {
     window_start_ = now;
     in_window_ = 0;

@@ -306,15 +306,65 @@ TEST_F(Hostile, ContextFloodingLeavesNothingBehind) {
     return n;
   };
   const std::size_t threads_before = threads();
+  const auto began = std::chrono::steady_clock::now();
   for (unsigned round = 0; round < 100; ++round) {
     RawGuest guest(xen_.as(5), 5, 1000 + round % 8);
     ASSERT_TRUE(guest.call(request(VIBIF_OP_ALLOC_PD)));
     guest.set_state(5);
     ASSERT_TRUE(eventually(be(5) + "/ctx/" + std::to_string(1000 + round % 8) + "/state", std::nullopt));
   }
+  const auto windows = 1 + (std::chrono::steady_clock::now() - began) / 10s;
   EXPECT_TRUE(store_->directory(kNoTransaction, be(5) + "/ctx").value_or(std::vector<std::string>{}).empty());
   victim_is_served();
   EXPECT_LE(threads(), threads_before + 4) << "the control pool is bounded; nothing per context";
+  // Issue 11, finding 4: each context is three lines (connected, closing,
+  // freed); 100 of them in a burst are not 300 lines of dom0's log.
+  EXPECT_LE(log_lines_with("dom5/vib0/ctx"), static_cast<std::size_t>(60 * windows));
+  EXPECT_EQ(terminate_vibd(), 0);
+  EXPECT_GE(log_lines_with("more guest-caused lines suppressed"), 1u) << "the log says how many lines it left out";
+}
+
+// RDMA-CM requests a guest may repeat at will (binding to an address that
+// is not its own) are each refused, and logged within the context's bound.
+TEST_F(Hostile, RefusedCmBindsAreBoundedInTheLog) {
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim());
+  RawGuest guest(xen_.as(5), 5, 40);
+  auto create = request(VIBIF_OP_CM_CREATE_ID);
+  create.u.cm_create_id.port_space = VIBIF_CM_PS_TCP;
+  create.u.cm_create_id.qp_type = VIBIF_QPT_RC;
+  const auto id = guest.call(create);
+  ASSERT_TRUE(id);
+  ASSERT_EQ(id->hdr.status, VIBIF_OK);
+  for (int i = 0; i < 200; ++i) {
+    auto bind = request(VIBIF_OP_CM_BIND);
+    bind.u.cm_bind.id = id->u.handle.handle;
+    bind.u.cm_bind.addr.family = VIBIF_AF_INET;
+    bind.u.cm_bind.addr.port = static_cast<std::uint16_t>(20000 + i);
+    const std::uint8_t someone_elses[4] = {192, 0, 2, static_cast<std::uint8_t>(1 + i % 200)};
+    std::memcpy(bind.u.cm_bind.addr.addr, someone_elses, sizeof someone_elses);
+    const auto rsp = guest.call(bind);
+    ASSERT_TRUE(rsp) << "bind " << i;
+    ASSERT_EQ(rsp->hdr.status, VIBIF_EADDRNOTAVAIL) << "bind " << i;
+  }
+  victim_is_served();
+  EXPECT_LE(log_lines_with("CM bind to "), 20u) << "200 refusals are not 200 lines of dom0's log";
+  EXPECT_GE(log_lines_with("CM bind to "), 1u) << "the first refusals are logged";
+}
+
+// A device opens at most max-contexts (64) contexts at once, whoever asks:
+// the next is refused with a reason, and one closed makes room again.
+TEST_F(Hostile, ContextsBeyondMaxContextsAreRefused) {
+  ASSERT_NO_FATAL_FAILURE(attacker_and_victim());
+  EXPECT_EQ(store_->read(kNoTransaction, be(5) + "/" VIBIF_XS_MAX_CONTEXTS), std::to_string(VIBIF_MAX_CONTEXTS));
+  std::vector<std::unique_ptr<RawGuest>> open;
+  for (unsigned id = 0; id < VIBIF_MAX_CONTEXTS; ++id) open.push_back(std::make_unique<RawGuest>(xen_.as(5), 5, id));
+  EXPECT_THROW(RawGuest(xen_.as(5), 5, 500), std::runtime_error);
+  EXPECT_EQ(store_->read(kNoTransaction, be(5) + "/ctx/500/" VIBIF_XS_ERROR), "too many contexts");
+  victim_is_served();  // another domain's device has its own 64
+  open.front()->set_state(5);
+  ASSERT_TRUE(eventually(be(5) + "/ctx/0/state", std::nullopt));
+  RawGuest again(xen_.as(5), 5, 501);
+  EXPECT_TRUE(again.call(request(VIBIF_OP_QUERY_DEVICE)));
 }
 
 // vibd in a driver domain (7) reads the guests' front-end directories only
