@@ -563,6 +563,45 @@ TEST_F(DataPath, MallocdBuffersRegisterWhileOtherThreadsAllocate) {
   EXPECT_GT(checked.load(), 0u) << "the allocating threads never ran";
 }
 
+// Issue 11: a device's `pkeys` list confines its guest, through vibd as on
+// the soft HCA itself. Guests in partitions 0x8001 and 0x8002 of one HCA
+// cannot reach each other (RC retries out, nothing lands), two in 0x8001
+// can, and a P_Key index beyond the guest's own list is EPERM.
+TEST_F(DataPath, GuestsInDifferentPartitionsCannotReachEachOther) {
+  const std::pair<vib::platform::DomId, const char*> devices[] = {{7, "0x8001"}, {8, "0x8002"}, {9, "0x8001"}};
+  for (auto [domid, pkeys] : devices) {
+    xen_.create_domain(domid);
+    vib::platform::with_transaction(*store_, [&](vib::platform::TransactionId tx) {
+      provision_in(tx, domid, "soft");
+      store_->write(tx, be(domid) + "/" VIBIF_XS_PKEYS, pkeys);
+    });
+  }
+  for (auto [domid, pkeys] : devices) ASSERT_TRUE(eventually(be(domid) + "/state", "2")) << "domain " << domid;
+
+  Endpoint in_8001(xen_.as(7)), in_8002(xen_.as(8));
+  in_8001.connect(in_8002);
+  in_8002.connect(in_8001);
+  std::memset(in_8002.buf, 0x11, 64);
+  std::memset(in_8001.buf + 64, 0x22, 64);
+  EXPECT_EQ(in_8001.rdma(IBV_WR_RDMA_WRITE, 64, 64, reinterpret_cast<std::uintptr_t>(in_8002.buf), in_8002.mr->rkey()),
+            IBV_WC_RETRY_EXC_ERR);
+  EXPECT_EQ(static_cast<unsigned char>(in_8002.buf[0]), 0x11) << "a write crossed partitions";
+  EXPECT_EQ(static_cast<unsigned char>(in_8002.buf[63]), 0x11) << "a write crossed partitions";
+
+  Endpoint left(xen_.as(7)), right(xen_.as(9));
+  left.connect(right);
+  right.connect(left);
+  EXPECT_TRUE(lands(left, right.buf + 8, right.mr->rkey(), 'k')) << "same partition, other guest";
+
+  vib::front::QpInit init;
+  init.send_cq = init.recv_cq = left.cq.get();
+  init.cap = ibv_qp_cap{4, 4, 1, 1, 0};
+  auto qp = left.pd->create_qp(init);
+  auto steps = vib::test::rc_connect_steps(right.lid, right.qp->qp_num(), kAccess);
+  steps[0].attr.pkey_index = 1;  // the guest's list has one entry
+  EXPECT_EQ(qp->modify(steps[0].attr, steps[0].mask), EPERM);
+}
+
 // vib-devinfo's output for domain `domid` of the host-local Xen in `dir`.
 std::string run_devinfo(const std::string& dir, int domid) {
   const std::string cmd = std::string(VIB_DEVINFO) + " --local-xen " + dir + " --domid " + std::to_string(domid);
