@@ -179,6 +179,44 @@ TEST_F(Programs, RdmaCheckVerifiesEveryByteOfEveryOperation) {
                  R"(fetch-and-add and compare-and-swap, 1 to 65536 bytes: \d+ bytes verified here, all correct)");
 }
 
+// A program that had the device open when its back-end died (vibd killed
+// and started again, as systemd's Restart= does) gets IBV_EVENT_DEVICE_FATAL,
+// opens the device again and goes on: rdma_check -r closes everything,
+// reopens, reconnects with its peer and redoes the interrupted iteration,
+// every byte still checked; -E ends it 20 iterations later.
+TEST_F(Programs, RdmaCheckReopensTheDeviceAfterVibdRestarts) {
+  const unsigned port = free_port();
+  std::vector<std::string> server = {RDMA_CHECK, "-p", std::to_string(port), "-n", "100000", "-r", "1"};
+  std::vector<std::string> client = server;
+  client.insert(client.end(), {"-E", "20", "localhost"});
+  const std::string server_out = xen_.dir() + "/server.out", client_out = xen_.dir() + "/client.out";
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  const pid_t s = start(5, server, server_out);
+  while (!listening(s, port) && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  const pid_t c = start(6, client, client_out);
+  // Both have set up and are moving data: any moment from here on is one
+  // the programs must survive.
+  auto connected = [&](const std::string& out) { return slurp(out).find("connected to the peer") != std::string::npos; };
+  while (!(connected(server_out) && connected(client_out)) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(connected(server_out) && connected(client_out)) << slurp(server_out) << slurp(client_out);
+  kill_vibd();
+  start_vibd(VIBD, xen_.dir() + "/vibd-again.log");
+  const ProgramRun client_run = finish(c, client_out, deadline);
+  const ProgramRun server_run = finish(s, server_out, deadline);
+  for (const auto* run : {&server_run, &client_run}) {
+    EXPECT_FALSE(run->timed_out) << run->output;
+    EXPECT_TRUE(WIFEXITED(run->status) && WEXITSTATUS(run->status) == 0) << "status " << run->status << ":\n"
+                                                                          << run->output;
+    EXPECT_TRUE(std::regex_search(run->output, std::regex(R"(bytes verified here, all correct)"))) << run->output;
+    EXPECT_NE(run->output.find("lost the device and reopened it 1 times"), std::string::npos) << run->output;
+  }
+  const std::string fatal = "the device is lost (IBV_EVENT_DEVICE_FATAL)";
+  EXPECT_TRUE(client_run.output.find(fatal) != std::string::npos || server_run.output.find(fatal) != std::string::npos)
+      << "one of them saw the fatal event itself";
+  if (HasFailure()) ADD_FAILURE() << "vibd logs:\n" << slurp(xen_.dir() + "/vibd.log") << slurp(xen_.dir() + "/vibd-again.log");
+}
+
 // ... and it can fail: one flipped byte in the last RDMA WRITE (-x on the
 // client) is found by the server, and both exit 1.
 TEST_F(Programs, RdmaCheckFindsAFlippedByte) {

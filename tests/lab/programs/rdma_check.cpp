@@ -17,12 +17,21 @@
 // written past the end), the client what it read and the atomics' old
 // values. Any mismatch, error status or timeout: a message saying which
 // iteration, operation, size and byte, and exit status 1, on both sides.
+//
+// With -r N, a side whose device is lost (an operation fails and the device
+// reports IBV_EVENT_DEVICE_FATAL: vib's back-end restarted, the guest was
+// saved and restored) closes everything, opens the device again (waiting up
+// to 60 s for it to come back), reconnects with its peer over the same TCP
+// connection and redoes the interrupted iteration, at most N times; the
+// peer, told over TCP, does the same. With -E M the client ends the run M
+// iterations after the first such recovery (-n stays the upper bound).
 #include <arpa/inet.h>
 #include <endian.h>
 #include <infiniband/verbs.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -36,6 +45,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -48,6 +58,12 @@ using namespace std::chrono_literals;
 
 struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
+};
+
+// The peer lost its device and is reconnecting (recovery `number`).
+struct PeerLost : Failure {
+  explicit PeerLost(unsigned n) : Failure("the peer lost its device"), number(n) {}
+  unsigned number;
 };
 
 [[noreturn]] void fail(const std::string& what) { throw Failure(what); }
@@ -72,6 +88,8 @@ struct Options {
   // Self-test (-x): the client flips one byte of what it writes in the last
   // iteration, so the server must report a mismatch and both exit 1.
   bool corrupt_last_write = false;
+  unsigned recoveries = 0;  // -r: how often a lost device may be reopened
+  unsigned end_after = 0;   // -E (client): iterations after the first recovery; 0: run to -n
 };
 
 // ---- verbs resources, each released by its owner ----
@@ -109,6 +127,10 @@ class Socket {
     if (fd_ >= 0) ::close(fd_);
   }
   int fd() const { return fd_; }
+  // Whether `n` bytes are waiting, copied into `data` and left there.
+  bool peek(void* data, std::size_t n) const {
+    return ::recv(fd_, data, n, MSG_PEEK | MSG_DONTWAIT) == static_cast<ssize_t>(n);
+  }
 
   void send_all(const void* data, std::size_t n) const {
     const auto* p = static_cast<const std::uint8_t*>(data);
@@ -192,8 +214,9 @@ struct Endpoint {
   std::uint32_t atomics;  // 1: the device does atomics
 };
 
-// One step of the per-iteration handshake.
-enum class Step : std::uint32_t { Ready = 1, ClientDone, Verified, Mismatch };
+// One step of the handshake. Every message is a Message; an EndpointFollows
+// one is followed by an Endpoint. Reconnect carries the recovery's number.
+enum class Step : std::uint32_t { Ready = 1, ClientDone, Verified, Mismatch, Begin, Stop, EndpointFollows, Reconnect };
 struct Message {
   std::uint32_t step, iteration;
 };
@@ -202,14 +225,23 @@ void send_step(const Socket& s, Step step, unsigned iteration) {
   const Message m{htonl(static_cast<std::uint32_t>(step)), htonl(iteration)};
   s.send_all(&m, sizeof m);
 }
-void expect_step(const Socket& s, Step step, unsigned iteration) {
+// The next message; a Reconnect is thrown as PeerLost, a Mismatch as the
+// peer's failure.
+Message next_message(const Socket& s, unsigned iteration) {
   Message m{};
   s.recv_all(&m, sizeof m);
-  const auto got = static_cast<Step>(ntohl(m.step));
-  if (got == Step::Mismatch) fail(format("iteration %u: the peer found a mismatch or an error (see its output)", iteration));
-  if (got != step || ntohl(m.iteration) != iteration)
-    fail(format("iteration %u: out of step with the peer (got step %u of iteration %u)", iteration,
-                ntohl(m.step), ntohl(m.iteration)));
+  m.step = ntohl(m.step);
+  m.iteration = ntohl(m.iteration);
+  if (static_cast<Step>(m.step) == Step::Reconnect) throw PeerLost(m.iteration);
+  if (static_cast<Step>(m.step) == Step::Mismatch)
+    fail(format("iteration %u: the peer found a mismatch or an error (see its output)", iteration));
+  return m;
+}
+void expect_step(const Socket& s, Step step, unsigned iteration) {
+  const Message m = next_message(s, iteration);
+  if (static_cast<Step>(m.step) != step || m.iteration != iteration)
+    fail(format("iteration %u: out of step with the peer (got step %u of iteration %u)", iteration, m.step,
+                m.iteration));
 }
 
 // ---- the data: one buffer per side, in fixed regions of max_size bytes ----
@@ -279,7 +311,8 @@ std::uint64_t atomic_swap(unsigned iteration) { return ~static_cast<std::uint64_
 
 class Side {
  public:
-  explicit Side(const Options& o) : options_(o) {
+  // `peer`: watched while waiting for completions, for a Reconnect.
+  Side(const Options& o, const Socket& peer) : options_(o), peer_(peer) {
     int n = 0;
     DeviceList list(ibv_get_device_list(&n));
     if (!list || n == 0) fail("no RDMA device");
@@ -437,19 +470,40 @@ class Side {
 
   std::uint64_t peer_region(Region r) const { return peer_addr_ + r * region_; }
 
+  // Whether the device reports IBV_EVENT_DEVICE_FATAL within `limit`
+  // (other async events are acknowledged and passed over).
+  bool device_lost(std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      pollfd p{context_->async_fd, POLLIN, 0};
+      if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return false;
+      ibv_async_event event{};
+      if (ibv_get_async_event(context_.get(), &event) != 0) return false;
+      const ibv_event_type type = event.event_type;
+      ibv_ack_async_event(&event);
+      if (type == IBV_EVENT_DEVICE_FATAL) return true;
+    }
+  }
+
  private:
   // One completion from `cq` within 30 s, successful. Polls with a growing
-  // pause: the lab's guests have one virtual CPU for both processes.
-  static ibv_wc wait(ibv_cq* cq, const char* what, unsigned iteration) {
+  // pause: the lab's guests have one virtual CPU for both processes. A peer
+  // that lost its device meanwhile says so (PeerLost): this QP's partner is
+  // gone, so no completion may come.
+  ibv_wc wait(ibv_cq* cq, const char* what, unsigned iteration) const {
     const auto deadline = std::chrono::steady_clock::now() + 30s;
     auto pause = 1us;
     ibv_wc wc{};
-    for (;;) {
+    for (unsigned polls = 0;; ++polls) {
       const int n = ibv_poll_cq(cq, 1, &wc);
       if (n < 0) fail(format("iteration %u, %s: ibv_poll_cq failed", iteration, what));
       if (n == 1) break;
       if (std::chrono::steady_clock::now() > deadline)
         fail(format("iteration %u, %s: no completion within 30 s", iteration, what));
+      Message m{};
+      if (polls % 64 == 63 && peer_.peek(&m, sizeof m) && static_cast<Step>(ntohl(m.step)) == Step::Reconnect)
+        next_message(peer_, iteration);  // throws PeerLost
       std::this_thread::sleep_for(pause);
       if (pause < 1ms) pause *= 2;
     }
@@ -460,6 +514,7 @@ class Side {
   }
 
   const Options& options_;
+  const Socket& peer_;
   std::string device_name_;
   bool atomics_ = false, peer_atomics_ = false;
   ibv_port_attr port_{};
@@ -555,7 +610,7 @@ void drive_iteration(Side& side, const Socket& peer, unsigned it, std::size_t si
 Options parse(int argc, char** argv) {
   Options o;
   int c;
-  while ((c = ::getopt(argc, argv, "d:i:g:p:n:s:x")) != -1) {
+  while ((c = ::getopt(argc, argv, "d:i:g:p:n:s:xr:E:")) != -1) {
     switch (c) {
       case 'd': o.device = optarg; break;
       case 'i': o.ib_port = std::atoi(optarg); break;
@@ -564,9 +619,12 @@ Options parse(int argc, char** argv) {
       case 'n': o.iterations = static_cast<unsigned>(std::strtoul(optarg, nullptr, 10)); break;
       case 's': o.max_size = std::strtoul(optarg, nullptr, 10); break;
       case 'x': o.corrupt_last_write = true; break;
+      case 'r': o.recoveries = static_cast<unsigned>(std::strtoul(optarg, nullptr, 10)); break;
+      case 'E': o.end_after = static_cast<unsigned>(std::strtoul(optarg, nullptr, 10)); break;
       default:
         std::fprintf(stderr, "usage: %s [-d device] [-i ib_port] [-g gid_index] [-p tcp_port] [-n iterations] "
-                             "[-s max_size] [-x] [server_host]\n", argv[0]);
+                             "[-s max_size] [-x] [-r recoveries] [-E iterations_after_recovery] [server_host]\n",
+                     argv[0]);
         std::exit(2);
     }
   }
@@ -578,50 +636,149 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
+// A run: the TCP connection to the peer first, then the device and its
+// QP, which -r lets it open again when the device is lost.
+class Session {
+ public:
+  Session(const Options& o, Socket peer) : options_(o), client_(!o.server.empty()), peer_(std::move(peer)) {}
+
+  int run() {
+    const Options& o = options_;
+    std::size_t verified = 0, largest = 0;
+    unsigned it = 0;
+    const auto start = std::chrono::steady_clock::now();
+    while (it < o.iterations) {
+      try {
+        if (!side_) open();
+        if (client_) {
+          if (end_at_ && it >= *end_at_) {
+            send_step(peer_, Step::Stop, it);
+            break;
+          }
+          send_step(peer_, Step::Begin, it);
+          drive_iteration(*side_, peer_, it, size_of(it, o.max_size), o.corrupt_last_write && it + 1 == o.iterations);
+        } else {
+          const Message m = next_message(peer_, it);
+          if (static_cast<Step>(m.step) == Step::Stop && m.iteration == it) break;
+          if (static_cast<Step>(m.step) != Step::Begin || m.iteration != it)
+            fail(format("iteration %u: out of step with the peer (got step %u of iteration %u)", it, m.step, m.iteration));
+          serve_iteration(*side_, peer_, it, size_of(it, o.max_size));
+        }
+      } catch (const PeerLost& lost) {
+        recover(lost.number, /*peer_said_so=*/true, it);
+        continue;
+      } catch (const Failure& e) {
+        if (recoveries_ < o.recoveries && side_ && side_->device_lost(10s)) {
+          std::printf("rdma_check %s: iteration %u: %s; the device is lost (IBV_EVENT_DEVICE_FATAL)\n", role(), it,
+                      e.what());
+          recover(recoveries_ + 1, /*peer_said_so=*/false, it);
+          continue;
+        }
+        // Tell the peer why it should stop (best effort), then report.
+        try { send_step(peer_, Step::Mismatch, it); } catch (const Failure&) {}
+        throw;
+      }
+      const std::size_t size = size_of(it, o.max_size);
+      verified += client_ ? size : 3 * size;  // the client checks what it read, the server the rest
+      largest = std::max(largest, size);
+      ++it;
+    }
+    std::printf("rdma_check %s on %s: %u iterations of SEND with immediate, RDMA WRITE, RDMA WRITE with immediate, "
+                "RDMA READ%s, 1 to %zu bytes: %zu bytes verified here, all correct\n",
+                role(), side_->device_name().c_str(), it,
+                side_->atomics() ? ", fetch-and-add and compare-and-swap" : " (no atomics: the device has none)",
+                largest, verified);
+    if (recoveries_ > 0)
+      std::printf("rdma_check %s on %s: lost the device and reopened it %u times, %lld ms without it in all\n",
+                  role(), side_->device_name().c_str(), recoveries_, static_cast<long long>(without_.count()));
+    // The client's figure for comparing devices (natively over rxe, through
+    // vib): every iteration waits for each operation's completion in turn.
+    if (client_ && it > 0) {
+      const auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
+      std::printf("rdma_check client on %s: %u iterations in %lld ms, %lld usec per iteration\n",
+                  side_->device_name().c_str(), it, static_cast<long long>(us.count() / 1000),
+                  static_cast<long long>(us.count() / it));
+    }
+    return 0;
+  }
+
+ private:
+  const char* role() const { return client_ ? "client" : "server"; }
+
+  // The device, its QP connected to the peer's. After a loss the device may
+  // take a while to come back (a restarting back-end, a restored guest).
+  void open() {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    for (;;) {
+      try {
+        side_ = std::make_unique<Side>(options_, peer_);
+        break;
+      } catch (const Failure&) {
+        if (recoveries_ == 0 || std::chrono::steady_clock::now() > deadline) throw;
+        std::this_thread::sleep_for(200ms);
+      }
+    }
+    const Endpoint mine = side_->local_endpoint();
+    send_step(peer_, Step::EndpointFollows, recoveries_);
+    peer_.send_all(&mine, sizeof mine);
+    const Message m = next_message(peer_, 0);
+    if (static_cast<Step>(m.step) != Step::EndpointFollows || m.iteration != recoveries_)
+      fail(format("out of step with the peer while connecting (got step %u, %u)", m.step, m.iteration));
+    Endpoint theirs{};
+    peer_.recv_all(&theirs, sizeof theirs);
+    side_->connect(theirs);
+    std::printf("rdma_check %s on %s: connected to the peer's QP %u\n", role(), side_->device_name().c_str(),
+                ntohl(theirs.qpn));
+    if (recoveries_ > 0) without_ += std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - lost_since_);
+  }
+
+  // Lets go of everything the lost device held and agrees with the peer on
+  // starting again: both send Reconnect; the side that noticed first waits
+  // for the other's, passing over whatever the interrupted iteration left
+  // in the connection.
+  void recover(unsigned number, bool peer_said_so, unsigned iteration) {
+    if (recoveries_ >= options_.recoveries)
+      fail(format("iteration %u: the peer lost its device (see its output)", iteration));
+    if (number != recoveries_ + 1) fail(format("the peer is at recovery %u, this side at %u", number, recoveries_ + 1));
+    ++recoveries_;
+    lost_since_ = std::chrono::steady_clock::now();
+    side_.reset();
+    send_step(peer_, Step::Reconnect, number);
+    while (!peer_said_so) {
+      Message m{};
+      peer_.recv_all(&m, sizeof m);
+      const auto step = static_cast<Step>(ntohl(m.step));
+      if (step == Step::Reconnect && ntohl(m.iteration) == number) break;
+      if (step == Step::Mismatch) fail(format("iteration %u: the peer failed while this side recovered (see its output)", iteration));
+      if (step == Step::EndpointFollows) {
+        Endpoint stale{};
+        peer_.recv_all(&stale, sizeof stale);
+      }
+    }
+    if (client_ && options_.end_after > 0 && !end_at_) end_at_ = iteration + options_.end_after;
+  }
+
+  const Options& options_;
+  const bool client_;
+  Socket peer_;
+  std::unique_ptr<Side> side_;
+  unsigned recoveries_ = 0;
+  std::optional<unsigned> end_at_;  // the client stops before this iteration (-E)
+  std::chrono::steady_clock::time_point lost_since_{};
+  std::chrono::milliseconds without_{0};
+};
+
 int run(const Options& o) {
   const bool client = !o.server.empty();
-  Side side(o);
   Socket peer = client ? tcp_connect(o.server, o.tcp_port) : tcp_listen_and_accept(o.tcp_port);
-  const Endpoint mine = side.local_endpoint();
-  Endpoint theirs{};
-  peer.send_all(&mine, sizeof mine);
-  peer.recv_all(&theirs, sizeof theirs);
-  side.connect(theirs);
-
-  std::size_t verified = 0, largest = 0;
-  const auto start = std::chrono::steady_clock::now();
-  for (unsigned it = 0; it < o.iterations; ++it) {
-    const std::size_t size = size_of(it, o.max_size);
-    try {
-      if (client) drive_iteration(side, peer, it, size, o.corrupt_last_write && it + 1 == o.iterations);
-      else serve_iteration(side, peer, it, size);
-    } catch (const Failure&) {
-      // Tell the peer why it should stop (best effort), then report.
-      try { send_step(peer, Step::Mismatch, it); } catch (const Failure&) {}
-      throw;
-    }
-    verified += client ? size : 3 * size;  // the client checks what it read, the server the rest
-    largest = std::max(largest, size);
-  }
-  std::printf("rdma_check %s on %s: %u iterations of SEND with immediate, RDMA WRITE, RDMA WRITE with immediate, "
-              "RDMA READ%s, 1 to %zu bytes: %zu bytes verified here, all correct\n",
-              client ? "client" : "server", side.device_name().c_str(), o.iterations,
-              side.atomics() ? ", fetch-and-add and compare-and-swap" : " (no atomics: the device has none)",
-              largest, verified);
-  // The client's figure for comparing devices (natively over rxe, through
-  // vib): every iteration waits for each operation's completion in turn.
-  if (client) {
-    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
-    std::printf("rdma_check client on %s: %u iterations in %lld ms, %lld usec per iteration\n",
-                side.device_name().c_str(), o.iterations, static_cast<long long>(us.count() / 1000),
-                static_cast<long long>(us.count() / o.iterations));
-  }
-  return 0;
+  return Session(o, std::move(peer)).run();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Line by line: a run killed by a timeout still shows how far it got.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const Options options = parse(argc, argv);
   try {
     return run(options);
