@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <sys/eventfd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <future>
@@ -32,6 +33,9 @@ constexpr std::size_t kLargePages = 256;  // mappings this big from kSlowGuest a
 class HoldingMapper final : public GrantMapper {
  public:
   explicit HoldingMapper(std::unique_ptr<GrantMapper> real) : real_(std::move(real)) {}
+  // The test's release() may still be leaving the lock when the daemon's
+  // thread destroys this: taking it orders the two.
+  ~HoldingMapper() override { std::lock_guard lock(mu); }
   std::unique_ptr<GrantMapping> map(DomId granter, std::span<const GrantRef> refs, bool writable,
                                     const UnmapNotify& notify) override {
     hold_if_large(granter, refs);
@@ -88,16 +92,18 @@ class VibdThreads : public vib::test::VibdFixture {
     mapper_ = nullptr;  // went with the daemon
   }
   bool wait_until_held() {
-    for (int i = 0; i < 1000 && !mapper_; ++i) std::this_thread::sleep_for(5ms);
-    if (!mapper_) return false;
-    std::unique_lock lock(mapper_->mu);
-    return mapper_->cv.wait_for(lock, 10s, [&] { return mapper_->holding; });
+    HoldingMapper* mapper = nullptr;
+    for (int i = 0; i < 1000 && !(mapper = mapper_.load()); ++i) std::this_thread::sleep_for(5ms);
+    if (!mapper) return false;
+    std::unique_lock lock(mapper->mu);
+    return mapper->cv.wait_for(lock, 10s, [&] { return mapper->holding; });
   }
   void release() {
-    if (!mapper_) return;
-    std::lock_guard lock(mapper_->mu);
-    mapper_->released = true;
-    mapper_->cv.notify_all();
+    HoldingMapper* mapper = mapper_.load();
+    if (!mapper) return;
+    std::lock_guard lock(mapper->mu);
+    mapper->released = true;
+    mapper->cv.notify_all();
   }
   std::unique_ptr<Device> open(DomId domid) {
     vib::front::ChannelOptions options;
@@ -108,7 +114,7 @@ class VibdThreads : public vib::test::VibdFixture {
   UniqueFd stop_;
   std::thread daemon_;
   int exit_code_ = -1;
-  HoldingMapper* mapper_ = nullptr;  // owned by the daemon's environment
+  std::atomic<HoldingMapper*> mapper_{nullptr};  // owned by the daemon's environment, set on its thread
 };
 
 // Everything a process does to get going, with a small registration.

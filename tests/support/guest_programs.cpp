@@ -85,11 +85,11 @@ pid_t start_guest_program(const GuestEnvironment& guest, platform::DomId domid, 
       "VIB_DOMID=" + std::to_string(domid),
       "PATH=/usr/bin:/bin",
   };
-  if (!guest.asan_runtime.empty()) {
-    // vib's libraries are built with AddressSanitizer, the programs are not:
-    // the sanitizer's runtime must be loaded first, and the programs' own
-    // leaks at exit are not ours to report.
-    env.push_back("LD_PRELOAD=" + guest.asan_runtime);
+  if (!guest.sanitizer_runtime.empty()) {
+    // vib's libraries are built with a sanitizer, the programs are not: the
+    // sanitizer's runtime must be loaded first, and the programs' own leaks
+    // at exit are not ours to report (AddressSanitizer).
+    env.push_back("LD_PRELOAD=" + guest.sanitizer_runtime);
     env.push_back("ASAN_OPTIONS=detect_leaks=0");
   }
   env.insert(env.end(), guest.extra.begin(), guest.extra.end());

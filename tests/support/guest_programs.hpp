@@ -23,18 +23,18 @@ struct ProgramRun {
 struct GuestEnvironment {
   std::string library_dir;  // vib's libibverbs.so.1 (and librdmacm.so.1)
   std::string local_xen_dir;
-  std::string asan_runtime;  // preloaded when vib's libraries are sanitized
+  std::string sanitizer_runtime;  // preloaded when vib's libraries are sanitized
   std::vector<std::string> extra;  // more NAME=value entries
 };
 
 // vib's libraries in `library_dir`; with a sanitized build (the including
-// test target defines VIB_ASAN_RUNTIME), the sanitizer runtime preloaded.
+// test target defines VIB_SANITIZER_RUNTIME), the sanitizer runtime preloaded.
 inline GuestEnvironment guest_environment(const std::string& library_dir, const std::string& local_xen_dir) {
   GuestEnvironment env;
   env.library_dir = library_dir;
   env.local_xen_dir = local_xen_dir;
-#ifdef VIB_ASAN_RUNTIME
-  env.asan_runtime = VIB_ASAN_RUNTIME;
+#ifdef VIB_SANITIZER_RUNTIME
+  env.sanitizer_runtime = VIB_SANITIZER_RUNTIME;
 #endif
   return env;
 }
