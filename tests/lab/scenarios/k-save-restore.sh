@@ -9,7 +9,9 @@
 # context belonged to the old domain), opens the restored domain's device,
 # reconnects and goes on, every byte checked, and ends 20 iterations later
 # with status 0; a new pair works too, and the guest's kernel logs no
-# complaint. In dom0, vibd holds no grant mapping once the
+# complaint. In dom0, `xl vib-list -l` shows, while the pair runs, what its
+# two processes created (each a PD, two CQs, a QP and an MR) and counts the
+# work requests as they are served; vibd holds no grant mapping once the
 # saved domain has gone, and holds the same after the restored one is
 # destroyed.
 #
@@ -96,6 +98,20 @@ guest_memory=256   # the save file lives in dom0's memory (its root is an initra
 start_guest "vib = [ 'hca=soft,script=vib' ]"
 saved_domid=$guest_domid
 wait_until 200 phase_is traffic || { guest_report 1; fail "the guest's traffic did not start within 200 s"; }
+# `xl vib-list -l` columns of a context row: id, PDs, CQs, QPs, SRQs, MRs,
+# AHs, pinned pages, requests, errors, WQEs, completions, errors, activity.
+listed_objects_match() {
+  xl vib-list -l vib-guest > /tmp/list.out 2>&1 || return 1
+  grep -q 'PDs 2/.* CQs 4/.* QPs 2/.* SRQs 0/.* MRs 2/.* AHs 0/' /tmp/list.out &&
+    [ "$(awk '$2 == 1 && $3 == 2 && $4 == 1 && $5 == 0 && $6 == 1 && $7 == 0' /tmp/list.out | wc -l)" = 2 ]
+}
+listed_wqes() { xl vib-list -l vib-guest | awk '$2 == 1 && $3 == 2 && $4 == 1 {n += $11} END {print n + 0}'; }
+more_wqes_than() { [ "$(listed_wqes)" -gt "$1" ]; }
+wait_until 20 listed_objects_match || { cat /tmp/list.out; fail "xl vib-list -l does not show the pair's objects"; }
+cat /tmp/list.out
+before=$(listed_wqes)
+wait_until 20 more_wqes_than "$before" || fail "xl vib-list -l counted no work request in 20 s of traffic (still $before)"
+echo "xl vib-list -l: the pair's objects, and work requests counted as served ($before, then $(listed_wqes)): ok"
 echo "== xl save vib-guest in the middle of traffic, then xl restore"
 xl save vib-guest /tmp/vib-guest.save || fail "xl save failed"
 ls -l /tmp/vib-guest.save
