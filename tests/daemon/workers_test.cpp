@@ -266,3 +266,42 @@ TEST_F(Workers, StoppingLetsGoOfEveryContext) {
   }
   for (auto& c : contexts) EXPECT_EQ(c.use_count(), 1) << "joined workers hold nothing";
 }
+
+// ---- SpinPolicy: when a worker may spin (issue 12) --------------------------
+
+using vib::backend::SpinPolicy;
+
+TEST(SpinPolicy, NeverSpinsWhenSpinningIsOff) {
+  SpinPolicy policy(0us);
+  EXPECT_EQ(policy.budget(SpinPolicy::Clock::now()), 0us);
+}
+
+// Spinning pays only while the work comes back within a spin's window; once
+// most idle periods outlast it, the worker sleeps at once, and spins again
+// when the work comes back quickly again.
+TEST(SpinPolicy, SpinsOnlyWhileSpinsWouldCatchTheWork) {
+  SpinPolicy policy(200us);
+  const auto now = SpinPolicy::Clock::now();
+  EXPECT_EQ(policy.budget(now), 200us) << "a new worker spins";
+  for (int i = 0; i < 8; ++i) policy.slept(5ms);
+  EXPECT_EQ(policy.budget(now), 0us) << "eight idle periods longer than the window";
+  for (int i = 0; i < 8; ++i) policy.slept(50us);
+  EXPECT_EQ(policy.budget(now), 200us) << "eight short ones";
+}
+
+// A spin that got little CPU for its wall time was taking turns with other
+// threads (the guests it serves, on a dom0 with few CPUs): spinning stops
+// for a back-off, then resumes.
+TEST(SpinPolicy, AStarvedSpinStopsSpinningForAWhile) {
+  SpinPolicy policy(200us);
+  ASSERT_EQ(policy.budget(SpinPolicy::Clock::now()), 200us);
+  policy.spin_started();
+  const auto start = SpinPolicy::Clock::now();
+  // Ends, as far as the policy can tell, 5 ms of wall time later, having
+  // used microseconds of CPU.
+  const auto end = start + 5ms;
+  policy.spin_ended(end, /*found_work=*/true);
+  EXPECT_EQ(policy.budget(end), 0us);
+  EXPECT_GE(policy.contended(), 1u);
+  EXPECT_EQ(policy.budget(end + 2s), 200us) << "the back-off ends";
+}
