@@ -163,14 +163,37 @@ class XenChannel final : public Channel {
     });
   }
 
-  void open_context() {
-    // The pid names the context; a stale node of an earlier pid is skipped.
-    ctxid_ = static_cast<unsigned>(::getpid()) % VIBIF_MAX_CTXID;
-    while (store_->read(kNoTransaction, frontend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_) + "/state"))
-      ctxid_ = (ctxid_ + 1) % VIBIF_MAX_CTXID;
+  // The pid names the context; an id in use (another process's, or a stale
+  // node of an earlier pid) is skipped. Looking and claiming happen in one
+  // transaction: two processes that open at the same moment (both
+  // reopening after their back-end restarted) would otherwise both find an
+  // id free and write the same context's nodes.
+  void claim_context_id() {
+    platform::with_transaction(*store_, [&](platform::TransactionId tx) {
+      ctxid_ = static_cast<unsigned>(::getpid()) % VIBIF_MAX_CTXID;
+      while (store_->read(tx, frontend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_) + "/state"))
+        ctxid_ = (ctxid_ + 1) % VIBIF_MAX_CTXID;
+      store_->write(tx, frontend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_) + "/state",
+                    str(XenbusState::initialising));
+    });
     ctx_path_ = frontend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_);
     backend_ctx_ = backend_ + "/" VIBIF_XS_CTX_DIR "/" + std::to_string(ctxid_);
+  }
 
+  void open_context() {
+    claim_context_id();
+    try {
+      connect_context();
+    } catch (...) {
+      try {
+        store_->remove(kNoTransaction, ctx_path_);  // the claim goes with the attempt
+      } catch (const std::exception&) {
+      }
+      throw;
+    }
+  }
+
+  void connect_context() {
     events_ = platform::open_frontend_event_channels(options_.xen);
     port_ = events_->bind_unbound(backend_domid_);
     // If this process dies, the ring's unmap clears its alive byte, and the
@@ -202,7 +225,6 @@ class XenChannel final : public Channel {
     });
     if (platform::parse_state(*state) != XenbusState::connected) {
       const auto why = store_->read(kNoTransaction, backend_ctx_ + "/" VIBIF_XS_ERROR);
-      store_->remove(kNoTransaction, ctx_path_);
       fail(ECONNREFUSED, "the back-end refused the context" + (why ? ": " + *why : std::string()));
     }
     store_->write(kNoTransaction, ctx_path_ + "/state", str(XenbusState::connected));

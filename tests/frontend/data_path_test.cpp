@@ -13,9 +13,11 @@
 #include <dirent.h>
 #include <malloc.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -600,6 +602,72 @@ TEST_F(DataPath, GuestsInDifferentPartitionsCannotReachEachOther) {
   auto steps = vib::test::rc_connect_steps(right.lid, right.qp->qp_num(), kAccess);
   steps[0].attr.pkey_index = 1;  // the guest's list has one entry
   EXPECT_EQ(qp->modify(steps[0].attr, steps[0].mask), EPERM);
+}
+
+// Processes of one guest that open the device at the same moment each get
+// a context of their own, also when the ids their pids suggest are taken
+// (stale nodes here, other processes' contexts in life) and they all move
+// on to the same free one, as processes reopening after a back-end restart
+// do: looking for a free id and claiming it is one transaction.
+TEST_F(DataPath, ProcessesOpeningAtOnceGetContextsOfTheirOwn) {
+  constexpr int kProcesses = 6;
+  int go[2], ids[2], release[2];
+  ASSERT_EQ(::pipe(go), 0);
+  ASSERT_EQ(::pipe(ids), 0);
+  ASSERT_EQ(::pipe(release), 0);
+  std::vector<pid_t> children;
+  for (int i = 0; i < kProcesses; ++i) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      char byte;
+      if (::read(go[0], &byte, 1) != 1) std::_Exit(2);
+      // Held until the parent has every id: a context closed earlier would
+      // free its id for the next process.
+      std::unique_ptr<Device> device;
+      std::unique_ptr<vib::front::Pd> pd;
+      std::uint32_t id = 0;
+      try {
+        vib::front::ChannelOptions options;
+        options.xen = xen_.as(5);
+        device = Device::open(options);
+        pd = device->alloc_pd();  // the context is served, not merely named
+        id = device->channel().context_id();
+      } catch (const std::exception&) {
+        std::_Exit(3);
+      }
+      if (::write(ids[1], &id, sizeof id) != sizeof id) std::_Exit(4);
+      if (::read(release[0], &byte, 1) != 1) std::_Exit(5);
+      std::_Exit(0);
+    }
+    children.push_back(pid);
+  }
+  // Every id from the lowest child's pid to the highest looks taken: all
+  // of them go looking for the same next one.
+  std::vector<unsigned> first;
+  for (pid_t pid : children) first.push_back(static_cast<unsigned>(pid) % VIBIF_MAX_CTXID);
+  const auto [low, high] = std::minmax_element(first.begin(), first.end());
+  auto guest = vib::platform::open_xenstore(xen_.as(5));
+  for (unsigned id = *low; id <= *high && *high - *low < 256; ++id)
+    guest->write(vib::platform::kNoTransaction, fe(5) + "/ctx/" + std::to_string(id) + "/state", "6");
+  const std::string all_go(kProcesses, 'g');
+  ASSERT_EQ(::write(go[1], all_go.data(), all_go.size()), static_cast<ssize_t>(all_go.size()));
+  std::set<std::uint32_t> got;
+  for (int i = 0; i < kProcesses; ++i) {
+    pollfd p{ids[0], POLLIN, 0};
+    if (::poll(&p, 1, 20000) != 1) break;
+    std::uint32_t id = 0;
+    if (::read(ids[0], &id, sizeof id) != sizeof id) break;
+    got.insert(id);
+  }
+  ASSERT_EQ(::write(release[1], all_go.data(), all_go.size()), static_cast<ssize_t>(all_go.size()));
+  for (pid_t pid : children) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child " << pid << " status " << status;
+  }
+  EXPECT_EQ(got.size(), static_cast<std::size_t>(kProcesses)) << "each process its own context";
+  for (int fd : {go[0], go[1], ids[0], ids[1], release[0], release[1]}) ::close(fd);
 }
 
 // vib-devinfo's output for domain `domid` of the host-local Xen in `dir`.
