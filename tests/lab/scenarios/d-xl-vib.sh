@@ -15,7 +15,8 @@
 #
 # dom0 gets /vib/vibd, /vib/xl-vib, /vib/vib-devinfo, /vib/vib (the hotplug
 # script, so /vib is vibd's --scripts-dir), /vib/xl (the front),
-# /vib/vib-rdma-check and vib's /vib/libibverbs.so.1; the guest the same.
+# /vib/vib-rdma-check, vib's /vib/libibverbs.so.1 and /vib/vibgrant.ko (the
+# guest module registration needs); the guest the same.
 . /lab-common.sh
 
 if [ "$1" = guest ]; then
@@ -62,6 +63,7 @@ if [ "$1" = guest ]; then
   # a hang is cut at 100 s. Only the verdicts go to the report (dom0 reads
   # its last 1500 bytes), whole outputs on a failure.
   export LD_LIBRARY_PATH=/vib
+  insmod /vib/vibgrant.ko || { echo "guest: FAIL: insmod vibgrant.ko"; exit 1; }
   failed=0
   for device in "vib0" "vib1 -g 0"; do
     timeout 100 /vib/vib-rdma-check -d $device -n 16 > /tmp/check-server.out 2>&1 &
