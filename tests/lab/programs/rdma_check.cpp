@@ -237,11 +237,13 @@ Message next_message(const Socket& s, unsigned iteration) {
     fail(format("iteration %u: the peer found a mismatch or an error (see its output)", iteration));
   return m;
 }
-void expect_step(const Socket& s, Step step, unsigned iteration) {
-  const Message m = next_message(s, iteration);
+void check_step(const Message& m, Step step, unsigned iteration) {
   if (static_cast<Step>(m.step) != step || m.iteration != iteration)
     fail(format("iteration %u: out of step with the peer (got step %u of iteration %u)", iteration, m.step,
                 m.iteration));
+}
+void expect_step(const Socket& s, Step step, unsigned iteration) {
+  check_step(next_message(s, iteration), step, iteration);
 }
 
 // ---- the data: one buffer per side, in fixed regions of max_size bytes ----
@@ -475,7 +477,8 @@ class Side {
   bool device_lost(std::chrono::milliseconds limit) {
     const auto deadline = std::chrono::steady_clock::now() + limit;
     for (;;) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       pollfd p{context_->async_fd, POLLIN, 0};
       if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return false;
       ibv_async_event event{};
@@ -648,6 +651,7 @@ class Session {
     unsigned it = 0;
     const auto start = std::chrono::steady_clock::now();
     while (it < o.iterations) {
+      const std::size_t size = size_of(it, o.max_size);
       try {
         if (!side_) open();
         if (client_) {
@@ -656,13 +660,12 @@ class Session {
             break;
           }
           send_step(peer_, Step::Begin, it);
-          drive_iteration(*side_, peer_, it, size_of(it, o.max_size), o.corrupt_last_write && it + 1 == o.iterations);
+          drive_iteration(*side_, peer_, it, size, o.corrupt_last_write && it + 1 == o.iterations);
         } else {
           const Message m = next_message(peer_, it);
           if (static_cast<Step>(m.step) == Step::Stop && m.iteration == it) break;
-          if (static_cast<Step>(m.step) != Step::Begin || m.iteration != it)
-            fail(format("iteration %u: out of step with the peer (got step %u of iteration %u)", it, m.step, m.iteration));
-          serve_iteration(*side_, peer_, it, size_of(it, o.max_size));
+          check_step(m, Step::Begin, it);
+          serve_iteration(*side_, peer_, it, size);
         }
       } catch (const PeerLost& lost) {
         recover(lost.number, /*peer_said_so=*/true, it);
@@ -678,7 +681,6 @@ class Session {
         try { send_step(peer_, Step::Mismatch, it); } catch (const Failure&) {}
         throw;
       }
-      const std::size_t size = size_of(it, o.max_size);
       verified += client_ ? size : 3 * size;  // the client checks what it read, the server the rest
       largest = std::max(largest, size);
       ++it;
@@ -729,7 +731,8 @@ class Session {
     side_->connect(theirs);
     std::printf("rdma_check %s on %s: connected to the peer's QP %u\n", role(), side_->device_name().c_str(),
                 ntohl(theirs.qpn));
-    if (recoveries_ > 0) without_ += std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - lost_since_);
+    if (recoveries_ > 0)
+      without_ += std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - lost_since_);
   }
 
   // Lets go of everything the lost device held and agrees with the peer on
@@ -749,7 +752,8 @@ class Session {
       peer_.recv_all(&m, sizeof m);
       const auto step = static_cast<Step>(ntohl(m.step));
       if (step == Step::Reconnect && ntohl(m.iteration) == number) break;
-      if (step == Step::Mismatch) fail(format("iteration %u: the peer failed while this side recovered (see its output)", iteration));
+      if (step == Step::Mismatch)
+        fail(format("iteration %u: the peer failed while this side recovered (see its output)", iteration));
       if (step == Step::EndpointFollows) {
         Endpoint stale{};
         peer_.recv_all(&stale, sizeof stale);
