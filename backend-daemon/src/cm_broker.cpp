@@ -470,9 +470,9 @@ int CmBroker::listen(Id& id, std::uint32_t backlog) {
   if (id.state != Id::State::bound) return VIBIF_EINVAL;
   id.backlog = backlog == 0 || backlog > kDefaultBacklog ? kDefaultBacklog : backlog;
   id.state = Id::State::listening;
-  id.ep->log_.log(LogLevel::info,
-           std::string("RDMA-CM listening at ") + id.src_ip.str() + " port " + std::to_string(id.src_port) +
-               (id.port_space == VIBIF_CM_PS_UDP ? " (UDP)" : " (TCP)"));
+  id.ep->log_.log(LogLevel::info, std::string("RDMA-CM listening at ") + id.src_ip.str() + " port " +
+                                      std::to_string(id.src_port) +
+                                      (id.port_space == VIBIF_CM_PS_UDP ? " (UDP)" : " (TCP)"));
   // Requests that arrived just before this listener now find it.
   std::vector<Id*> waiting;
   for (CmEndpoint* ep : endpoints_)
@@ -582,9 +582,9 @@ void CmBroker::deliver_request(Id& id, Id& listener) {
   p.srq = id.srq;
   p.qp_num = ud ? 0 : id.qp_num;
   queue_event(listener, kConnectRequest, 0, &p, id.request_data.data(), id.request_data.size(), child_handle);
-  id.ep->log_.log(LogLevel::debug,
-           "CM: " + id.src_ip.str() + ":" + std::to_string(id.src_port) + " -> " + id.dst_ip.str() + ":" +
-               std::to_string(id.dst_port) + " request to " + passive.subject_);
+  id.ep->log_.log(LogLevel::debug, "CM: " + id.src_ip.str() + ":" + std::to_string(id.src_port) + " -> " +
+                                       id.dst_ip.str() + ":" + std::to_string(id.dst_port) + " request to " +
+                                       passive.subject_);
 }
 
 int CmBroker::accept(Id& id, const vibif_cm_connect_req& r) {
@@ -703,8 +703,8 @@ void CmBroker::abandon(Id& id, const char* why) {
   else
     queue_event(*peer, peer->qp_type == VIBIF_QPT_UD ? kUnreachable : kRejected,
                 peer->qp_type == VIBIF_QPT_UD ? kSidrReject : kRejectConsumer);
-  id.ep->log_.log(LogLevel::debug,
-           "CM id " + std::to_string(id.handle) + " went (" + why + "): its peer " + peer->ep->subject_ + " told");
+  id.ep->log_.log(LogLevel::debug, "CM id " + std::to_string(id.handle) + " went (" + why + "): its peer " +
+                                       peer->ep->subject_ + " told");
 }
 
 void CmBroker::destroy(Id& id) {

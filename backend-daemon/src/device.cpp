@@ -660,14 +660,15 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
   store.write(kNoTransaction, be + "/state", str(XenbusState::connected));
   lifecycle_log_->log(LogLevel::info, subject_,
                       "connected: " + std::to_string(keys_.ring_refs.size()) + "-page ring, event channel " +
-               std::to_string(port_->port()) + ", doorbell grant " + std::to_string(keys_.doorbell_ref));
+                          std::to_string(port_->port()) + ", doorbell grant " + std::to_string(keys_.doorbell_ref));
 }
 
 Context::~Context() {
   env_.cm().close(*cm_);  // the peers of its connections learn it went
   lifecycle_log_->log(LogLevel::info, subject_,
                       "freed: " + control_.free_all() + "; " + std::to_string(requests_) + " requests served (" +
-               std::to_string(handed_over_) + " on the control pool), slept " + std::to_string(sleeps_) + " times");
+                          std::to_string(handed_over_) + " on the control pool), slept " + std::to_string(sleeps_) +
+                          " times");
 }
 
 bool Context::guest_alive() const {
