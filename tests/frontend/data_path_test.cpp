@@ -432,7 +432,7 @@ TEST_F(DataPath, TransparentHugePagesRegister) {
 class HugePageReservation {
  public:
   explicit HugePageReservation(long pages) {
-    const long free_now = read_count("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
+    const long free_now = read_count(kFree);
     if (free_now >= pages) {
       ok_ = true;
       return;
@@ -440,7 +440,7 @@ class HugePageReservation {
     old_total_ = read_count(kTotal);
     if (old_total_ < 0 || !write_count(old_total_ + pages - std::max(free_now, 0L))) return;
     grown_ = true;
-    ok_ = read_count("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") >= pages;
+    ok_ = read_count(kFree) >= pages;
   }
   ~HugePageReservation() {
     if (grown_) write_count(old_total_);
@@ -449,6 +449,7 @@ class HugePageReservation {
 
  private:
   static constexpr const char* kTotal = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+  static constexpr const char* kFree = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
   static long read_count(const char* path) {
     std::ifstream in(path);
     long n = -1;
@@ -466,8 +467,8 @@ class HugePageReservation {
 };
 
 // hugetlbfs pages (MAP_HUGETLB), as MPI and DPDK-style programs allocate
-// their buffers: registered whole and in part, reached at every 4 KiB frame
-// inside the huge page.
+// their buffers: registered whole and in part, reached at offsets spread
+// over the huge page's 4 KiB frames.
 TEST_F(DataPath, HugetlbPagesRegister) {
   constexpr std::size_t kHuge = 2u << 20;
   HugePageReservation reservation(1);

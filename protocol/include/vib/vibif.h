@@ -122,6 +122,9 @@
  *   when the front-end directory disappears.
  *
  * Context handshake:
+ *   front-end claims ctx/<ctxid>: writes state=Initialising in the
+ *             transaction that found no state there (the back-end ignores
+ *             an Initialising context)
  *   front-end writes ring-ref*, ring-page-order, event-channel, doorbell-ref,
  *             then state=Initialised (one transaction)
  *   back-end  maps the ring and the doorbell page, binds the port, writes
