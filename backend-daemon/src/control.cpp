@@ -2,6 +2,7 @@
 // guest's request (never the shared page); every field is checked here.
 #include "control.hpp"
 
+#include <cstdio>
 #include <cstring>
 #include <system_error>
 
@@ -337,7 +338,9 @@ vibif_response ControlPath::reg_mr(const vibif_request& req) {
   rsp.u.reg_mr.mr = h;
   rsp.u.reg_mr.lkey = lkey;
   rsp.u.reg_mr.rkey = rkey;
-  log_line(LogLevel::debug, subject_, "MR " + std::to_string(h) + ": " + std::to_string(r.length) + " bytes at guest 0x" + std::to_string(r.iova));
+  char iova[24];
+  std::snprintf(iova, sizeof iova, "%#llx", static_cast<unsigned long long>(r.iova));
+  log_line(LogLevel::debug, subject_, "MR " + std::to_string(h) + ": " + std::to_string(r.length) + " bytes at guest " + iova);
   return rsp;
 }
 
