@@ -5,6 +5,7 @@
 
 #include <infiniband/verbs.h>
 
+#include <cstdint>
 #include <cstring>
 
 #include "vib/vibif.h"
@@ -46,6 +47,36 @@ inline void from_wire(const vibif_ah_attr& in, ibv_ah_attr& out) {
   out.src_path_bits = in.src_path_bits;
   out.static_rate = in.static_rate;
   out.port_num = in.port_num;
+}
+
+inline void to_wire(const ibv_qp_attr& a, vibif_qp_attr& w) {
+  w = vibif_qp_attr{};
+  w.qp_state = a.qp_state;
+  w.cur_qp_state = a.cur_qp_state;
+  w.path_mtu = a.path_mtu;
+  w.path_mig_state = a.path_mig_state;
+  w.qkey = a.qkey;
+  w.rq_psn = a.rq_psn;
+  w.sq_psn = a.sq_psn;
+  w.dest_qp_num = a.dest_qp_num;
+  w.qp_access_flags = static_cast<std::uint32_t>(a.qp_access_flags);
+  w.cap = to_wire(a.cap);
+  to_wire(a.ah_attr, w.ah_attr);
+  to_wire(a.alt_ah_attr, w.alt_ah_attr);
+  w.pkey_index = a.pkey_index;
+  w.alt_pkey_index = a.alt_pkey_index;
+  w.en_sqd_async_notify = a.en_sqd_async_notify;
+  w.sq_draining = a.sq_draining;
+  w.max_rd_atomic = a.max_rd_atomic;
+  w.max_dest_rd_atomic = a.max_dest_rd_atomic;
+  w.min_rnr_timer = a.min_rnr_timer;
+  w.port_num = a.port_num;
+  w.timeout = a.timeout;
+  w.retry_cnt = a.retry_cnt;
+  w.rnr_retry = a.rnr_retry;
+  w.alt_port_num = a.alt_port_num;
+  w.alt_timeout = a.alt_timeout;
+  w.rate_limit = a.rate_limit;
 }
 
 inline void from_wire(const vibif_qp_attr& w, ibv_qp_attr& a) {
