@@ -4,10 +4,11 @@
 #include <sys/eventfd.h>
 
 #include <array>
-#include <set>
 #include <chrono>
 #include <cstring>
+#include <set>
 #include <sstream>
+#include <stdexcept>
 #include <system_error>
 
 #include "log.hpp"
@@ -536,12 +537,15 @@ vibif_doorbell_page& doorbell_of(platform::GrantMapping& pages) {
 }
 
 // The keys of a context's node, in the order a refusal names the first bad
-// one. A bad or missing key refuses the context (EINVAL).
+// one. A bad or missing key refuses the context; the reason names the key
+// and what it must hold, never the guest's text (dom0 keeps the reason).
 ContextKeys read_context_keys(platform::XenStore& store, const std::string& fe) {
   auto need = [&](const std::string& key, std::uint64_t max) {
     auto text = store.read(kNoTransaction, fe + "/" + key);
     auto v = text ? parse_decimal(*text, max) : std::nullopt;
-    if (!v) throw std::system_error(EINVAL, std::generic_category(), "bad or missing " + key);
+    if (!v)
+      throw std::runtime_error(key + (text ? ": not" : ": missing, must be") + " a decimal number up to " +
+                               std::to_string(max));
     return *v;
   };
   ContextKeys keys;
@@ -616,6 +620,17 @@ BoundPort::~BoundPort() {
   }
 }
 
+// What a refused context's error node says: the key whose value could not
+// be used, then why, so the guest's developer knows which one to look at.
+template <typename Step>
+auto for_key(const char* key, Step step) {
+  try {
+    return step();
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string(key) + ": " + e.what());
+  }
+}
+
 std::shared_ptr<Context> make_context(std::unique_ptr<Context> context, ControlPool& pool) {
   return std::shared_ptr<Context>(context.release(), [&pool](Context* last) {
     // The task owns it now; destroyed when the task is.
@@ -637,7 +652,8 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
       keys_(read_context_keys(env.store(), fe)),
       // The process's page, not one of vibd's: a guest then never maps
       // dom0's memory, which its save, restore or migration could not carry.
-      doorbell_(env.mapper().map(device.domid, std::span(&keys_.doorbell_ref, 1), /*writable=*/true)),
+      doorbell_(for_key(VIBIF_XS_DOORBELL_REF,
+                        [&] { return env.mapper().map(device.domid, std::span(&keys_.doorbell_ref, 1), true); })),
       memory_(std::make_unique<GrantedMemory>(env.mapper(), device.domid)),
       mailbox_(std::make_shared<ContextMailbox>()),
       cm_(env.cm().open(device, subject_, [mailbox = mailbox_] { mailbox->wake(); })),
@@ -651,8 +667,9 @@ Context::Context(DeviceEnvironment& env, const DeviceConfig& config, platform::H
                std::move(quota)) {
   control_.set_extension(cm_.get());
   auto& store = env.store();
-  port_ = std::make_unique<BoundPort>(std::move(events), device.domid, keys_.remote_port);
-  ring_pages_ = env.mapper().map(device.domid, keys_.ring_refs, /*writable=*/true);
+  port_ = for_key(VIBIF_XS_EVENT_CHANNEL,
+                  [&] { return std::make_unique<BoundPort>(std::move(events), device.domid, keys_.remote_port); });
+  ring_pages_ = for_key(VIBIF_XS_RING_REF, [&] { return env.mapper().map(device.domid, keys_.ring_refs, true); });
   vibif_ctrl_back_ring_init(&ring_, reinterpret_cast<vibif_ctrl_sring*>(ring_pages_->bytes().data()),
                             ring_pages_->bytes().size());
   // Awake until its worker first puts it to sleep: the guest need not kick.
