@@ -1,7 +1,7 @@
-// The malicious-frontend suite (docs/security.md): the test is the attacker,
-// a guest that speaks the protocol by hand against a real vibd on the
-// host-local Xen. Every case checks that the attack hurt only the attacker:
-// another guest is still served, and vibd still answers to its own signals.
+// The malicious-frontend suite (docs/security.md), attacks on vibd's threads,
+// quotas, logs and contexts. Every case checks that the attack hurt only the
+// attacker: another guest is still served, and vibd still answers to its own
+// signals.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -16,66 +16,15 @@
 
 #include "raw_guest.hpp"
 #include "ring_flooder.hpp"
-#include "vib/front/channel.hpp"
-#include "vibd_fixture.hpp"
+#include "hostile_fixture.hpp"
 
 using namespace vib::platform;
 using namespace std::chrono_literals;
+using vib::test::Hostile;
 using vib::test::RawGuest;
 using vib::test::RingFlooder;
 
 namespace {
-
-class Hostile : public vib::test::VibdFixture {
- protected:
-  void start_vibd(const std::vector<std::string>& args = {}) {
-    log_ = xen_.dir() + "/vibd.log";
-    VibdFixture::start_vibd(VIBD, log_, args);
-    ASSERT_GT(pid_, 0) << "vibd did not start";
-  }
-  std::unique_ptr<vib::front::Channel> open_channel(DomId domid) {
-    vib::front::ChannelOptions options;
-    options.xen = xen_.as(domid);
-    return vib::front::Channel::open(options);
-  }
-  // The victim: a well-behaved guest on domain 6 that must still be served.
-  void victim_is_served() {
-    auto victim = open_channel(6);
-    EXPECT_EQ(victim->call(request(VIBIF_OP_QUERY_DEVICE)).hdr.status, VIBIF_OK);
-    auto pd = victim->call(request(VIBIF_OP_ALLOC_PD));
-    EXPECT_EQ(pd.hdr.status, VIBIF_OK);
-  }
-  std::string log_text() const {
-    std::ifstream in(log_);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-  std::size_t log_lines_with(const std::string& needle) const {
-    std::istringstream in(log_text());
-    std::size_t n = 0;
-    for (std::string line; std::getline(in, line);)
-      if (line.find(needle) != std::string::npos) ++n;
-    return n;
-  }
-  // The attacker's device (domain 5) connected, the victim's (domain 6)
-  // provisioned, vibd started with `args`; the attacker's own xenstore
-  // connection is kept in attacker_store_.
-  void attacker_and_victim(const std::vector<std::string>& args = {}) {
-    provision(5);
-    provision(6);
-    start_vibd(args);
-    ASSERT_TRUE(eventually(be(5) + "/state", "2"));
-    attacker_store_ = open_xenstore(xen_.as(5));
-    attacker_store_->write(kNoTransaction, fe(5) + "/state", "4");
-    ASSERT_TRUE(eventually(be(5) + "/state", "4"));
-  }
-  // SIGTERM must end vibd whatever the guests do: its exit status.
-  int terminate_vibd() { return stop_vibd(); }
-
-  std::string log_;
-  std::unique_ptr<XenStore> attacker_store_;
-};
 
 // Waits (bounded) until vibd has answered the flood a thousand times.
 ::testing::AssertionResult flood_is_served(const RingFlooder& flood) {

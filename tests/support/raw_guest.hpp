@@ -37,6 +37,10 @@ class RawGuest {
   // Writes ctx/<id>/state (the guest's own node).
   void set_state(unsigned state);
   const std::string& frontend_ctx() const { return fe_ctx_; }
+  // Pages this process grants (to dom0 for queues and registrations, or to
+  // anyone it likes).
+  platform::GrantSharer& sharer() { return *sharer_; }
+  vibif_doorbell_page& doorbell() { return *reinterpret_cast<vibif_doorbell_page*>(doorbell_->bytes().data()); }
   platform::XenStore& store() { return *store_; }
 
  private:
