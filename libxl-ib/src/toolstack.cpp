@@ -112,6 +112,13 @@ Toolstack::Toolstack(const platform::XenTarget& target)
 
 Toolstack::~Toolstack() = default;
 
+std::string Toolstack::domain_name(std::string_view name_or_id) {
+  const DomId domid = resolve_domain(name_or_id);
+  auto name = store_->read(kNoTransaction, "/local/domain/" + std::to_string(domid) + "/name");
+  if (!name) throw Error(ErrorCode::not_found, "domain " + std::to_string(domid) + " does not exist");
+  return *name;
+}
+
 bool Toolstack::domain_exists(DomId domid) {
   return store_->directory(kNoTransaction, store_->domain_path(domid)).has_value();
 }

@@ -187,6 +187,29 @@ inline constexpr const char* kConfigStashDir = "/var/lib/vib/domains";
 std::optional<std::string> stash_create_config(const std::vector<std::string>& xl_create_args,
                                                const std::string& dir = kConfigStashDir);
 
+// `xl migrate [options] <Domain> <host>` as xl parses it (options
+// "FC:s:epD", --debug, --live): what vib needs to know of it.
+struct MigrateCommand {
+  std::string domain;       // name or domain id, as given
+  std::string host;         // the target; with an empty ssh command, the receiver's command line
+  std::string ssh_command = "ssh";
+  std::optional<std::string> config_file;  // -C: the config xl sends instead of the domain's own
+};
+MigrateCommand parse_migrate_command(const std::vector<std::string>& xl_migrate_args);
+
+// What `xl migrate` needs on the target host for the domain `name` to get
+// its vib devices there: the config kept for it (or -C's file, checked like
+// `xl create`'s), written as remote_dir/<name>.cfg on the target through the
+// ssh command xl will use (one `<ssh> <host> <sh command>` run, the config
+// on its stdin; written atomically, mode 0600). Returns whether a config
+// was sent: not when none is kept (and -C's file has no vib= lines), and
+// not for a receiver on this host (an empty ssh command), which finds the
+// kept config here. Throws Error(failed) naming the host and the ssh exit
+// status when sending fails, so the migration does not start and the
+// domain stays where it is.
+bool send_kept_config(const MigrateCommand& migrate, const std::string& name, const std::string& dir = kConfigStashDir,
+                      const std::string& remote_dir = kConfigStashDir);
+
 struct ProvisionResult {
   std::vector<AttachedDevice> devices;
   bool already_provisioned = false;  // a previous call did it: nothing done
@@ -204,6 +227,8 @@ class Toolstack {
 
   // "5", or a domain name (scanning /local/domain/*/name; "Domain-0" is 0).
   platform::DomId resolve_domain(std::string_view name_or_id);
+  // The name of a domain, given its name or id (Error(not_found) if none).
+  std::string domain_name(std::string_view name_or_id);
   // Whether /local/domain/<domid> exists (libxl removes it when a domain dies).
   bool domain_exists(platform::DomId domid);
 
