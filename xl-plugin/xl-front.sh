@@ -4,7 +4,8 @@
 # untouched (same arguments, same exit code, exec'd so signals and the
 # terminal are xl's). `xl create` first has xl-vib check the config's vib=
 # lines and keep them for vibd (xl keeps no copy of lines it does not
-# know), then runs Xen's xl create as is. The vib-backend package installs
+# know), then runs Xen's xl create as is; `xl migrate` first has xl-vib
+# send that kept config to the target host. The vib-backend package installs
 # it as /usr/sbin/xl (Xen's is diverted); from a source install, put it
 # ahead of the real xl in PATH, or alias xl to it. VIB_REAL_XL and
 # VIB_XL_VIB override the two paths (tests, unusual installs).
@@ -39,19 +40,21 @@ case "$subcommand" in
         ;;
 esac
 
-if [ "$subcommand" = create ]; then
+if [ "$subcommand" = create ] || [ "$subcommand" = migrate ]; then
     # xl's global flags (argument-less: -v -f -N -t -T) stay for Xen's xl;
-    # xl create's own arguments are everything after the subcommand.
+    # the subcommand's own arguments are everything after it. create keeps
+    # the config's vib= lines here; migrate sends them to the target host
+    # (xl's migration stream does not carry them).
     globals=
     while [ $# -gt 0 ]; do
         arg="$1"
         shift
-        [ "$arg" = create ] && break
+        [ "$arg" = "$subcommand" ] && break
         globals="$globals $arg"
     done
-    "$xl_vib" vib-create-hook ${VIB_STASH_DIR:+--stash-dir "$VIB_STASH_DIR"} -- "$@" || exit $?
+    "$xl_vib" "vib-$subcommand-hook" ${VIB_STASH_DIR:+--stash-dir "$VIB_STASH_DIR"} -- "$@" || exit $?
     # shellcheck disable=SC2086 # the flags are single words, split on purpose
-    set -- $globals create "$@"
+    set -- $globals "$subcommand" "$@"
 fi
 
 if [ ! -e "$real_xl" ]; then

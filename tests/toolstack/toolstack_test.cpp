@@ -682,6 +682,12 @@ TEST_F(VibToolstack, XlFrontScriptRoutes) {
   ran = run(std::string("env VIB_REAL_XL=/bin/echo VIB_XL_VIB=/bin/false sh ") + XL_FRONT + " create x.cfg");
   EXPECT_EQ(ran.status, 1);
   EXPECT_EQ(ran.out, "");
+  // migrate: the hook sends the kept config first, the same way.
+  ran = run(front + " -t migrate -s 'ssh -p 2222' guest host2");
+  EXPECT_EQ(ran.out, "vib-migrate-hook -- -s ssh -p 2222 guest host2\n-t migrate -s ssh -p 2222 guest host2\n");
+  ran = run(std::string("env VIB_REAL_XL=/bin/echo VIB_XL_VIB=/bin/false sh ") + XL_FRONT + " migrate guest host2");
+  EXPECT_EQ(ran.status, 1) << "a config that could not be sent stops the migration";
+  EXPECT_EQ(ran.out, "");
   ran = run(front + " list");
   EXPECT_EQ(ran.out, "list\n");
   // Ours: xl's global flags dropped, the rest passed on.
@@ -698,6 +704,37 @@ TEST_F(VibToolstack, XlFrontScriptRoutes) {
   ran = run(std::string("env VIB_REAL_XL=/nonexistent/xl sh ") + XL_FRONT + " list");
   EXPECT_EQ(ran.status, 127);
   EXPECT_TRUE(contains(ran.out, "Xen's xl (/nonexistent/xl) is not installed")) << ran.out;
+}
+
+// `xl migrate 5 host2` through the front: the hook finds domain 5's name,
+// and hands its kept config to xl's ssh command for the target host.
+TEST_F(VibToolstack, XlMigrateHookSendsTheKeptConfigOfTheDomainGivenByIdOrName) {
+  const auto name = read("/local/domain/5/name");
+  ASSERT_TRUE(name);
+  TempDir dir;
+  const std::string config = "name = \"" + *name + "\"\nvib = [ 'hca=soft' ]\n";
+  dir.write("stash/" + *name + ".cfg", config);
+  dir.write("fake-ssh", "#!/bin/sh\nprintf '%s\\n' \"$@\" > " + dir.path() + "/args\ncat > " + dir.path() +
+                            "/received\n",
+            /*executable=*/true);
+  for (const std::string& domain : {std::string("5"), *name}) {
+    SCOPED_TRACE(domain);
+    std::filesystem::remove(dir.path() + "/received");
+    auto ran = run(xl("vib-migrate-hook --stash-dir " + dir.path() + "/stash -- -s " + dir.path() + "/fake-ssh " +
+                      domain + " host2"));
+    EXPECT_EQ(ran.status, 0) << ran.out;
+    EXPECT_TRUE(contains(ran.out, "sent the vib config of " + *name + " to host2")) << ran.out;
+    std::ifstream received(dir.path() + "/received"), args(dir.path() + "/args");
+    std::stringstream text, words;
+    text << received.rdbuf();
+    words << args.rdbuf();
+    EXPECT_EQ(text.str(), config);
+    EXPECT_EQ(words.str().rfind("host2\n", 0), 0u) << words.str();
+    EXPECT_TRUE(contains(words.str(), dir.path() + "/stash/" + *name + ".cfg")) << words.str();
+  }
+  auto ran = run(xl("vib-migrate-hook -- -s " + dir.path() + "/fake-ssh 77 host2"));
+  EXPECT_EQ(ran.status, 1);
+  EXPECT_TRUE(contains(ran.out, "xl migrate: domain 77 does not exist")) << ran.out;
 }
 
 TEST_F(VibToolstack, OneVibdPerDomainAndACrashedOneDoesNotBlockItsRestart) {
@@ -1003,6 +1040,86 @@ TEST_F(VibToolstack, CApi) {
   unsigned removed = 0;
   EXPECT_EQ(vib_tk_cleanup(tk.get(), &removed), VIB_TK_OK);
   EXPECT_EQ(removed, 2u);
+}
+
+TEST(VibStash, ReadsXlMigratesArgumentsAsXlDoes) {
+  auto m = parse_migrate_command({"guest", "host2"});
+  EXPECT_EQ(m.domain, "guest");
+  EXPECT_EQ(m.host, "host2");
+  EXPECT_EQ(m.ssh_command, "ssh");
+  EXPECT_FALSE(m.config_file);
+  m = parse_migrate_command({"-Fe", "--debug", "-s", "ssh -p 2222", "-C", "new.cfg", "--live", "7", "host2"});
+  EXPECT_EQ(m.domain, "7");
+  EXPECT_EQ(m.ssh_command, "ssh -p 2222");
+  EXPECT_EQ(m.config_file, "new.cfg");
+  m = parse_migrate_command({"-pCnew.cfg", "-s", "", "guest", "xl migrate-receive"});
+  EXPECT_EQ(m.config_file, "new.cfg");
+  EXPECT_EQ(m.ssh_command, "");
+  EXPECT_EQ(m.host, "xl migrate-receive");
+  EXPECT_THROW(parse_migrate_command({"guest"}), Error);
+  EXPECT_THROW(parse_migrate_command({"guest", "host2", "extra"}), Error);
+  EXPECT_THROW(parse_migrate_command({"-s"}), Error);
+  EXPECT_THROW(parse_migrate_command({"--bogus", "guest", "host2"}), Error);
+}
+
+// The target host is reached through a stand-in for ssh that records the
+// host and runs the remote command here; the "remote" kept configs live in
+// their own directory.
+TEST(VibStash, MigrateSendsTheKeptConfigThroughXlsSshCommand) {
+  TempDir dir;
+  const std::string here = dir.path() + "/here", there = dir.path() + "/there dir";
+  dir.write("fake-ssh", "#!/bin/sh\n[ \"$1\" = -p ] && shift 2\necho \"$1\" > " + dir.path() +
+                            "/host\nshift\nexec sh -c \"$*\"\n",
+            /*executable=*/true);
+  dir.write("failing-ssh", "#!/bin/sh\necho 'Permission denied' >&2\nexit 255\n", true);
+  const std::string config = "name = \"guest\"\nvib = [ 'hca=soft' ]\n";
+  dir.write("here/guest.cfg", config);
+  MigrateCommand m;
+  m.domain = "guest";
+  m.host = "host2";
+  m.ssh_command = dir.path() + "/fake-ssh -p 2222";
+  EXPECT_TRUE(send_kept_config(m, "guest", here, there));
+  std::ifstream sent(there + "/guest.cfg");
+  std::stringstream text;
+  text << sent.rdbuf();
+  EXPECT_EQ(text.str(), config) << "the kept config, byte for byte";
+  EXPECT_EQ(std::filesystem::status(there + "/guest.cfg").permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  EXPECT_FALSE(std::filesystem::exists(there + "/guest.cfg.tmp"));
+  std::ifstream host(dir.path() + "/host");
+  std::string host_name;
+  host >> host_name;
+  EXPECT_EQ(host_name, "host2");
+  // Nothing kept for a domain: nothing to send.
+  EXPECT_FALSE(send_kept_config(m, "other", here, there));
+  // -C: that file is what the target creates the domain from.
+  dir.write("new.cfg", "name = \"guest\"\nvib = [ 'hca=soft', 'hca=soft' ]\n");
+  m.config_file = dir.path() + "/new.cfg";
+  EXPECT_TRUE(send_kept_config(m, "guest", here, there));
+  std::ifstream resent(there + "/guest.cfg");
+  std::stringstream retext;
+  retext << resent.rdbuf();
+  EXPECT_NE(retext.str().find("'hca=soft', 'hca=soft'"), std::string::npos);
+  dir.write("plain.cfg", "name = \"guest\"\n");
+  m.config_file = dir.path() + "/plain.cfg";
+  EXPECT_FALSE(send_kept_config(m, "guest", here, there)) << "-C without vib= lines";
+  dir.write("bad.cfg", "name = \"guest\"\nvib = [ 'hca=soft,bogus=1' ]\n");
+  m.config_file = dir.path() + "/bad.cfg";
+  EXPECT_THROW(send_kept_config(m, "guest", here, there), Error) << "checked like xl create's";
+  m.config_file.reset();
+  // A receiver on this host finds the kept config here.
+  m.ssh_command = "";
+  EXPECT_FALSE(send_kept_config(m, "guest", here, there));
+  // An ssh that fails stops the migration, saying why.
+  m.ssh_command = dir.path() + "/failing-ssh";
+  try {
+    send_kept_config(m, "guest", here, there);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot send the vib config of guest to host2"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("exited 255"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(send_kept_config(m, "../guest", here, there), Error);
 }
 
 TEST(VibStash, FindsTheConfigLikeXlCreateAndKeepsOnlyConfigsWithVibLines) {

@@ -78,6 +78,14 @@ const Command kCommands[] = {
      "  and keeps the config as DIR/<name>.cfg (default /var/lib/vib/domains),\n"
      "  where vibd finds it when the domain appears.\n",
      true},
+    {"vib-migrate-hook", "[--stash-dir DIR] -- <xl migrate arguments>",
+     "Send a migrating domain's kept vib config to the target host.",
+     "  Run by the xl front before Xen's `xl migrate` with the same arguments:\n"
+     "  writes the config kept for the domain (or -C's file) as DIR/<name>.cfg\n"
+     "  on the target through xl's ssh command (-s, default ssh), where the\n"
+     "  target's vibd finds it for the incoming domain. xl's migration stream\n"
+     "  carries no vib= lines. Fails, and so stops the migration, if it cannot.\n",
+     true},
 };
 
 void usage(std::ostream& out, bool all) {
@@ -167,6 +175,7 @@ class Cli {
     }
     const std::string name = c.name;
     if (name == "vib-create-hook") return create_hook(c, args);
+    if (name == "vib-migrate-hook") return migrate_hook(c, args);
     if (name == "vib-attach") return attach(c, args);
     if (name == "vib-detach") return detach(c, args);
     if (name == "vib-list") return list(c, args);
@@ -328,7 +337,10 @@ class Cli {
 
   // xl create's own arguments follow "--" untouched: they are not ours to
   // interpret beyond what stash_create_config needs.
-  int create_hook(const Command& c, const std::vector<std::string>& argv) {
+  // A hook's "[--stash-dir DIR] -- <xl's arguments>": the directory and the
+  // arguments, or nullopt after printing the usage.
+  static std::optional<std::pair<std::string, std::vector<std::string>>> hook_args(
+      const Command& c, const std::vector<std::string>& argv) {
     std::string dir = vib::toolstack::kConfigStashDir;
     std::size_t i = 0;
     for (; i < argv.size() && argv[i] != "--"; ++i) {
@@ -336,17 +348,36 @@ class Cli {
         dir = argv[++i];
       } else {
         command_usage(std::cerr, c);
-        return kUsage;
+        return std::nullopt;
       }
     }
     if (i >= argv.size()) {
       command_usage(std::cerr, c);
-      return kUsage;
+      return std::nullopt;
     }
-    const std::vector<std::string> create_args(argv.begin() + static_cast<long>(i) + 1, argv.end());
+    return std::pair{dir, std::vector<std::string>(argv.begin() + static_cast<long>(i) + 1, argv.end())};
+  }
+
+  int create_hook(const Command& c, const std::vector<std::string>& argv) {
+    auto hooked = hook_args(c, argv);
+    if (!hooked) return kUsage;
+    const auto& [dir, create_args] = *hooked;
     // The same words as xl create's, so errors read as xl create's.
     return run("create", [&] {
       vib::toolstack::stash_create_config(create_args, dir);
+      return kOk;
+    });
+  }
+
+  int migrate_hook(const Command& c, const std::vector<std::string>& argv) {
+    auto hooked = hook_args(c, argv);
+    if (!hooked) return kUsage;
+    const auto& [dir, migrate_args] = *hooked;
+    return run("migrate", [&] {
+      const auto migrate = vib::toolstack::parse_migrate_command(migrate_args);
+      const std::string name = toolstack().domain_name(migrate.domain);
+      if (vib::toolstack::send_kept_config(migrate, name, dir, dir))
+        std::cerr << "xl migrate: sent the vib config of " << name << " to " << migrate.host << "\n";
       return kOk;
     });
   }
