@@ -387,6 +387,8 @@ int CmBroker::create_id(CmEndpoint& ep, const vibif_cm_create_id_req& r, vibif_r
 
 int CmBroker::bind(Id& id, const vibif_cm_addr& addr, vibif_response& rsp) {
   if (id.state != Id::State::idle) return VIBIF_EINVAL;
+  // Not an address at all: a malformed request, not someone else's address.
+  if (addr.family != VIBIF_AF_INET && addr.family != VIBIF_AF_INET6) return VIBIF_EINVAL;
   const IpAddress ip = IpAddress::from_wire(addr);
   if (!may_bind(*id.ep, ip)) {
     id.ep->log_.log(LogLevel::warning, "CM bind to " + ip.str() + " refused: not this guest's address");

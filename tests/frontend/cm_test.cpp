@@ -158,6 +158,12 @@ TEST_F(Cm, AGuestBindsOnlyToItsOwnLoopbackOrAnyAddress) {
   EXPECT_EQ(b.bind(b.create_id(), ipv4("192.0.2.6", 1000)), EADDRINUSE);
   EXPECT_EQ(b.bind(b.create_id(), ipv4("127.0.0.1", 1001)), 0);
   EXPECT_EQ(b.bind(b.create_id(), ipv4("0.0.0.0", 1002)), 0);
+  // Not an address at all: a malformed request.
+  for (const std::uint16_t family : {std::uint16_t{0}, std::uint16_t{1}, std::uint16_t{0x8002}}) {
+    auto bad = ipv4("192.0.2.6", 1003);
+    bad.family = family;
+    EXPECT_EQ(b.bind(b.create_id(), bad), EINVAL) << "family " << family;
+  }
   // Nor may it speak from another guest's address.
   const vibif_handle_t id = b.create_id();
   auto req = cm_request(VIBIF_OP_CM_RESOLVE_ADDR, id);
