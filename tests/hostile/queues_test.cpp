@@ -67,15 +67,18 @@ class HostileQueues : public HostileContext {
     Queue sq, rq;
   };
 
-  // An RC QP on qp_pages_, connected to itself (loopback through the HCA).
-  Qp make_qp() {
+  // An RC QP on qp_pages_, connected to itself (loopback through the HCA);
+  // with `srq`, receiving from that SRQ (and so without a receive queue).
+  Qp make_qp(vibif_handle_t srq = VIBIF_HANDLE_NONE) {
     auto req = request(VIBIF_OP_CREATE_QP);
     auto& q = req.u.create_qp;
     q.pd = pd_here_;
     q.send_cq = q.recv_cq = cq_;
+    q.srq = srq;
     q.qp_type = VIBIF_QPT_RC;
-    q.cap = {kWr, kWr, kSge, kSge, kInline};
-    q.pages = inline_list(qp_pages_->refs());
+    q.cap = {kWr, srq ? 0u : kWr, kSge, srq ? 0u : kSge, kInline};
+    q.pages = inline_list(qp_pages_->refs().first(
+        srq ? vibif_qp_buffer_pages(kWr, vibif_send_wqe_stride(kSge, kInline), 0, 0) : qp_pages_->refs().size()));
     const auto rsp = ok(VIBIF_OP_CREATE_QP, req, context_).u.create_qp;
     Qp qp{rsp.qp, rsp.qp_num, {rsp.sq_doorbell_slot, rsp.send_wqe_stride, 0, 0},
           {rsp.rq_doorbell_slot, rsp.recv_wqe_stride, rsp.recv_queue_offset, 0}};
@@ -164,6 +167,11 @@ class HostileQueues : public HostileContext {
     ASSERT_EQ(done.size(), 2u);
     for (const auto& cqe : done) EXPECT_EQ(cqe.status, IBV_WC_SUCCESS) << "wr_id " << cqe.wr_id;
     EXPECT_EQ(std::memcmp(mr, mr + VIBIF_PAGE_SIZE, bytes), 0) << "every byte arrived";
+  }
+
+  // QUERY_SRQ's status: answered once vibd has served the queues.
+  std::int32_t query_srq(vibif_handle_t srq) {
+    return status_of(handle_request(VIBIF_OP_QUERY_SRQ, srq), context_);
   }
 
   void destroy(const Qp& qp) { ok(VIBIF_OP_DESTROY_QP, handle_request(VIBIF_OP_DESTROY_QP, qp.handle), context_); }
@@ -341,4 +349,92 @@ TEST_F(HostileQueues, AScribbledDoorbellPageHurtsOnlyItsContext) {
     EXPECT_TRUE(eventually(be(5) + "/ctx/51/state", std::nullopt)) << "closed";
   }
   nothing_was_lost();
+}
+
+// Issue 11, finding 4, through a real vibd: an SRQ fed 20,000 malformed
+// receive entries (too many SGEs, garbage) and an overrun producer. vibd
+// drops each (the log says so a bounded number of times), reports the
+// overrun as an SRQ error event, keeps serving the victim meanwhile, and
+// the SRQ's next valid receive still gets a message, byte-exact.
+TEST_F(HostileQueues, AnSrqFedMalformedEntriesDropsThemAndStillWorks) {
+  objects_in(*guest_);
+  constexpr std::uint32_t kSrqWr = 8;
+  auto srq_pages = share(vibif_pages_for(kSrqWr * vibif_recv_wqe_stride(kSge)), /*writable=*/false);
+  auto create = request(VIBIF_OP_CREATE_SRQ);
+  create.u.create_srq.pd = pd_here_;
+  create.u.create_srq.max_wr = kSrqWr;
+  create.u.create_srq.max_sge = kSge;
+  create.u.create_srq.pages = inline_list(srq_pages->refs());
+  const auto srq = ok(VIBIF_OP_CREATE_SRQ, create, context_).u.create_srq;
+  Queue q{srq.doorbell_slot, srq.wqe_stride, 0, 0};
+  auto srq_entry = [&] { return srq_pages->bytes().data() + std::size_t{q.producer % kSrqWr} * q.stride; };
+  Random rng(11);
+  std::uint64_t waits = 0;
+  for (int i = 0; i < 20000; ++i) {
+    // Within the queue, as the protocol allows: every entry is decoded (an
+    // overrun would drop them unread).
+    while (q.producer - __atomic_load_n(&context_->doorbell().slots[q.slot].consumer, __ATOMIC_ACQUIRE) >= kSrqWr) {
+      context_->kick();
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      ASSERT_LT(++waits, 1000000u) << "vibd stopped consuming the SRQ";
+    }
+    std::byte* at = srq_entry();
+    for (std::uint32_t b = 0; b < q.stride; ++b) at[b] = static_cast<std::byte>(rng());
+    vibif_recv_wqe w{rng(), kSge + 1 + rng() % 100000, 0};
+    if (i % 2) std::memcpy(at, &w, sizeof w);
+    ring(q, ++q.producer);
+    if (i % 4000 == 0) victim_is_served();
+  }
+  EXPECT_EQ(query_srq(srq.srq), VIBIF_OK) << "vibd has caught up and answers";
+  bool overrun_before = false;
+  {
+    auto& page = context_->doorbell();
+    for (std::uint32_t i = 0; i < __atomic_load_n(&page.event_producer, __ATOMIC_ACQUIRE); ++i)
+      overrun_before |= page.events[i % VIBIF_EVENT_QUEUE_LEN].event == IBV_EVENT_SRQ_ERR;
+  }
+  EXPECT_FALSE(overrun_before) << "the guest kept within the SRQ";
+  // An overrun: the producer claims far more than the SRQ holds.
+  q.producer += 1000;
+  ring(q, q.producer);
+  EXPECT_EQ(query_srq(srq.srq), VIBIF_OK);
+  bool srq_error = false;
+  auto& page = context_->doorbell();
+  for (std::uint32_t i = 0; i < __atomic_load_n(&page.event_producer, __ATOMIC_ACQUIRE); ++i) {
+    const auto& e = page.events[i % VIBIF_EVENT_QUEUE_LEN];
+    srq_error |= e.type == VIBIF_EVENT_ASYNC && e.event == IBV_EVENT_SRQ_ERR && e.handle == srq.srq;
+  }
+  EXPECT_TRUE(srq_error) << "the overrun is reported as an SRQ error event";
+  // A valid receive on the SRQ, then a SEND to it through a loopback QP.
+  Qp qp = make_qp(srq.srq);
+  auto* mr = mr_pages_->bytes().data();
+  for (std::size_t i = 0; i < 1000; ++i) mr[i] = static_cast<std::byte>(i * 13 + 1);
+  std::memset(mr + VIBIF_PAGE_SIZE, 0, 1000);
+  std::byte* at = srq_entry();
+  std::memset(at, 0, q.stride);
+  vibif_recv_wqe w{0x5151, 1, 0};
+  vibif_sge rsge{kIova + VIBIF_PAGE_SIZE, 1000, lkey_};
+  std::memcpy(at, &w, sizeof w);
+  std::memcpy(at + sizeof w, &rsge, sizeof rsge);
+  ring(q, ++q.producer);
+  auto* swqe = reinterpret_cast<vibif_send_wqe*>(entry(qp.sq));
+  std::memset(swqe, 0, qp.sq.stride);
+  swqe->wr_id = 0x5252;
+  swqe->opcode = VIBIF_WR_SEND;
+  swqe->num_sge = 1;
+  swqe->send_flags = VIBIF_SEND_SIGNALED;
+  vibif_sge ssge{kIova, 1000, lkey_};
+  std::memcpy(reinterpret_cast<std::byte*>(swqe) + sizeof(vibif_send_wqe), &ssge, sizeof ssge);
+  ring(qp.sq, ++qp.sq.producer);
+  const auto done = completions(2);
+  ASSERT_EQ(done.size(), 2u);
+  for (const auto& cqe : done) EXPECT_EQ(cqe.status, IBV_WC_SUCCESS) << "wr_id " << cqe.wr_id;
+  EXPECT_EQ(std::memcmp(mr, mr + VIBIF_PAGE_SIZE, 1000), 0) << "every byte arrived through the SRQ's receive";
+  destroy(qp);
+  EXPECT_EQ(status_of(handle_request(VIBIF_OP_DESTROY_SRQ, srq.srq), context_), VIBIF_OK);
+  EXPECT_EQ(status_of(handle_request(VIBIF_OP_DEREG_MR, mr_), context_), VIBIF_OK);
+  EXPECT_EQ(status_of(handle_request(VIBIF_OP_DESTROY_CQ, cq_), context_), VIBIF_OK);
+  EXPECT_EQ(status_of(handle_request(VIBIF_OP_DEALLOC_PD, pd_here_), context_), VIBIF_OK);
+  nothing_was_lost();
+  EXPECT_LE(log_lines_with("malformed SRQ receive WQE"), 10u) << "20,000 drops are not 20,000 lines";
+  EXPECT_GE(log_lines_with("malformed SRQ receive WQE"), 1u) << "the first drops are logged";
 }
