@@ -153,11 +153,21 @@ fi
 vibd_log=/tmp/vibd.log
 status_root=/local/domain/0/libxl/vibd/devices
 be_root=/local/domain/0/backend/vib
+# Where each of vibd's threads is, in user space's terms (its name and
+# state) and the kernel's (what it waits in, and its kernel stack).
+vibd_threads() {
+  for task in /proc/$vibd_pid/task/*; do
+    echo "---- vibd thread $(basename "$task") $(cat "$task/comm" 2>/dev/null):" \
+         "state $(cut -d' ' -f3 "$task/stat" 2>/dev/null), waits in $(cat "$task/wchan" 2>/dev/null)"
+    sed 's/^/    /' "$task/stack" 2>/dev/null | head -n 12
+  done
+}
 fail() {
   echo "FAIL: $*"
   echo "---- vibd log (last 40 lines) ----"
   tail -n 40 "$vibd_log"
   echo "---- vibd's memory: $(grep -E 'VmLck|VmPin' /proc/$vibd_pid/status | tr -s '\t\n ' ' '); ulimit -l $(ulimit -l)"
+  vibd_threads
   echo "---- kernel log (last 15 lines) ----"
   dmesg | tail -n 15
   exit 1
@@ -177,10 +187,18 @@ threads() { ls /proc/$vibd_pid/task 2>/dev/null | wc -l; }
 # and keeps them, up to --control-threads (two per CPU by default); they may
 # only stay within that.
 back_to() {
+  since=$(date +%s)
   if wait_until 20 holds "$2"; then
-    echo "$1: dom0 holds what it did: $2; vibd has $(threads) threads"
+    echo "$1: dom0 holds what it did after $(($(date +%s) - since)) s: $2; vibd has $(threads) threads"
   else
-    fail "$1: dom0 still holds $(holdings); it held $2"
+    held=$(holdings)
+    echo "$1: dom0 still holds $held after 20 s; vibd's threads now:"
+    vibd_threads
+    # Slow or stuck? Still a failure either way; the answer says which.
+    if wait_until 60 holds "$2"; then
+      fail "$1: dom0 still held $held after 20 s; it let go within 80 s"
+    fi
+    fail "$1: dom0 still holds $(holdings) after 80 s; it held $2"
   fi
   [ "$(threads)" -le $((base_threads + 2 * $(grep -c ^processor /proc/cpuinfo))) ] ||
     fail "$1: vibd has $(threads) threads, more than its $base_threads and a full control pool"
