@@ -20,9 +20,13 @@
 // behaves as on a fabric. One timer thread, started on first need, sleeps
 // until the earliest such deadline.
 //
-// Locking: one fabric-wide mutex guards every object, queue and event list;
-// no other lock exists, so there is no lock order to get wrong. Event fds are
-// eventfds in semaphore mode: one count per queued event.
+// Locking: one fabric-wide mutex guards every object, queue and event list,
+// except a CQ's completions: each CQ has a mutex of its own for them, taken
+// inside the fabric lock when a completion is pushed (the only order), and
+// alone when they are polled, so a consumer polling its CQ (a vibd worker,
+// a busy-polling program) never waits for another pair's work request, and
+// polling an empty CQ takes no lock at all. Event fds are eventfds in
+// semaphore mode: one count per queued event.
 #include "soft_hca.hpp"
 
 #include <sys/eventfd.h>
@@ -298,48 +302,60 @@ class SoftCq final : public CompletionQueue {
     hca_.forget(this);
   }
   int poll(std::span<ibv_wc> out) override {
-    std::lock_guard lock(fabric().mu);
+    if (queued_.load(std::memory_order_acquire) == 0) return 0;
+    std::lock_guard lock(mu_);
     std::size_t n = 0;
     while (n < out.size() && !entries_.empty()) {
       out[n++] = entries_.front();
       entries_.pop_front();
     }
+    queued_.store(entries_.size(), std::memory_order_release);
     return static_cast<int>(n);
   }
   void request_notify(bool solicited_only) override {
-    std::lock_guard lock(fabric().mu);
+    std::lock_guard lock(mu_);
     armed_ = solicited_only ? Armed::solicited : Armed::any;
   }
-  std::uint32_t capacity() const override { return capacity_; }
+  std::uint32_t capacity() const override {
+    std::lock_guard lock(mu_);
+    return capacity_;
+  }
   void resize(std::uint32_t cqe) override {
-    std::lock_guard lock(fabric().mu);
+    std::lock_guard lock(mu_);
     if (cqe == 0 || cqe > static_cast<std::uint32_t>(kMaxCqe) || cqe < entries_.size())
       throw error(EINVAL, "resize_cq");
     capacity_ = cqe;
   }
 
-  // Fabric lock held.
+  // Fabric lock held (the events go to the HCA's lists, which it guards).
   void push(const ibv_wc& wc, bool solicited) {
-    if (overrun_) return;
-    if (entries_.size() >= capacity_) {
-      // Hardware stops writing and reports the CQ broken; never overwrite.
-      overrun_ = true;
-      hca_.push_async_event({IBV_EVENT_CQ_ERR, nullptr, this, nullptr});
-      return;
+    bool notify = false, broken = false;
+    {
+      std::lock_guard lock(mu_);
+      if (overrun_) return;
+      if (entries_.size() >= capacity_) {
+        // Hardware stops writing and reports the CQ broken; never overwrite.
+        overrun_ = broken = true;
+      } else {
+        entries_.push_back(wc);
+        queued_.store(entries_.size(), std::memory_order_release);
+        if (armed_ == Armed::any || (armed_ == Armed::solicited && (solicited || wc.status != IBV_WC_SUCCESS))) {
+          armed_ = Armed::none;
+          notify = true;
+        }
+      }
     }
-    entries_.push_back(wc);
-    if (armed_ == Armed::any || (armed_ == Armed::solicited &&
-                                 (solicited || wc.status != IBV_WC_SUCCESS))) {
-      armed_ = Armed::none;
-      hca_.push_completion_event(this);
-    }
+    if (broken) hca_.push_async_event({IBV_EVENT_CQ_ERR, nullptr, this, nullptr});
+    if (notify) hca_.push_completion_event(this);
   }
 
  private:
   enum class Armed { none, any, solicited };
   SoftHca& hca_;
+  mutable std::mutex mu_;  // the fields below
   std::uint32_t capacity_;
   std::deque<ibv_wc> entries_;
+  std::atomic<std::size_t> queued_{0};  // entries_.size(), for an unlocked look
   Armed armed_ = Armed::none;
   bool overrun_ = false;
 };
