@@ -43,10 +43,14 @@ std::vector<RegSize> run_registration(const std::vector<std::size_t>& sizes, int
 
 // flood_bench.cpp: a pair's ping-pong (completion events), alone and beside a
 // guest flooding its request ring; half round trips in µs.
+struct FloodRun {
+  std::string attack, unit;  // what the attacker did, and what it counts
+  double median_us = 0, p99_us = 0;
+  double attacker_per_s = 0;  // what vibd served the attacker meanwhile
+};
 struct FloodResults {
   double alone_median_us = 0, alone_p99_us = 0;
-  double flooded_median_us = 0, flooded_p99_us = 0;
-  double flood_requests_per_s = 0;  // what vibd served the attacker meanwhile
+  std::vector<FloodRun> runs;
 };
 FloodResults run_flood(int iterations, const std::string& vibd_log);
 

@@ -1,11 +1,18 @@
 // Fairness under attack (issue 11): a well-behaved pair of guests' ping-pong
-// with completion events, alone and while a third guest keeps its request
-// ring from ever running dry (the hostile suite's RingFlooder). vibd's
-// workers give a flooded ring one bounded pass at a time, so the pair's
-// latency should move by the flood's share of the CPUs, not by the flood's
-// length. On the host-local Xen the attacker's own spinning thread is one
-// more runnable thread on this machine's CPUs: on Xen it would spin on its
-// own vCPU, not dom0's.
+// with completion events, alone and beside each of the floods a guest can
+// make vibd serve: a request ring that never runs dry (the hostile suite's
+// RingFlooder), a stream of work requests, contexts opened and closed as
+// fast as they go, and writes under its own xenstore directory. vibd gives
+// each a bounded share (one ring pass at a time, contexts spread over the
+// workers, the main thread's refresh bounded by the guest's own nodes), so
+// the pair's latency should move by the attacker's share of the CPUs, not
+// by the flood's length. On the host-local Xen the attacker's threads are
+// more runnable threads on this machine's CPUs: on Xen they would run on the
+// attacker's own vCPUs, not dom0's.
+#include <atomic>
+#include <functional>
+#include <thread>
+
 #include "bench_sections.hpp"
 #include "bench_workload.hpp"
 #include "ring_flooder.hpp"
@@ -13,6 +20,28 @@
 #include "vibd_process.hpp"
 
 namespace vib::bench {
+
+namespace {
+
+// Runs `attack` on a thread of its own, counting what it got done, until
+// destroyed.
+class Attack {
+ public:
+  explicit Attack(std::function<void(const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done)> body)
+      : thread_([this, body = std::move(body)] { body(stop_, done_); }) {}
+  ~Attack() {
+    stop_ = true;
+    thread_.join();
+  }
+  std::uint64_t done() const { return done_.load(); }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<std::uint64_t> done_{0};
+  std::thread thread_;
+};
+
+}  // namespace
 
 FloodResults run_flood(int iterations, const std::string& vibd_log) {
   VibHost host({5, 6, 7}, vibd_log, vibd_args());
@@ -25,27 +54,71 @@ FloodResults run_flood(int iterations, const std::string& vibd_log) {
   r.alone_median_us = percentile(alone, 50);
   r.alone_p99_us = percentile(alone, 99);
 
-  // The attacker: device 0 of domain 5, connected by hand.
-  auto store = platform::open_xenstore(host.as(5));
-  const auto be_state = platform::wait_for_node(
-      *store, test::backend_path(5) + "/state", [](const std::optional<std::string>& v) { return v == "2"; },
-      std::chrono::seconds(10));
-  if (be_state != "2") fail("flood: the attacker's device never reached InitWait");
-  store->write(platform::kNoTransaction, test::frontend_path(5) + "/state", "4");
-  test::RawGuest attacker(host.as(5), 5, 7);
-  test::RingFlooder flood(attacker);
-  const auto started = Clock::now();
-  while (flood.responses() < 1000) {
-    if (Clock::now() - started > std::chrono::seconds(10)) fail("flood: vibd never served the flood");
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  // The pair's ping-pong beside one attack, which first shows it is running.
+  auto beside = [&](const std::string& what, const std::string& unit, Attack& attack) {
+    const auto started = Clock::now();
+    while (attack.done() < 100) {
+      if (Clock::now() - started > std::chrono::seconds(20)) fail("flood: the attack (" + what + ") never got going");
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    const auto done_before = attack.done();
+    const auto t0 = Clock::now();
+    auto flooded = ping_pong(a, b, iterations, /*events=*/true);
+    const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    r.runs.push_back({what, unit, percentile(flooded, 50), percentile(flooded, 99),
+                      static_cast<double>(attack.done() - done_before) / seconds});
+  };
+
+  // The attacker is domain 5. A stream of 8-byte RDMA WRITEs between two of
+  // its contexts, 64 outstanding, as fast as vibd serves them (this also
+  // connects its device).
+  {
+    VibEndpoint x(host.as(5)), y(host.as(5));
+    x.connect(y);
+    y.connect(x);
+    Attack wqes([&](const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done) {
+      while (!stop) {
+        stream_writes(x, y, 8, 64, 1000);
+        done += 1000;
+      }
+    });
+    beside("8 B write stream", "WQEs", wqes);
   }
-  const auto served_before = flood.responses();
-  const auto t0 = Clock::now();
-  auto flooded = ping_pong(a, b, iterations, /*events=*/true);
-  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  r.flooded_median_us = percentile(flooded, 50);
-  r.flooded_p99_us = percentile(flooded, 99);
-  r.flood_requests_per_s = static_cast<double>(flood.responses() - served_before) / seconds;
+  auto store = platform::open_xenstore(host.as(5));
+  {
+    test::RawGuest attacker(host.as(5), 5, 7);
+    test::RingFlooder flood(attacker);
+    Attack requests([&](const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done) {
+      while (!stop) {
+        done = flood.responses();
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    });
+    beside("full request ring", "requests", requests);
+  }
+  {
+    // Opened, one request, closed: ids cycle, and one vibd has not let go
+    // of yet is refused (and counts for nothing).
+    Attack contexts([&](const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done) {
+      for (unsigned id = 100; !stop; id = 100 + (id + 1) % 32) {
+        try {
+          test::RawGuest guest(host.as(5), 5, id);
+          vibif_request req{};
+          req.hdr.op = VIBIF_OP_ALLOC_PD;
+          if (guest.call(req)) ++done;
+        } catch (const std::exception&) {
+        }
+      }
+    });
+    beside("context churn", "contexts", contexts);
+  }
+  {
+    Attack writes([&](const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done) {
+      for (std::uint64_t i = 0; !stop; ++i, ++done)
+        store->write(platform::kNoTransaction, test::frontend_path(5) + "/ctx/999/junk", std::to_string(i));
+    });
+    beside("xenstore writes", "writes", writes);
+  }
   return r;
 }
 
