@@ -22,11 +22,14 @@ std::optional<std::string> wait_for_node(
       store.unwatch(path, token);
       return value;
     }
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) {
+    const auto now = Clock::now();
+    if (now >= deadline) {
       store.unwatch(path, token);
       throw std::system_error(ETIMEDOUT, std::generic_category(), "timed out waiting for " + path);
     }
+    // Rounded up: a wait that truncated to whole milliseconds would give up
+    // before its timeout (0.9 ms left read as 0).
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
     pollfd p{store.watch_fd(), POLLIN, 0};
     ::poll(&p, 1, static_cast<int>(left.count()));
     while (store.next_watch_event()) {

@@ -13,7 +13,7 @@ StatusPublisher::StatusPublisher(platform::XenStore& store, std::string dir, std
 
 int StatusPublisher::timeout(bool counters_move) const {
   if (!dirty_ && !counters_move) return -1;
-  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(last_ + interval_ - Clock::now()).count();
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(last_ + interval_ - Clock::now()).count();
   return static_cast<int>(std::clamp<long long>(left, 0, interval_.count()));
 }
 

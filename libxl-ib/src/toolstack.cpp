@@ -274,7 +274,7 @@ void Toolstack::wait_attached(const AttachedDevice& dev, bool has_script, std::c
   };
   auto wait = [&](bool want_hotplug, const std::string& what) {
     const auto left = std::max(std::chrono::milliseconds(0),
-                               std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
+                               std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
     try {
       platform::wait_for_node(*store_, be, check(want_hotplug), left);
     } catch (const std::system_error& e) {
