@@ -1,8 +1,10 @@
 // The malicious-frontend suite (docs/security.md), attacks through the fast
 // path: work requests with every bad opcode, length, SGE count, key, address
-// and alignment written straight into a QP's shared queues, and a doorbell
-// page scribbled over while vibd serves it. The QP (or context) that was
-// lied to breaks; vibd, the attacker's other objects and the victim do not.
+// and alignment written straight into a QP's shared queues, a doorbell page
+// scribbled over while vibd serves it, and an SRQ fed malformed entries and
+// an overrun. The QP (or context) that was lied to breaks, the SRQ drops
+// what it cannot use; vibd, the attacker's other objects and the victim
+// carry on.
 #include <gtest/gtest.h>
 #include <infiniband/verbs.h>
 
