@@ -163,11 +163,12 @@ class Daemon {
         env_.clear_wake();
         for (auto& [id, device] : devices_) device->close_finished_contexts();
       }
-      if (fds[1].revents) {
-        on_watch_events();
-      } else if (fds[2].revents) {
-        scan();  // a hotplug script may have finished
-      }
+      if (fds[1].revents) on_watch_events();
+      // A hotplug script may have finished: its device is refreshed even
+      // when the same pass brought watch events for other devices only
+      // (they would otherwise swallow the wake-up, and the device would
+      // wait for its next event to see its script's end).
+      if (fds[2].revents) refresh_hotplugging();
       if (!ready && fds[1].revents) {
         ready = true;
         // Every thread vibd keeps (fast-path workers, CM timer, provisioner)
@@ -280,6 +281,17 @@ class Daemon {
     }
     for (auto it = devices_.begin(); it != devices_.end();) {
       if (!it->second->refresh()) {
+        unwatch(*it->second);
+        it = devices_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void refresh_hotplugging() {
+    for (auto it = devices_.begin(); it != devices_.end();) {
+      if (it->second->hotplug_running() && !it->second->refresh()) {
         unwatch(*it->second);
         it = devices_.erase(it);
       } else {

@@ -93,6 +93,9 @@ class Device {
   bool superseded();
   // The frontend's domain died: free everything at once.
   void domain_gone();
+  // A hotplug script of this device runs (or finished, unseen yet): the
+  // main thread's wake-up may be its end.
+  bool hotplug_running() const { return hotplug_ != nullptr; }
 
   void close_context(unsigned ctxid, const char* why);
   // Closes the contexts whose workers found their guest process gone.
