@@ -279,19 +279,18 @@ class Daemon {
         }
       }
     }
-    for (auto it = devices_.begin(); it != devices_.end();) {
-      if (!it->second->refresh()) {
-        unwatch(*it->second);
-        it = devices_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    refresh_devices([](const Device&) { return true; });
   }
 
   void refresh_hotplugging() {
+    refresh_devices([](const Device& device) { return device.hotplug_running(); });
+  }
+
+  // Refreshes the devices `which` picks, dropping those that are gone.
+  template <typename Which>
+  void refresh_devices(Which which) {
     for (auto it = devices_.begin(); it != devices_.end();) {
-      if (it->second->hotplug_running() && !it->second->refresh()) {
+      if (which(*it->second) && !it->second->refresh()) {
         unwatch(*it->second);
         it = devices_.erase(it);
       } else {
