@@ -54,19 +54,20 @@ FloodResults run_flood(int iterations, const std::string& vibd_log) {
   r.alone_median_us = percentile(alone, 50);
   r.alone_p99_us = percentile(alone, 99);
 
-  // The pair's ping-pong beside one attack, which first shows it is running.
-  auto beside = [&](const std::string& what, const std::string& unit, Attack& attack) {
+  // The pair's ping-pong beside one attack, which first shows it is running;
+  // `done` counts what vibd has served the attacker.
+  auto beside = [&](const std::string& what, const std::string& unit, const std::function<std::uint64_t()>& done) {
     const auto started = Clock::now();
-    while (attack.done() < 100) {
+    while (done() < 100) {
       if (Clock::now() - started > std::chrono::seconds(20)) fail("flood: the attack (" + what + ") never got going");
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    const auto done_before = attack.done();
+    const auto done_before = done();
     const auto t0 = Clock::now();
     auto flooded = ping_pong(a, b, iterations, /*events=*/true);
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     r.runs.push_back({what, unit, percentile(flooded, 50), percentile(flooded, 99),
-                      static_cast<double>(attack.done() - done_before) / seconds});
+                      static_cast<double>(done() - done_before) / seconds});
   };
 
   // The attacker is domain 5. A stream of 8-byte RDMA WRITEs between two of
@@ -82,19 +83,13 @@ FloodResults run_flood(int iterations, const std::string& vibd_log) {
         done += 1000;
       }
     });
-    beside("8 B write stream", "WQEs", wqes);
+    beside("8 B write stream", "WQEs", [&] { return wqes.done(); });
   }
   auto store = platform::open_xenstore(host.as(5));
   {
     test::RawGuest attacker(host.as(5), 5, 7);
-    test::RingFlooder flood(attacker);
-    Attack requests([&](const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done) {
-      while (!stop) {
-        done = flood.responses();
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      }
-    });
-    beside("full request ring", "requests", requests);
+    test::RingFlooder flood(attacker);  // its own thread
+    beside("full request ring", "requests", [&] { return flood.responses(); });
   }
   {
     // Opened, one request, closed: ids cycle, and one vibd has not let go
@@ -110,14 +105,14 @@ FloodResults run_flood(int iterations, const std::string& vibd_log) {
         }
       }
     });
-    beside("context churn", "contexts", contexts);
+    beside("context churn", "contexts", [&] { return contexts.done(); });
   }
   {
     Attack writes([&](const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done) {
       for (std::uint64_t i = 0; !stop; ++i, ++done)
         store->write(platform::kNoTransaction, test::frontend_path(5) + "/ctx/999/junk", std::to_string(i));
     });
-    beside("xenstore writes", "writes", writes);
+    beside("xenstore writes", "writes", [&] { return writes.done(); });
   }
   return r;
 }
