@@ -143,32 +143,41 @@ class HostileQueues : public HostileContext {
     return all;
   }
 
-  // A well-formed SEND of `bytes` bytes from the MR's first page to its
-  // second, through `qp`, checked byte for byte.
-  void send_works(Qp& qp, std::size_t bytes) {
+  // Posts one receive into the MR's second page: the WQE written at `at` (a
+  // slot of `q`, a QP's receive queue or an SRQ) and published.
+  void post_receive(Queue& q, std::byte* at, std::uint64_t wr_id, std::uint32_t bytes) {
+    std::memset(at, 0, q.stride);
+    const vibif_recv_wqe w{wr_id, 1, 0};
+    const vibif_sge sge{kIova + VIBIF_PAGE_SIZE, bytes, lkey_};
+    std::memcpy(at, &w, sizeof w);
+    std::memcpy(at + sizeof w, &sge, sizeof sge);
+    ring(q, ++q.producer);
+  }
+  // A well-formed SEND of `bytes` bytes from the MR's first page through
+  // `qp`, into the receive posted to the second: both complete, and every
+  // byte arrived.
+  void send_arrives(Qp& qp, std::uint32_t bytes) {
     auto* mr = mr_pages_->bytes().data();
     for (std::size_t i = 0; i < bytes; ++i) mr[i] = static_cast<std::byte>(i * 7 + 3);
     std::memset(mr + VIBIF_PAGE_SIZE, 0, bytes);
-    auto* rwqe = reinterpret_cast<vibif_recv_wqe*>(entry(qp.rq));
-    std::memset(rwqe, 0, qp.rq.stride);
-    rwqe->wr_id = 0x1111;
-    rwqe->num_sge = 1;
-    vibif_sge rsge{kIova + VIBIF_PAGE_SIZE, static_cast<std::uint32_t>(bytes), lkey_};
-    std::memcpy(reinterpret_cast<std::byte*>(rwqe) + sizeof(vibif_recv_wqe), &rsge, sizeof rsge);
-    ring(qp.rq, ++qp.rq.producer);
     auto* swqe = reinterpret_cast<vibif_send_wqe*>(entry(qp.sq));
     std::memset(swqe, 0, qp.sq.stride);
     swqe->wr_id = 0x2222;
     swqe->opcode = VIBIF_WR_SEND;
     swqe->num_sge = 1;
     swqe->send_flags = VIBIF_SEND_SIGNALED;
-    vibif_sge ssge{kIova, static_cast<std::uint32_t>(bytes), lkey_};
+    const vibif_sge ssge{kIova, bytes, lkey_};
     std::memcpy(reinterpret_cast<std::byte*>(swqe) + sizeof(vibif_send_wqe), &ssge, sizeof ssge);
     ring(qp.sq, ++qp.sq.producer);
     const auto done = completions(2);
     ASSERT_EQ(done.size(), 2u);
     for (const auto& cqe : done) EXPECT_EQ(cqe.status, IBV_WC_SUCCESS) << "wr_id " << cqe.wr_id;
     EXPECT_EQ(std::memcmp(mr, mr + VIBIF_PAGE_SIZE, bytes), 0) << "every byte arrived";
+  }
+  // The same through the QP's own receive queue.
+  void send_works(Qp& qp, std::uint32_t bytes) {
+    post_receive(qp.rq, entry(qp.rq), 0x1111, bytes);
+    send_arrives(qp, bytes);
   }
 
   // QUERY_SRQ's status: answered once vibd has served the queues.
@@ -408,29 +417,8 @@ TEST_F(HostileQueues, AnSrqFedMalformedEntriesDropsThemAndStillWorks) {
   EXPECT_TRUE(srq_error) << "the overrun is reported as an SRQ error event";
   // A valid receive on the SRQ, then a SEND to it through a loopback QP.
   Qp qp = make_qp(srq.srq);
-  auto* mr = mr_pages_->bytes().data();
-  for (std::size_t i = 0; i < 1000; ++i) mr[i] = static_cast<std::byte>(i * 13 + 1);
-  std::memset(mr + VIBIF_PAGE_SIZE, 0, 1000);
-  std::byte* at = srq_entry();
-  std::memset(at, 0, q.stride);
-  vibif_recv_wqe w{0x5151, 1, 0};
-  vibif_sge rsge{kIova + VIBIF_PAGE_SIZE, 1000, lkey_};
-  std::memcpy(at, &w, sizeof w);
-  std::memcpy(at + sizeof w, &rsge, sizeof rsge);
-  ring(q, ++q.producer);
-  auto* swqe = reinterpret_cast<vibif_send_wqe*>(entry(qp.sq));
-  std::memset(swqe, 0, qp.sq.stride);
-  swqe->wr_id = 0x5252;
-  swqe->opcode = VIBIF_WR_SEND;
-  swqe->num_sge = 1;
-  swqe->send_flags = VIBIF_SEND_SIGNALED;
-  vibif_sge ssge{kIova, 1000, lkey_};
-  std::memcpy(reinterpret_cast<std::byte*>(swqe) + sizeof(vibif_send_wqe), &ssge, sizeof ssge);
-  ring(qp.sq, ++qp.sq.producer);
-  const auto done = completions(2);
-  ASSERT_EQ(done.size(), 2u);
-  for (const auto& cqe : done) EXPECT_EQ(cqe.status, IBV_WC_SUCCESS) << "wr_id " << cqe.wr_id;
-  EXPECT_EQ(std::memcmp(mr, mr + VIBIF_PAGE_SIZE, 1000), 0) << "every byte arrived through the SRQ's receive";
+  post_receive(q, srq_entry(), 0x5151, 1000);
+  send_arrives(qp, 1000);
   destroy(qp);
   EXPECT_EQ(status_of(handle_request(VIBIF_OP_DESTROY_SRQ, srq.srq), context_), VIBIF_OK);
   EXPECT_EQ(status_of(handle_request(VIBIF_OP_DEREG_MR, mr_), context_), VIBIF_OK);
