@@ -33,7 +33,7 @@ kver=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: li
 image_packages=(xen-hypervisor-4.17-amd64 "linux-image-$kver" xen-utils-4.17 xenstore-utils busybox-static
                 iproute2 rdma-core ibverbs-utils ibverbs-providers perftest rdmacm-utils libgcc-s1 libstdc++6
                 libibverbs1 librdmacm1 libxenstore4 libxengnttab1 libxenevtchn1 libxenmisc4.17 libxentoollog1
-                libsystemd0)
+                libsystemd0 dpkg libc-bin)
 # Their dependency closure (Depends and Pre-Depends), each package pinned
 # at the version apt would install: one consistent set of Debian packages.
 closure=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
@@ -121,6 +121,13 @@ check_image() {
   return $bad
 }
 
+# deb_of NAME [VERSION]: the downloaded package NAME of the image (at
+# VERSION, or the one pinned).
+deb_of() {
+  local ver=${2:-$(echo "$pinned" | sed -n "s/^$1=//p")}
+  compgen -G "$cache/debs/${1}_${ver//:/%3a}_*.deb" | head -1
+}
+
 if [ ! -f "$base/done" ]; then
   echo "lab: building base images $key (cold; cached afterwards)"
   rm -rf "$base" && mkdir -p "$cache/debs" "$base/root" "$base/dom0"
@@ -186,6 +193,46 @@ if [ ! -f "$base/done" ]; then
       echo "$rel" >> "$stage/modules.list"
     done
   done
+  # What an administrator installs vib's packages with (scenario l): dpkg;
+  # ldconfig, whose trigger puts vib-guest's libraries first for the loader;
+  # Xen's /usr/sbin/xl (its version wrapper), which vib-backend diverts; and
+  # a dpkg database listing every package the image was cut from, so that
+  # dpkg checks vib's dependencies against what a Debian Xen dom0 has. The
+  # image holds only the files of those packages that the lab runs.
+  dpkg-deb -c "$(deb_of dpkg)" | awk '$1 !~ /^d/ {print substr($6, 2)}' |
+    grep -v -e '^/usr/share/\(doc\|man\|locale\|lintian\|polkit-1\|zsh\|bash-completion\|bug\)/' \
+            -e '^/etc/\(cron\|logrotate\)' -e '^/lib/systemd/' |
+    while read -r f; do copy_from_root "$root" "$stage" "$f"; done
+  # dpkg-deb runs GNU tar with options busybox's lacks; busybox's dpkg
+  # applets are not dpkg (the scenario names the real ones by path: busybox
+  # sh runs its applets first).
+  rm -f "$stage/bin/tar" "$stage/bin/dpkg" "$stage/bin/dpkg-deb"
+  for f in /bin/tar /sbin/ldconfig /etc/ld.so.conf /etc/ld.so.conf.d/libc.conf /etc/ld.so.conf.d/x86_64-linux-gnu.conf \
+           /usr/lib/xen-common/bin/xen-utils-wrapper; do
+    copy_from_root "$root" "$stage" "$f"
+  done
+  mkdir -p "$stage/usr/sbin" && ln -s "$(readlink "$root/usr/sbin/xl")" "$stage/usr/sbin/xl"
+  db=$stage/var/lib/dpkg
+  mkdir -p "$db/info" "$db/updates" "$db/triggers" "$db/alternatives" "$stage/etc/alternatives"
+  # Info files of Multi-Arch: same packages are named PACKAGE:ARCH.
+  echo 1 > "$db/info/format"
+  : > "$db/available"; : > "$db/diversions"; : > "$db/statoverride"
+  : > "$db/triggers/File"; : > "$db/triggers/Unincorp"
+  for pv in $pinned; do
+    deb=$(deb_of "${pv%%=*}" "${pv#*=}")
+    name=$(dpkg-deb -f "$deb" Package)
+    [ "$(dpkg-deb -f "$deb" Multi-Arch)" != same ] || name=$name:$(dpkg-deb -f "$deb" Architecture)
+    dpkg-deb -f "$deb" | awk 'NR == 1 {print; print "Status: install ok installed"; next} {print}' >> "$db/status"
+    echo >> "$db/status"
+    dpkg-deb --fsys-tarfile "$deb" | tar -t | sed -e 's|^\./|/|' -e 's|^/$|/.|' -e 's|\(.\)/$|\1|' > "$db/info/$name.list"
+    dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./md5sums > "$db/info/$name.md5sums" 2>/dev/null || rm -f "$db/info/$name.md5sums"
+  done
+  # libc-bin runs ldconfig when a package activates its trigger.
+  echo libc-bin > "$db/triggers/ldconfig"
+  dpkg-deb --ctrl-tarfile "$(deb_of libc-bin)" | tar -xO ./postinst > "$db/info/libc-bin.postinst"
+  dpkg-deb --ctrl-tarfile "$(deb_of libc-bin)" | tar -xO ./triggers > "$db/info/libc-bin.triggers"
+  chmod 755 "$db/info/libc-bin.postinst"
+
   cp "$here/init" "$stage/init"
   chmod +x "$stage/init"
   check_image "$stage" || { echo "lab: the base image is inconsistent; not cached" >&2; exit 1; }
@@ -201,7 +248,6 @@ fi
 # their libraries) and scripts (such as the vib hotplug script).
 mkdir -p "$out"
 overlay=$(mktemp -d)
-trap 'rm -rf "$overlay"' EXIT
 cp "$scenario" "$overlay/scenario.sh"
 cp "$here/scenarios/lab-common.sh" "$overlay/lab-common.sh"
 # The scenarios' settings from the caller's environment (numbers only), for
@@ -214,6 +260,25 @@ for setting in VIB_LAB_CONTROL_RUNS VIB_LAB_REPEAT; do
 done
 chmod +x "$overlay/scenario.sh"
 mkdir -p "$overlay/vib"
+# Debian packages among them (scenario l installs them with dpkg -i): the
+# libraries their programs need come from the image's packages too, into the
+# overlay, since the base image holds only what the lab itself runs.
+debs_root=$(mktemp -d)
+trap 'rm -rf "$overlay" "$debs_root"' EXIT
+for f in "$@"; do
+  case $f in *.deb) dpkg-deb -x "$f" "$debs_root" ;; esac
+done
+while IFS= read -r f; do
+  is_elf "$f" || continue
+  rel=${f#"$debs_root"}
+  for lib in $(needed_of "$f"); do
+    find_lib "$base/dom0" "$lib" "$rel" >/dev/null && continue
+    find_lib "$debs_root" "$lib" "$rel" >/dev/null && continue
+    lib=$(find_lib "$base/root" "$lib" "$rel") ||
+      { echo "lab: $rel of the packages needs $lib, which no package of the image provides" >&2; exit 1; }
+    copy_from_root "$base/root" "$overlay" "$lib"
+  done
+done < <(find "$debs_root" -type f)
 for f in "$@"; do
   cp -L "$f" "$overlay/vib/"
   is_elf "$f" || continue

@@ -104,15 +104,15 @@ xl_front_first() {
   echo "xl is $(command -v xl), Xen's xl $VIB_REAL_XL"
 }
 
-# start_vibd ARGS...: /vib/vibd with ARGS in the background, its output in
-# $vibd_log, its pid in $vibd_pid; returns once it watches its domain's
-# back-end directory and has served its first pass (so every thread it keeps
-# runs), fails if it has not within 20 s or exited. The log is emptied here,
+# start_vibd ARGS...: vibd ($vibd_bin, /vib/vibd unless set) with ARGS in
+# the background, its output in $vibd_log, its pid in $vibd_pid; returns once
+# it watches its domain's back-end directory and has served its first pass
+# (so every thread it keeps runs), fails if it has not within 20 s or exited. The log is emptied here,
 # not by the background shell's redirection, which may run after the first
 # look at the log and let a previous vibd's lines answer for this one.
 start_vibd() {
   : > "$vibd_log"
-  /vib/vibd "$@" >> "$vibd_log" 2>&1 &
+  "${vibd_bin:-/vib/vibd}" "$@" >> "$vibd_log" 2>&1 &
   vibd_pid=$!
   wait_until 20 grep -q "vibd: ready: serving" "$vibd_log" || return 1
   kill -0 "$vibd_pid" 2>/dev/null || return 1
