@@ -9,6 +9,7 @@
 #include <cstring>
 #include <thread>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "vib/platform/hca.hpp"
@@ -925,6 +926,105 @@ TEST_F(SoftHcaTest, TwoThreadsPostConcurrently) {
   t2.join();
   EXPECT_EQ(a_done, kRounds);
   EXPECT_EQ(b_done, kRounds);
+}
+
+// Pairs in threads of their own, each side sending to the other: a SEND
+// that finds no receive waits (rnr_retry 7) until the peer's thread posts
+// one, so requesters and responders of both directions cross all the time;
+// and every message also adds 1 to one counter that all pairs share
+// (registered in each PD). No message is lost, reordered or altered, no
+// thread waits for ever, and the counter holds every add.
+TEST_F(SoftHcaTest, PairsInThreadsCrossingEachOtherLoseNothing) {
+  constexpr int kPairs = 3;
+  constexpr int kMessages = 2000;
+  constexpr std::uint32_t kSize = 64;
+  std::vector<Endpoint> sides;
+  for (int i = 0; i < 2 * kPairs; ++i) sides.push_back(make(IBV_QPT_RC, kAllAccess, 4096));
+  for (int i = 0; i < kPairs; ++i) pair(sides[2 * i], sides[2 * i + 1], IBV_QPT_RC, 7);
+  alignas(8) std::uint64_t counter = 0;
+  std::vector<std::unique_ptr<MemoryRegion>> counter_mrs;
+  for (auto& side : sides) {
+    counter_mrs.push_back(hca->reg_mr(*side.pd, &counter, sizeof counter, addr(&counter), kAllAccess));
+  }
+
+  // Lower half of a side's buffer: what it sends, slot m % 16; upper half:
+  // where it receives; the last 128 bytes: fetch-and-add results.
+  auto byte_of = [](int sender, int m, std::uint32_t j) {
+    return static_cast<std::uint8_t>(sender * 31 + m * 7 + j);
+  };
+  std::atomic<bool> give_up{false};
+  auto run = [&](int self_index, int peer_index) -> std::string {
+    Endpoint& self = sides[self_index];
+    const std::uint32_t counter_rkey = counter_mrs[peer_index]->rkey();
+    int sends_done = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    auto reap_sends = [&]() -> std::string {
+      std::array<ibv_wc, 16> wcs{};
+      const int n = self.send_cq->poll(wcs);
+      for (int k = 0; k < n; ++k) {
+        if (wcs[k].status != IBV_WC_SUCCESS) return "send completion status " + std::to_string(wcs[k].status);
+      }
+      sends_done += n;
+      return {};
+    };
+    for (int m = 0; m < kMessages; ++m) {
+      // At most 6 messages (12 requests) outstanding of the 16 the QP takes.
+      while (2 * m - sends_done > 12) {
+        if (auto e = reap_sends(); !e.empty()) return e;
+        if (give_up || std::chrono::steady_clock::now() > deadline) return "stuck waiting for send completions";
+        std::this_thread::yield();
+      }
+      const std::uint32_t out = (m % 16) * kSize;
+      for (std::uint32_t j = 0; j < kSize; ++j) self.buffer[out + j] = byte_of(self_index, m, j);
+      if (post_send(self, IBV_WR_SEND, out, kSize) != 0) return "post SEND failed";
+      ibv_sge sge{addr(self.buffer.data()) + 3968 + (m % 16) * 8, 8, self.mr->lkey()};
+      ibv_send_wr wr{};
+      wr.opcode = IBV_WR_ATOMIC_FETCH_AND_ADD;
+      wr.send_flags = IBV_SEND_SIGNALED;
+      wr.sg_list = &sge;
+      wr.num_sge = 1;
+      wr.wr.atomic.remote_addr = addr(&counter);
+      wr.wr.atomic.rkey = counter_rkey;
+      wr.wr.atomic.compare_add = 1;
+      const ibv_send_wr* bad = nullptr;
+      if (self.qp->post_send(&wr, &bad) != 0) return "post FETCH_AND_ADD failed";
+      // The receive for the peer's message m, posted only now: the peer's
+      // SEND may well be waiting for it.
+      const std::uint32_t in = 2048 + (m % 16) * kSize;
+      if (post_recv(self, in, kSize, static_cast<std::uint64_t>(m)) != 0) return "post_recv failed";
+      ibv_wc wc{};
+      while (self.recv_cq->poll({&wc, 1}) == 0) {
+        if (auto e = reap_sends(); !e.empty()) return e;
+        if (give_up || std::chrono::steady_clock::now() > deadline)
+          return "message " + std::to_string(m) + " never arrived";
+        std::this_thread::yield();
+      }
+      if (wc.status != IBV_WC_SUCCESS || wc.wr_id != static_cast<std::uint64_t>(m) || wc.byte_len != kSize)
+        return "receive " + std::to_string(m) + ": status " + std::to_string(wc.status) + ", wr_id " +
+               std::to_string(wc.wr_id) + ", " + std::to_string(wc.byte_len) + " bytes";
+      for (std::uint32_t j = 0; j < kSize; ++j) {
+        if (self.buffer[in + j] != byte_of(peer_index, m, j))
+          return "message " + std::to_string(m) + " byte " + std::to_string(j) + " altered";
+      }
+    }
+    while (sends_done < 2 * kMessages) {
+      if (auto e = reap_sends(); !e.empty()) return e;
+      if (give_up || std::chrono::steady_clock::now() > deadline) return "stuck waiting for the last completions";
+      std::this_thread::yield();
+    }
+    return {};
+  };
+  std::vector<std::string> verdicts(sides.size());
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 2 * kPairs; ++i) {
+    threads.emplace_back([&, i] {
+      verdicts[i] = run(i, i ^ 1);
+      if (!verdicts[i].empty()) give_up = true;
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 2 * kPairs; ++i) EXPECT_EQ(verdicts[i], "") << "side " << i;
+  EXPECT_EQ(counter, std::uint64_t{2} * kPairs * kMessages);
 }
 
 }  // namespace

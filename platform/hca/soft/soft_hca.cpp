@@ -5,8 +5,8 @@
 // Progress model: a work request executes synchronously inside post_send,
 // against the responder's memory, when the responder can take it. A SEND or
 // RDMA_WRITE_WITH_IMM finding no receive posted either fails at once with
-// RNR_RETRY_EXC_ERR (rnr_retry < 7; retries cannot succeed because nothing
-// else runs while the fabric lock is held) or, with rnr_retry == 7, waits in
+// RNR_RETRY_EXC_ERR (rnr_retry < 7: the soft HCA does not wait out RNR
+// timers) or, with rnr_retry == 7, waits in
 // the requester's pending queue; every later request of that QP queues behind
 // it to keep send order, and post_recv on any QP/SRQ drains pending queues.
 //
@@ -20,15 +20,25 @@
 // behaves as on a fabric. One timer thread, started on first need, sleeps
 // until the earliest such deadline.
 //
-// Locking: one fabric-wide mutex guards every object, queue and event list,
-// except a CQ's completions: each CQ has a mutex of its own for them, taken
-// inside the fabric lock when a completion is pushed (the only order), and
-// alone when they are polled, so a consumer polling its CQ (a vibd worker,
-// a busy-polling program) never waits for another pair's work request, and
-// polling an empty CQ takes no lock at all. Event fds are eventfds in
-// semaphore mode: one count per queued event.
+// Locking, so that independent pairs never wait for each other (vibd's
+// workers copy guest memory inside post_send, with system calls on the
+// host-local Xen): the fabric's reader-writer lock guards which objects
+// exist and their attributes. Creating, destroying, modifying and
+// registering take it exclusively; posting takes it shared, and with it the
+// posting QP's send lock, then the responder's receive lock (or its SRQ's)
+// while a message lands in a receive, then the CQ's lock while a completion
+// is pushed, then the HCA's event lock. Never two locks of one level, never
+// upwards. A QP's state may change while the fabric is only shared (it
+// enters ERR on a failed request), so it is atomic; the rest of its
+// attributes change only under the exclusive lock. The exclusive lock also
+// waits for every post in flight, so a deregistered MR's memory is never
+// touched afterwards. A consumer polling its CQ (a vibd worker, a
+// busy-polling program) takes only the CQ's lock, and none when it is
+// empty. Event fds are eventfds in semaphore mode: one count per queued
+// event.
 #include "soft_hca.hpp"
 
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -42,6 +52,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <shared_mutex>
 #include <system_error>
 #include <thread>
 
@@ -90,18 +101,47 @@ struct MrEntry {
 
 using Clock = std::chrono::steady_clock;
 
-void drain_all_pending();
+void drain_all_pending(bool look_at_every_qp = false);
+
+// A reader-writer lock that prefers writers: a control operation must not
+// wait behind an endless stream of posts, as glibc's default (readers
+// first) would let it. Not recursive: a holder never takes it again.
+class FabricLock {
+ public:
+  FabricLock() {
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&lock_, &attr);
+    pthread_rwlockattr_destroy(&attr);
+  }
+  ~FabricLock() { pthread_rwlock_destroy(&lock_); }
+  FabricLock(const FabricLock&) = delete;
+  FabricLock& operator=(const FabricLock&) = delete;
+  void lock() { pthread_rwlock_wrlock(&lock_); }
+  void unlock() { pthread_rwlock_unlock(&lock_); }
+  void lock_shared() { pthread_rwlock_rdlock(&lock_); }
+  void unlock_shared() { pthread_rwlock_unlock(&lock_); }
+
+ private:
+  pthread_rwlock_t lock_;
+};
 
 struct Fabric {
-  std::mutex mu;
+  FabricLock mu;
   std::uint32_t next_qpn = 0x100;
   std::uint32_t next_key = 0x1000;
   std::map<std::uint32_t, SoftQp*> qps;
   std::map<std::uint32_t, MrEntry> mrs;  // lkey == rkey
   std::map<const ibv_ah*, ibv_ah_attr> ahs;
+  std::mutex atomics_mu;  // around every atomic's read-modify-write; taken last, alone
+  // Counts post_recv calls on QPs and SRQs: a requester whose SEND found no
+  // receive checks it after queueing (SoftQp::post_send).
+  std::atomic<std::uint64_t> receives_posted{0};
 
-  // Transport retries (see the top of this file). Lock held for both.
+  // Transport retries (see the top of this file).
   void retry_at(Clock::time_point deadline) {
+    std::lock_guard lock(retry_mu);
     if (!next_retry || deadline < *next_retry) {
       next_retry = deadline;
       retry_wake.notify_one();
@@ -111,7 +151,7 @@ struct Fabric {
 
   ~Fabric() {
     {
-      std::lock_guard lock(mu);
+      std::lock_guard lock(retry_mu);
       stopping = true;
       retry_wake.notify_one();
     }
@@ -120,7 +160,7 @@ struct Fabric {
 
  private:
   void run_retry_timer() {
-    std::unique_lock lock(mu);
+    std::unique_lock lock(retry_mu);
     while (!stopping) {
       if (!next_retry) {
         retry_wake.wait(lock);
@@ -129,11 +169,20 @@ struct Fabric {
       } else {
         // Requests still waiting ask again for their own deadlines.
         next_retry.reset();
-        drain_all_pending();
+        lock.unlock();
+        {
+          // Every QP, not only those already flagged: a request that set
+          // this deadline may not be queued yet (its post_send still runs,
+          // and this waits for its send lock).
+          std::shared_lock objects(mu);
+          drain_all_pending(true);
+        }
+        lock.lock();
       }
     }
   }
 
+  std::mutex retry_mu;  // the fields below; taken last, alone
   std::optional<Clock::time_point> next_retry;
   bool stopping = false;
   std::condition_variable retry_wake;
@@ -197,7 +246,7 @@ class SoftHca final : public Hca {
 
   int completion_fd() override { return completion_fd_.get(); }
   CompletionQueue* next_completion_event() override {
-    std::lock_guard lock(fabric().mu);
+    std::lock_guard lock(events_mu_);
     if (completion_events_.empty()) return nullptr;
     auto* cq = completion_events_.front();
     completion_events_.pop_front();
@@ -206,7 +255,7 @@ class SoftHca final : public Hca {
   }
   int async_fd() override { return async_fd_.get(); }
   std::optional<AsyncEvent> next_async_event() override {
-    std::lock_guard lock(fabric().mu);
+    std::lock_guard lock(events_mu_);
     if (async_events_.empty()) return std::nullopt;
     auto event = async_events_.front();
     async_events_.pop_front();
@@ -214,18 +263,20 @@ class SoftHca final : public Hca {
     return event;
   }
 
-  // Fabric lock held by the caller for these.
   void push_completion_event(CompletionQueue* cq) {
+    std::lock_guard lock(events_mu_);
     completion_events_.push_back(cq);
     signal_fd(completion_fd_.get());
   }
   void push_async_event(const AsyncEvent& event) {
+    std::lock_guard lock(events_mu_);
     async_events_.push_back(event);
     signal_fd(async_fd_.get());
   }
   // Drops queued events naming a dying object; the fds' counts are rebuilt
   // so POLLIN keeps meaning "an event is queued".
   void forget(const void* object) {
+    std::lock_guard lock(events_mu_);
     std::erase_if(completion_events_, [&](CompletionQueue* cq) { return cq == object; });
     std::erase_if(async_events_, [&](const AsyncEvent& e) {
       return e.cq == object || e.qp == object || e.srq == object;
@@ -245,6 +296,7 @@ class SoftHca final : public Hca {
   std::string name_;
   UniqueFd completion_fd_;
   UniqueFd async_fd_;
+  std::mutex events_mu_;  // the lists below; taken last, alone
   std::deque<CompletionQueue*> completion_events_;
   std::deque<AsyncEvent> async_events_;
 };
@@ -253,7 +305,7 @@ class SoftPd final : public ProtectionDomain {
  public:
   explicit SoftPd(SoftHca& hca) : hca_(hca) {}
   SoftHca& hca_;
-  int users_ = 0;  // fabric lock
+  int users_ = 0;  // fabric lock, exclusive
 };
 
 SoftPd& soft(ProtectionDomain& pd) { return dynamic_cast<SoftPd&>(pd); }
@@ -327,7 +379,6 @@ class SoftCq final : public CompletionQueue {
     capacity_ = cqe;
   }
 
-  // Fabric lock held (the events go to the HCA's lists, which it guards).
   void push(const ibv_wc& wc, bool solicited) {
     bool notify = false, broken = false;
     {
@@ -392,16 +443,22 @@ class SoftSrq final : public SharedReceiveQueue {
     --pd_.users_;
   }
   int post_recv(const ibv_recv_wr* wr, const ibv_recv_wr** bad_wr) override {
-    std::lock_guard lock(fabric().mu);
-    std::vector<RecvRequest> accepted;
-    int rc = check_recv_list(wr, bad_wr, attr_.max_wr - queue_.size(),
-                             static_cast<int>(attr_.max_sge), accepted);
-    for (auto& r : accepted) queue_.push_back(std::move(r));
+    std::shared_lock objects(fabric().mu);
+    int rc = 0;
+    {
+      std::lock_guard lock(mu);
+      std::vector<RecvRequest> accepted;
+      rc = check_recv_list(wr, bad_wr, attr_.max_wr - queue_.size(), static_cast<int>(attr_.max_sge),
+                           accepted);
+      for (auto& r : accepted) queue_.push_back(std::move(r));
+    }
+    ++fabric().receives_posted;
     drain_all_pending();
     return rc;
   }
   int modify(const ibv_srq_attr& attr, int attr_mask) override {
-    std::lock_guard lock(fabric().mu);
+    std::shared_lock objects(fabric().mu);
+    std::lock_guard lock(mu);
     if ((attr_mask & IBV_SRQ_MAX_WR) != 0) return EINVAL;  // resize unsupported
     if ((attr_mask & IBV_SRQ_LIMIT) != 0) {
       if (attr.srq_limit > attr_.max_wr) return EINVAL;
@@ -410,12 +467,16 @@ class SoftSrq final : public SharedReceiveQueue {
     return 0;
   }
   int query(ibv_srq_attr& attr) override {
-    std::lock_guard lock(fabric().mu);
+    std::shared_lock objects(fabric().mu);
+    std::lock_guard lock(mu);
     attr = attr_;
     return 0;
   }
 
-  // Fabric lock held.
+  // A receive lock: the responder's QPs take it while a message lands in
+  // one of its receives. It guards the fields below.
+  std::mutex mu;
+  // mu held for these.
   bool empty() const { return queue_.empty(); }
   std::optional<RecvRequest> take() {
     if (queue_.empty()) return std::nullopt;
@@ -559,8 +620,9 @@ class SoftQp final : public QueuePair {
   std::uint32_t qp_num() const override { return qpn_; }
   int modify(const ibv_qp_attr& attr, int attr_mask) override;
   int query(ibv_qp_attr& attr, ibv_qp_init_attr& init) override {
-    std::lock_guard lock(fabric().mu);
+    std::shared_lock objects(fabric().mu);
     attr = attr_;
+    attr.qp_state = state();
     attr.cap = cap_;
     init = {};
     init.send_cq = nullptr;
@@ -571,37 +633,53 @@ class SoftQp final : public QueuePair {
   }
   int post_send(const ibv_send_wr* wr, const ibv_send_wr** bad_wr) override;
   int post_recv(const ibv_recv_wr* wr, const ibv_recv_wr** bad_wr) override {
-    std::lock_guard lock(fabric().mu);
-    if (srq_ != nullptr || attr_.qp_state == IBV_QPS_RESET) {
-      *bad_wr = wr;
-      return EINVAL;
+    std::shared_lock objects(fabric().mu);
+    int rc = 0;
+    {
+      std::lock_guard lock(recv_mu_);
+      // Read under the receive lock: a QP entering ERR meanwhile flushes
+      // what this posts once it gets the lock.
+      const auto now = state();
+      if (srq_ != nullptr || now == IBV_QPS_RESET) {
+        *bad_wr = wr;
+        return EINVAL;
+      }
+      std::vector<RecvRequest> accepted;
+      rc = check_recv_list(wr, bad_wr, cap_.max_recv_wr - recv_queue_.size(),
+                           static_cast<int>(cap_.max_recv_sge), accepted);
+      for (auto& r : accepted) recv_queue_.push_back(std::move(r));
+      if (now == IBV_QPS_ERR) flush_receives();
     }
-    std::vector<RecvRequest> accepted;
-    int rc = check_recv_list(wr, bad_wr, cap_.max_recv_wr - recv_queue_.size(),
-                             static_cast<int>(cap_.max_recv_sge), accepted);
-    for (auto& r : accepted) recv_queue_.push_back(std::move(r));
-    if (attr_.qp_state == IBV_QPS_ERR) flush();
+    ++fabric().receives_posted;
     drain_all_pending();
     return rc;
   }
 
-  // Fabric lock held for the rest.
-  void drain_pending() {
-    while (!pending_.empty() && attr_.qp_state == IBV_QPS_RTS) {
-      // Taken out first: a request that fails moves the QP to ERR, which
-      // flushes (and empties) the queue it came from.
-      SendRequest r = std::move(pending_.front());
-      pending_.pop_front();
-      if (!execute(r)) {
-        pending_.push_front(std::move(r));
-        return;
+  // Runs what waits in the send queue, or flushes it once the QP is in ERR.
+  // Fabric lock held (shared or exclusive), no lock of any QP.
+  void drain_pending(bool even_if_unflagged = false) {
+    if (!even_if_unflagged && !has_pending_.load()) return;
+    SoftQp* broken = nullptr;
+    {
+      std::lock_guard lock(send_mu_);
+      if (state() == IBV_QPS_ERR) flush_sends();
+      while (!pending_.empty() && state() == IBV_QPS_RTS) {
+        // Taken out first: a request that fails moves the QP to ERR, which
+        // flushes (and empties) the queue it came from.
+        SendRequest r = std::move(pending_.front());
+        pending_.pop_front();
+        if (!execute(r, broken)) {
+          pending_.push_front(std::move(r));
+          break;
+        }
       }
+      has_pending_.store(!pending_.empty());
     }
+    if (broken != nullptr) broken->drain_pending();
   }
 
  private:
-  friend void drain_all_pending();
-
+  ibv_qp_state state() const { return state_.load(std::memory_order_acquire); }
   bool signaled(const SendRequest& r) const {
     return sq_sig_all_ || (r.flags & IBV_SEND_SIGNALED) != 0;
   }
@@ -616,15 +694,39 @@ class SoftQp final : public QueuePair {
     send_cq_->push(wc, false);
   }
   // The error completion itself is reported by the caller; this moves the QP
-  // to ERR and flushes whatever else is outstanding.
+  // to ERR and flushes whatever else is outstanding. Send lock held, no
+  // receive lock.
   void enter_error() {
-    if (attr_.qp_state == IBV_QPS_ERR) return;
-    attr_.qp_state = IBV_QPS_ERR;
-    flush();
+    if (state_.exchange(IBV_QPS_ERR, std::memory_order_acq_rel) == IBV_QPS_ERR) return;
+    flush_sends();
+    std::lock_guard lock(recv_mu_);
+    flush_receives();
   }
-  void flush() {
+  // A requester's error that is the responder's too (IBA: the responder
+  // QP goes to ERR): dest's receives are flushed now; its sends by
+  // dest.drain_pending(), which the caller runs once it has let go of its
+  // own send lock (`broken` names dest then). Send lock held, no receive
+  // lock.
+  void break_responder(SoftQp& dest, SoftQp*& broken) {
+    if (&dest == this) {
+      enter_error();
+      return;
+    }
+    if (dest.state_.exchange(IBV_QPS_ERR, std::memory_order_acq_rel) == IBV_QPS_ERR) return;
+    {
+      std::lock_guard lock(dest.recv_mu_);
+      dest.flush_receives();
+    }
+    broken = &dest;
+  }
+  // Send lock held.
+  void flush_sends() {
     for (auto& r : pending_) complete_flushed(r);
     pending_.clear();
+    has_pending_.store(false, std::memory_order_release);
+  }
+  // Receive lock held.
+  void flush_receives() {
     for (auto& r : recv_queue_) {
       ibv_wc wc{};
       wc.wr_id = r.wr_id;
@@ -643,6 +745,9 @@ class SoftQp final : public QueuePair {
     wc.qp_num = qpn_;
     send_cq_->push(wc, false);
   }
+  // The lock of where this QP's receives wait: its own queue or its SRQ.
+  std::unique_lock<std::mutex> lock_receives() { return std::unique_lock(srq_ != nullptr ? srq_->mu : recv_mu_); }
+  // Receive lock held for these two.
   std::optional<RecvRequest> take_recv() {
     if (srq_ != nullptr) return srq_->take();
     if (recv_queue_.empty()) return std::nullopt;
@@ -654,20 +759,23 @@ class SoftQp final : public QueuePair {
     return srq_ != nullptr ? !srq_->empty() : !recv_queue_.empty();
   }
   bool can_receive() const {
-    return attr_.qp_state == IBV_QPS_RTR || attr_.qp_state == IBV_QPS_RTS ||
-           attr_.qp_state == IBV_QPS_SQD;
+    const auto now = state();
+    return now == IBV_QPS_RTR || now == IBV_QPS_RTS || now == IBV_QPS_SQD;
   }
   SoftPd& receive_pd() { return srq_ != nullptr ? srq_->pd_ : pd_; }
-  void responder_access_error() {
-    pd_.hca_.push_async_event({IBV_EVENT_QP_ACCESS_ERR, this, nullptr, nullptr});
-    enter_error();
+  void responder_access_error(SoftQp& dest, SoftQp*& broken) {
+    pd_.hca_.push_async_event({IBV_EVENT_QP_ACCESS_ERR, &dest, nullptr, nullptr});
+    break_responder(dest, broken);
   }
 
-  // Returns false when the request must wait: for a receive (RNR, retry for
-  // ever) or for its responder to become reachable (transport retry).
-  bool execute(SendRequest& r);
+  // Send lock held. Returns false when the request must wait: for a
+  // receive (RNR, retry for ever) or for its responder to become reachable
+  // (transport retry). A responder it put in ERR goes to `broken`.
+  bool execute(SendRequest& r, SoftQp*& broken);
+  // dest's receive lock held.
   bool deliver_message(const SendRequest& r, SoftQp& dest, const std::vector<std::uint8_t>& data,
-                       bool write_imm, ibv_wc_status& requester_status);
+                       bool write_imm, ibv_wc_status& requester_status, bool& responder_broken);
+  int post_send_locked(const ibv_send_wr* wr, const ibv_send_wr** bad_wr, SoftQp*& broken);
 
   SoftPd& pd_;
   SoftCq* send_cq_;
@@ -677,20 +785,29 @@ class SoftQp final : public QueuePair {
   ibv_qp_cap cap_;
   bool sq_sig_all_;
   std::uint32_t qpn_;
-  ibv_qp_attr attr_{};
-  std::deque<RecvRequest> recv_queue_;
+  ibv_qp_attr attr_{};  // but its qp_state: the fabric lock, exclusive
+  std::atomic<ibv_qp_state> state_{IBV_QPS_RESET};
+  std::mutex send_mu_;  // pending_
   std::deque<SendRequest> pending_;
+  // !pending_.empty(), for an unlocked look. Sequentially consistent with
+  // Fabric::receives_posted (see SoftQp::post_send).
+  std::atomic<bool> has_pending_{false};
+  std::mutex recv_mu_;  // recv_queue_
+  std::deque<RecvRequest> recv_queue_;
 };
 
-void drain_all_pending() {
-  for (auto& [qpn, qp] : fabric().qps) qp->drain_pending();
+// Fabric lock held (shared or exclusive), no lock of any QP.
+void drain_all_pending(bool look_at_every_qp) {
+  for (auto& [qpn, qp] : fabric().qps) qp->drain_pending(look_at_every_qp);
 }
 
 // Delivers SEND data (or the immediate of RDMA_WRITE_WITH_IMM) into a receive
-// of dest. Returns false for RNR (no receive posted).
+// of dest. Returns false for RNR (no receive posted). An error that is the
+// responder's sets responder_broken; the caller puts dest in ERR once it has
+// let go of dest's receive lock.
 bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
                              const std::vector<std::uint8_t>& data, bool write_imm,
-                             ibv_wc_status& requester_status) {
+                             ibv_wc_status& requester_status, bool& responder_broken) {
   auto recv = dest.take_recv();
   if (!recv) return false;
   ibv_wc wc{};
@@ -721,7 +838,7 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
     wc.status = IBV_WC_LOC_PROT_ERR;
     dest.recv_cq_->push(wc, false);
     if (type_ != IBV_QPT_UD) {
-      dest.enter_error();
+      responder_broken = true;
       requester_status = IBV_WC_REM_OP_ERR;
     }
     return true;
@@ -731,7 +848,7 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
     wc.status = IBV_WC_LOC_LEN_ERR;
     dest.recv_cq_->push(wc, false);
     if (type_ != IBV_QPT_UD) {
-      dest.enter_error();
+      responder_broken = true;
       requester_status = IBV_WC_REM_INV_REQ_ERR;
     }
     return true;
@@ -761,7 +878,7 @@ bool SoftQp::deliver_message(const SendRequest& r, SoftQp& dest,
   return true;
 }
 
-bool SoftQp::execute(SendRequest& r) {
+bool SoftQp::execute(SendRequest& r, SoftQp*& broken) {
   // Local side first: the HCA reads or (for READ/atomics) writes these.
   bool local_writes = r.opcode == IBV_WR_RDMA_READ || r.opcode == IBV_WR_ATOMIC_CMP_AND_SWP ||
                       r.opcode == IBV_WR_ATOMIC_FETCH_AND_ADD;
@@ -828,11 +945,17 @@ bool SoftQp::execute(SendRequest& r) {
     if (!place || (static_cast<int>(dest->attr_.qp_access_flags) & access) != access) return std::nullopt;
     return place;
   };
+  bool responder_broken = false;
+  bool delivered = false;
 
   switch (r.opcode) {
     case IBV_WR_SEND:
     case IBV_WR_SEND_WITH_IMM:
-      if (!deliver_message(r, *dest, data, false, status)) {
+      {
+        auto receives = dest->lock_receives();
+        delivered = deliver_message(r, *dest, data, false, status, responder_broken);
+      }
+      if (!delivered) {
         if (type_ != IBV_QPT_RC) {
           complete_send(r, IBV_WC_SUCCESS, len32);
           return true;
@@ -846,22 +969,30 @@ bool SoftQp::execute(SendRequest& r) {
     case IBV_WR_RDMA_WRITE:
     case IBV_WR_RDMA_WRITE_WITH_IMM: {
       bool with_imm = r.opcode == IBV_WR_RDMA_WRITE_WITH_IMM;
-      if (with_imm && !dest->has_receive()) {
-        if (type_ != IBV_QPT_RC) break;
-        if (attr_.rnr_retry == 7) return false;
-        complete_send(r, IBV_WC_RNR_RETRY_EXC_ERR, 0);
-        enter_error();
-        return true;
+      // With immediate, a receive is consumed: the responder's receive lock
+      // from the check that one is there until its completion is pushed.
+      std::unique_lock<std::mutex> receives;
+      if (with_imm) {
+        receives = dest->lock_receives();
+        if (!dest->has_receive()) {
+          receives.unlock();
+          if (type_ != IBV_QPT_RC) break;
+          if (attr_.rnr_retry == 7) return false;
+          complete_send(r, IBV_WC_RNR_RETRY_EXC_ERR, 0);
+          enter_error();
+          return true;
+        }
       }
       auto target = length == 0 ? std::nullopt : remote_range(IBV_ACCESS_REMOTE_WRITE);
       if (length != 0 && (!target || !target->memory->write(target->offset, std::as_bytes(std::span(data))))) {
+        if (receives.owns_lock()) receives.unlock();
         if (type_ == IBV_QPT_RC) {
-          dest->responder_access_error();
+          responder_access_error(*dest, broken);
           status = IBV_WC_REM_ACCESS_ERR;
         }
         break;
       }
-      if (with_imm) deliver_message(r, *dest, data, true, status);  // a receive is there
+      if (with_imm) deliver_message(r, *dest, data, true, status, responder_broken);  // a receive is there
       break;
     }
     case IBV_WR_RDMA_READ: {
@@ -869,7 +1000,7 @@ bool SoftQp::execute(SendRequest& r) {
       auto source = remote_range(IBV_ACCESS_REMOTE_READ);
       std::vector<std::uint8_t> bytes(length);
       if (!source || !source->memory->read(source->offset, std::as_writable_bytes(std::span(bytes)))) {
-        dest->responder_access_error();
+        responder_access_error(*dest, broken);
         status = IBV_WC_REM_ACCESS_ERR;
         break;
       }
@@ -880,17 +1011,21 @@ bool SoftQp::execute(SendRequest& r) {
     case IBV_WR_ATOMIC_FETCH_AND_ADD: {
       if (r.remote_addr % sizeof(std::uint64_t) != 0) {
         status = IBV_WC_REM_INV_REQ_ERR;
-        dest->enter_error();
+        break_responder(*dest, broken);
         break;
       }
       auto target = remote_range(IBV_ACCESS_REMOTE_ATOMIC);
       std::optional<std::uint64_t> original;
-      if (target)
+      if (target) {
+        // Atomic against every other atomic of the HCA, as IBV_ATOMIC_HCA
+        // promises: a guest's memory is read and written with two calls.
+        std::lock_guard atomics(fabric().atomics_mu);
         original = r.opcode == IBV_WR_ATOMIC_FETCH_AND_ADD
                        ? target->memory->fetch_add(target->offset, r.compare_add)
                        : target->memory->compare_swap(target->offset, r.compare_add, r.swap);
+      }
       if (!original) {
-        dest->responder_access_error();
+        responder_access_error(*dest, broken);
         status = IBV_WC_REM_ACCESS_ERR;
         break;
       }
@@ -902,14 +1037,35 @@ bool SoftQp::execute(SendRequest& r) {
       status = IBV_WC_LOC_QP_OP_ERR;
       break;
   }
+  if (responder_broken) break_responder(*dest, broken);
   complete_send(r, status, status == IBV_WC_SUCCESS ? len32 : 0);
   if (status != IBV_WC_SUCCESS) enter_error();
   return true;
 }
 
 int SoftQp::post_send(const ibv_send_wr* wr, const ibv_send_wr** bad_wr) {
-  std::lock_guard lock(fabric().mu);
-  auto state = attr_.qp_state;
+  std::shared_lock objects(fabric().mu);
+  SoftQp* broken = nullptr;
+  int rc = 0;
+  bool waiting = false;
+  const auto receives_before = fabric().receives_posted.load();
+  {
+    std::lock_guard lock(send_mu_);
+    rc = post_send_locked(wr, bad_wr, broken);
+    waiting = !pending_.empty();
+  }
+  if (broken != nullptr) broken->drain_pending();
+  // A receive posted after a request found none, and whose post_recv looked
+  // for waiting requests before this one was queued: run it now. (Either
+  // that post_recv saw has_pending_, or the counter has moved since.)
+  if (waiting && fabric().receives_posted.load() != receives_before) drain_pending();
+  return rc;
+}
+
+int SoftQp::post_send_locked(const ibv_send_wr* wr, const ibv_send_wr** bad_wr, SoftQp*& broken) {
+  const auto state = this->state();
+  // Entered ERR through a responder's error: what waits completes first.
+  if (state == IBV_QPS_ERR) flush_sends();
   for (; wr != nullptr; wr = wr->next) {
     *bad_wr = wr;
     if (state != IBV_QPS_RTS && state != IBV_QPS_ERR && state != IBV_QPS_SQE) return EINVAL;
@@ -966,10 +1122,12 @@ int SoftQp::post_send(const ibv_send_wr* wr, const ibv_send_wr** bad_wr) {
       r.remote_addr = wr->wr.rdma.remote_addr;
       r.rkey = wr->wr.rdma.rkey;
     }
-    if (attr_.qp_state != IBV_QPS_RTS) {
+    if (const auto now = this->state(); now != IBV_QPS_RTS) {
+      if (now == IBV_QPS_ERR) flush_sends();  // in send order
       complete_flushed(r);
-    } else if (!pending_.empty() || !execute(r)) {
+    } else if (!pending_.empty() || !execute(r, broken)) {
       pending_.push_back(std::move(r));
+      has_pending_.store(true);
     }
   }
   *bad_wr = nullptr;
@@ -1036,7 +1194,7 @@ std::optional<Transition> transition(ibv_qp_state from, ibv_qp_state to, ibv_qp_
 
 int SoftQp::modify(const ibv_qp_attr& attr, int attr_mask) {
   std::lock_guard lock(fabric().mu);
-  auto from = attr_.qp_state;
+  auto from = state();
   if ((attr_mask & IBV_QP_CUR_STATE) != 0 && attr.cur_qp_state != from) return EINVAL;
   auto to = (attr_mask & IBV_QP_STATE) != 0 ? attr.qp_state : from;
   auto rule = transition(from, to, type_);
@@ -1068,16 +1226,22 @@ int SoftQp::modify(const ibv_qp_attr& attr, int attr_mask) {
   if ((attr_mask & IBV_QP_RETRY_CNT) != 0) attr_.retry_cnt = attr.retry_cnt;
   if ((attr_mask & IBV_QP_RNR_RETRY) != 0) attr_.rnr_retry = attr.rnr_retry;
 
+  // The fabric lock is exclusive: these locks are free, and taken so that
+  // each queue is touched the one way.
   if (to == IBV_QPS_ERR) {
+    std::lock_guard sends(send_mu_);
     enter_error();
   } else if (to == IBV_QPS_RESET) {
     // RESET discards queued work without completions, as hardware does.
+    std::scoped_lock queues(send_mu_, recv_mu_);
     recv_queue_.clear();
     pending_.clear();
+    has_pending_.store(false, std::memory_order_release);
     attr_ = {};
     attr_.qp_state = IBV_QPS_RESET;
+    state_.store(IBV_QPS_RESET, std::memory_order_release);
   } else {
-    attr_.qp_state = to;
+    state_.store(to, std::memory_order_release);
     // RTR makes this QP reachable for requesters retrying towards it.
     if (to == IBV_QPS_RTR || to == IBV_QPS_RTS) drain_all_pending();
   }
