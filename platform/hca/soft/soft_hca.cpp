@@ -528,7 +528,8 @@ struct Span {
   std::size_t length;
 };
 
-// Fabric lock held. Resolves [addr, addr+length) of key in pd needing access.
+// Fabric lock held (shared or exclusive). Resolves [addr, addr+length) of
+// key in pd needing access.
 std::optional<Place> resolve(std::uint32_t key, const SoftPd& pd, std::uint64_t addr,
                                      std::uint64_t length, int needed_access) {
   auto it = fabric().mrs.find(key);

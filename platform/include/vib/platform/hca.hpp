@@ -14,8 +14,9 @@
 //
 // Threading: every call may run concurrently with any other from any thread,
 // except that an object must not be destroyed while another thread uses it.
-// The soft HCA serialises all data-path calls on one fabric-wide mutex (no
-// lock nesting); the rdma-core one relies on libibverbs' own thread safety.
+// The soft HCA runs independent QPs' work requests in parallel (per-QP locks
+// under a reader-writer fabric lock; the order is in soft_hca.cpp); the
+// rdma-core one relies on libibverbs' own thread safety.
 #pragma once
 
 #include <infiniband/verbs.h>
