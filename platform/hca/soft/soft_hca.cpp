@@ -194,6 +194,14 @@ Fabric& fabric() {
   return instance;
 }
 
+// After a QP or SRQ queued receives (fabric lock shared, no QP lock): counts
+// them for a requester that has just found none (SoftQp::post_send), then
+// runs the requests waiting for one.
+void receives_arrived() {
+  ++fabric().receives_posted;
+  drain_all_pending();
+}
+
 // How long an RC requester retransmits before RETRY_EXC_ERR; nullopt: for ever.
 std::optional<Clock::duration> transport_retry_window(const ibv_qp_attr& attr) {
   if (attr.timeout == 0) return std::nullopt;
@@ -452,8 +460,7 @@ class SoftSrq final : public SharedReceiveQueue {
                            accepted);
       for (auto& r : accepted) queue_.push_back(std::move(r));
     }
-    ++fabric().receives_posted;
-    drain_all_pending();
+    receives_arrived();
     return rc;
   }
   int modify(const ibv_srq_attr& attr, int attr_mask) override {
@@ -651,8 +658,7 @@ class SoftQp final : public QueuePair {
       for (auto& r : accepted) recv_queue_.push_back(std::move(r));
       if (now == IBV_QPS_ERR) flush_receives();
     }
-    ++fabric().receives_posted;
-    drain_all_pending();
+    receives_arrived();
     return rc;
   }
 
