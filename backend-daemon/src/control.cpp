@@ -320,11 +320,26 @@ vibif_response ControlPath::reg_mr(const vibif_request& req) {
                                       VIBIF_ACCESS_REMOTE_ATOMIC);
   auto entry = std::make_unique<GuestMr>();
   std::unique_ptr<platform::MemoryAccess> memory;
+  // An HCA that can only register writable memory gets a writable mapping
+  // of pages the guest granted writable (libvibfront does, for memory the
+  // application may write) even for an MR it never writes; pages granted
+  // read-only are mapped read-only, and such an HCA then refuses them.
+  const bool writable_first = hca_writes || hca_.registers_only_writable_memory();
   try {
-    memory = memory_.access(refs, hca_writes);
+    memory = memory_.access(refs, writable_first);
   } catch (const std::system_error&) {
-    status = VIBIF_EACCES;
-    return rsp;
+    if (hca_writes) {
+      status = VIBIF_EACCES;
+      return rsp;
+    }
+  }
+  if (!memory) {
+    try {
+      memory = memory_.access(refs, false);
+    } catch (const std::system_error&) {
+      status = VIBIF_EACCES;
+      return rsp;
+    }
   }
   entry->mr = hca_.reg_mr(*pd, std::move(memory), r.first_offset, r.length, r.iova, static_cast<int>(r.access));
   entry->page_count = pages;

@@ -263,8 +263,20 @@ std::unique_ptr<Mr> Pd::reg_mr(void* addr, std::size_t length, int access) {
   const bool hca_writes = access & (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC);
   auto& channel = device_.channel();
   try {
-    mr->granted_ = channel.sharer().grant_range(channel.backend_domid(), reinterpret_cast<std::byte*>(start), pages,
-                                                hca_writes);
+    // Memory the application may write is granted writable even when the
+    // HCA only reads it: an rdma-core HCA behind a dom0 older than Linux 6.2
+    // can register only memory it maps writable (as rdma-core itself pins
+    // every MR for write on such a kernel); the MR's access flags still
+    // bound what the HCA does. Memory the application may only read is
+    // granted read-only (pinning it for write fails with EFAULT).
+    try {
+      mr->granted_ = channel.sharer().grant_range(channel.backend_domid(), reinterpret_cast<std::byte*>(start),
+                                                  pages, /*writable=*/true);
+    } catch (const std::system_error& e) {
+      if (hca_writes || e.code().value() != EFAULT) throw;
+      mr->granted_ = channel.sharer().grant_range(channel.backend_domid(), reinterpret_cast<std::byte*>(start),
+                                                  pages, /*writable=*/false);
+    }
   } catch (const std::system_error& e) {
     // ENODEV: real Xen's guest has no vibgrant module (nothing else answers
     // it). Copying the pages into granted ones instead would lose the

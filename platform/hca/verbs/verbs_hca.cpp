@@ -2,8 +2,10 @@
 #include "verbs_hca.hpp"
 
 #include <fcntl.h>
+#include <sys/utsname.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <system_error>
 
 namespace vib::platform::verbs {
@@ -128,6 +130,15 @@ class VerbsQp final : public QueuePair {
   ibv_qp* qp_;
 };
 
+// Linux 6.2 stopped pinning read-only MRs for write (RDMA/umem: "remove
+// FOLL_FORCE usage"); before it, registering needs a writable mapping.
+bool kernel_pins_every_mr_for_write() {
+  utsname u{};
+  unsigned major = 0, minor = 0;
+  if (::uname(&u) != 0 || std::sscanf(u.release, "%u.%u", &major, &minor) != 2) return true;
+  return major < 6 || (major == 6 && minor < 2);
+}
+
 class VerbsHca final : public Hca {
  public:
   VerbsHca(std::string name, ibv_context* context) : name_(std::move(name)), context_(context) {
@@ -148,6 +159,7 @@ class VerbsHca final : public Hca {
     ibv_close_device(context_);
   }
   const std::string& name() const override { return name_; }
+  bool registers_only_writable_memory() const override { return pins_for_write_; }
   void query_device(ibv_device_attr& attr) override {
     if (int rc = ibv_query_device(context_, &attr); rc != 0) throw error(rc, name_, "query_device");
   }
@@ -262,6 +274,7 @@ class VerbsHca final : public Hca {
   std::string name_;
   ibv_context* context_;
   ibv_comp_channel* channel_ = nullptr;
+  const bool pins_for_write_ = kernel_pins_every_mr_for_write();
 };
 
 }  // namespace

@@ -131,6 +131,12 @@ class Hca {
   virtual std::unique_ptr<MemoryRegion> reg_mr(ProtectionDomain& pd, std::unique_ptr<MemoryAccess> memory,
                                                std::size_t offset, std::size_t length, std::uint64_t iova,
                                                int access);
+  // Whether memory must be mapped writable to be registered at all, even
+  // for an MR the HCA never writes: rdma-core's HCAs on Linux before 6.2,
+  // whose ib_umem_get pins every MR for write (FOLL_WRITE | FOLL_FORCE), so
+  // a read-only mapping fails with EFAULT. The MR's access flags still
+  // decide what the HCA may do.
+  virtual bool registers_only_writable_memory() const { return false; }
   virtual std::unique_ptr<CompletionQueue> create_cq(int cqe) = 0;
   virtual std::unique_ptr<QueuePair> create_qp(ProtectionDomain& pd, const QueuePairInit& init) = 0;
   virtual std::unique_ptr<SharedReceiveQueue> create_srq(ProtectionDomain& pd,
