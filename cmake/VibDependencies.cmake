@@ -10,8 +10,9 @@ pkg_check_modules(xencontrol REQUIRED IMPORTED_TARGET xencontrol)
 pkg_check_modules(xenlight REQUIRED IMPORTED_TARGET xenlight)
 pkg_check_modules(xlutil REQUIRED IMPORTED_TARGET xlutil)
 pkg_check_modules(libibverbs REQUIRED IMPORTED_TARGET libibverbs)
-# librdmacm's header only: vib builds its own librdmacm.so.1 (frontend-lib/rdmacm).
-pkg_check_modules(librdmacm REQUIRED librdmacm)
+# Guests get vib's own librdmacm.so.1 (frontend-lib/rdmacm), built against
+# this header; vibd links the host's, to reach peers outside vib.
+pkg_check_modules(librdmacm REQUIRED IMPORTED_TARGET librdmacm)
 # libibumad's header only: vib builds its own libibumad.so.3 (frontend-lib/umad).
 pkg_check_modules(libibumad REQUIRED libibumad)
 pkg_check_modules(yajl REQUIRED IMPORTED_TARGET yajl)

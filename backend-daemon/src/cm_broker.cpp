@@ -3,10 +3,15 @@
 #include "cm_broker.hpp"
 
 #include <arpa/inet.h>
+#include <poll.h>
+#include <rdma/rdma_cma.h>
+#include <sys/eventfd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <random>
+#include <system_error>
 
 #include "log.hpp"
 
@@ -19,8 +24,10 @@ enum : std::uint8_t {
   kAddrResolved = 0,
   kAddrError = 1,
   kRouteResolved = 2,
+  kRouteError = 3,
   kConnectRequest = 4,
   kConnectResponse = 5,
+  kConnectError = 6,
   kUnreachable = 7,
   kRejected = 8,
   kEstablished = 9,
@@ -41,6 +48,12 @@ constexpr std::uint8_t kAckTimeout = 14;    // 4.096 us * 2^14 = 67 ms
 constexpr std::uint8_t kMinRnrTimer = 12;
 // How long a request waits for a listener that is not there (yet).
 constexpr std::chrono::milliseconds kListenerGrace{1000};
+// What the host's rdma_cm gets to resolve an address and a route (rping's
+// and perftest's choice).
+constexpr int kHostResolveTimeoutMs = 2000;
+// Host rdma_cm ids (kernel objects in dom0) the ids of one device's guest
+// may hold at once: connections and listeners together.
+constexpr std::size_t kMaxHostIdsPerDevice = 1024;
 
 bool is_pow2_mtu(std::uint8_t mtu) { return mtu >= IBV_MTU_256 && mtu <= IBV_MTU_4096; }
 
@@ -112,6 +125,53 @@ std::optional<std::vector<IpAddress>> parse_ip_list(std::string_view text) {
 }
 
 namespace {
+
+// A host errno as the guest's status.
+int host_status(int err) {
+  switch (err) {
+    case EINVAL: return VIBIF_EINVAL;
+    case ENOMEM: return VIBIF_ENOMEM;
+    case EADDRINUSE: return VIBIF_EADDRINUSE;
+    case EADDRNOTAVAIL: return VIBIF_EADDRNOTAVAIL;
+    case ENOTCONN: return VIBIF_ENOTCONN;
+    case EPERM: case EACCES: return VIBIF_EPERM;
+    default: return VIBIF_EIO;
+  }
+}
+
+sockaddr_storage to_sockaddr(const IpAddress& ip, std::uint16_t port) {
+  sockaddr_storage out{};
+  if (ip.family == VIBIF_AF_INET6) {
+    auto& a = reinterpret_cast<sockaddr_in6&>(out);
+    a.sin6_family = AF_INET6;
+    a.sin6_port = htons(port);
+    std::copy(ip.bytes.begin(), ip.bytes.end(), a.sin6_addr.s6_addr);
+  } else {
+    auto& a = reinterpret_cast<sockaddr_in&>(out);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    std::memcpy(&a.sin_addr, ip.bytes.data(), 4);
+  }
+  return out;
+}
+
+// The address and port of a host sockaddr; family 0 if it is neither kind.
+std::pair<IpAddress, std::uint16_t> from_sockaddr(const sockaddr_storage& in) {
+  IpAddress ip;
+  std::uint16_t port = 0;
+  if (in.ss_family == AF_INET) {
+    const auto& a = reinterpret_cast<const sockaddr_in&>(in);
+    ip.family = VIBIF_AF_INET;
+    std::memcpy(ip.bytes.data(), &a.sin_addr, 4);
+    port = ntohs(a.sin_port);
+  } else if (in.ss_family == AF_INET6) {
+    const auto& a = reinterpret_cast<const sockaddr_in6&>(in);
+    ip.family = VIBIF_AF_INET6;
+    std::copy(std::begin(a.sin6_addr.s6_addr), std::end(a.sin6_addr.s6_addr), ip.bytes.begin());
+    port = ntohs(a.sin6_port);
+  }
+  return {ip, port};
+}
 
 vibif_cm_addr to_wire(const IpAddress& ip, std::uint16_t port) {
   vibif_cm_addr a{};
@@ -185,6 +245,12 @@ struct CmEndpoint::Id {
   bool awaiting_listener = false;          // REQ sent, no listener yet (see connect)
   std::optional<Clock::time_point> deadline;
   std::deque<Event> events;
+  // Through the host's rdma_cm (a peer outside vib): the connection's host
+  // id, or, listening, one host id per address. Their events carry
+  // host_token (0: none registered).
+  std::unique_ptr<platform::HostCmId> host;
+  std::vector<std::unique_ptr<platform::HostCmId>> host_listeners;
+  std::uint64_t host_token = 0;
 };
 
 CmEndpoint::CmEndpoint(CmBroker& broker, DeviceId device, std::string subject, std::function<void()> wake)
@@ -212,7 +278,8 @@ std::vector<vibif_handle_t> CmEndpoint::take_announcements() {
 
 // ---- the broker -------------------------------------------------------------------
 
-CmBroker::CmBroker(std::chrono::milliseconds timeout) : timeout_(timeout) {
+CmBroker::CmBroker(std::chrono::milliseconds timeout, HostCmOpener open_host_cm)
+    : timeout_(timeout), open_host_cm_(std::move(open_host_cm)) {
   std::random_device seed;
   next_psn_ = seed() & 0xffffff;
   next_port_ = static_cast<std::uint16_t>(32768 + seed() % 28000);
@@ -226,9 +293,15 @@ CmBroker::~CmBroker() {
   }
   timer_cv_.notify_all();
   timer_.join();
+  if (host_events_.joinable()) {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(host_stop_.get(), &one, sizeof one);
+    host_events_.join();
+  }
 }
 
-void CmBroker::add_device(DeviceId device, std::vector<IpAddress> addresses, CmPort port) {
+void CmBroker::add_device(DeviceId device, std::vector<IpAddress> addresses, CmPort port,
+                          std::optional<CmHostView> host) {
   std::lock_guard lock(mu_);
   for (const auto& [other, entry] : devices_)
     for (const auto& ip : addresses)
@@ -237,7 +310,7 @@ void CmBroker::add_device(DeviceId device, std::vector<IpAddress> addresses, CmP
         log_line(LogLevel::warning, device_subject(device.domid, device.devid),
                  "address " + ip.str() + " is also domain " + std::to_string(other.domid) +
                      "'s: connections to it reach the first device found");
-  devices_[device] = DeviceEntry{std::move(addresses), port};
+  devices_[device] = DeviceEntry{std::move(addresses), port, std::move(host)};
 }
 
 void CmBroker::remove_device(DeviceId device) {
@@ -442,6 +515,7 @@ int CmBroker::resolve_addr(Id& id, const vibif_cm_resolve_addr_req& r, vibif_res
   rsp.u.cm_addr.addr = to_wire(id.src_ip, id.src_port);
   const auto devices = devices_at(dst, id.ep->device_.domid);
   if (devices.empty()) {
+    if (!dst.loopback() && host_view(*id.ep)) return host_resolve_addr(id);
     queue_event(id, kAddrError, -EHOSTUNREACH);
     return VIBIF_OK;
   }
@@ -456,12 +530,17 @@ int CmBroker::resolve_addr(Id& id, const vibif_cm_resolve_addr_req& r, vibif_res
 
 int CmBroker::resolve_route(Id& id) {
   if (id.state != Id::State::addr_resolved) return VIBIF_EINVAL;
+  if (id.host) {
+    if (int err = id.host->resolve_route(kHostResolveTimeoutMs)) queue_event(id, kRouteError, -err);
+    return VIBIF_OK;  // ROUTE_RESOLVED or ROUTE_ERROR follows from the host
+  }
   id.state = Id::State::route_resolved;
   queue_event(id, kRouteResolved, 0);
   return VIBIF_OK;
 }
 
 int CmBroker::listen(Id& id, std::uint32_t backlog) {
+  if (id.host) return VIBIF_EINVAL;  // resolving towards a peer outside vib
   if (id.state == Id::State::idle) {
     // Like rdma_listen on an unbound id: every address, a free port.
     IpAddress any;
@@ -482,6 +561,7 @@ int CmBroker::listen(Id& id, std::uint32_t backlog) {
       if (other.awaiting_listener && find_listener(other) == &id) waiting.push_back(&other);
     });
   for (Id* other : waiting) deliver_request(*other, id);
+  host_listen(id);
   return VIBIF_OK;
 }
 
@@ -518,6 +598,7 @@ int CmBroker::connect(Id& id, const vibif_cm_connect_req& r) {
   id.flow_control = r.param.flow_control;
   id.srq = r.param.srq;
   id.request_data.assign(r.private_data, r.private_data + length);
+  if (id.host) return host_connect(id, r);
   id.state = Id::State::req_sent;
   if (Id* listener = find_listener(id)) {
     deliver_request(id, *listener);
@@ -590,6 +671,7 @@ void CmBroker::deliver_request(Id& id, Id& listener) {
 }
 
 int CmBroker::accept(Id& id, const vibif_cm_connect_req& r) {
+  if (id.state == Id::State::req_received && id.host) return host_accept(id, r);
   if (id.state != Id::State::req_received || !id.peer) return VIBIF_EINVAL;
   const bool ud = id.qp_type == VIBIF_QPT_UD;
   const std::size_t length = r.param.private_data_len;
@@ -646,7 +728,9 @@ int CmBroker::reject(Id& id, const vibif_cm_reject_req& r) {
     --id.listener->pending;
     id.listener = nullptr;
   }
-  if (Id* active = id.peer) {
+  if (id.host) {
+    if (int err = id.host->reject({r.private_data, length})) return host_status(err);
+  } else if (Id* active = id.peer) {
     active->peer = nullptr;
     active->state = Id::State::disconnected;
     active->deadline.reset();
@@ -659,6 +743,11 @@ int CmBroker::reject(Id& id, const vibif_cm_reject_req& r) {
 }
 
 int CmBroker::establish(Id& id) {
+  if (id.state == Id::State::rep_received && id.host) {
+    if (int err = id.host->establish()) return host_status(err);
+    id.state = Id::State::established;
+    return VIBIF_OK;
+  }
   if (id.state != Id::State::rep_received || !id.peer) return VIBIF_EINVAL;
   Id& passive = *id.peer;
   id.state = Id::State::established;
@@ -669,6 +758,13 @@ int CmBroker::establish(Id& id) {
 }
 
 int CmBroker::disconnect(Id& id) {
+  if (id.host && id.qp_type != VIBIF_QPT_UD &&
+      (id.state == Id::State::established || id.state == Id::State::disconnected)) {
+    // A DREQ, or the DREP to the peer's; the host's DISCONNECTED follows
+    // (after the peer's DISCONNECTED came first, there is none to follow).
+    const int err = id.host->disconnect();
+    return err && id.state == Id::State::established ? host_status(err) : VIBIF_OK;
+  }
   if (id.state == Id::State::disconnected) return VIBIF_OK;  // the peer's DREQ came first: this is the DREP
   if (id.state != Id::State::established || id.qp_type == VIBIF_QPT_UD) return VIBIF_EINVAL;
   if (Id* peer = id.peer) {
@@ -683,6 +779,7 @@ int CmBroker::disconnect(Id& id) {
 }
 
 void CmBroker::abandon(Id& id, const char* why) {
+  release_host(id);  // the host's rdma_cm tells a peer outside vib (REJ, DREQ)
   if (id.listener) {
     --id.listener->pending;
     id.listener = nullptr;
@@ -759,6 +856,7 @@ void CmBroker::run_timer() {
 }
 
 int CmBroker::init_qp_attr(Id& id, std::uint32_t state, vibif_response& rsp) {
+  if (id.host) return host_init_qp_attr(id, state, rsp);
   auto& out = rsp.u.cm_qp_attr;
   auto& a = out.attr;
   const bool ud = id.qp_type == VIBIF_QPT_UD;
@@ -818,6 +916,7 @@ int CmBroker::init_qp_attr(Id& id, std::uint32_t state, vibif_response& rsp) {
 }
 
 int CmBroker::query_route(Id& id, vibif_response& rsp) {
+  if (id.host) return host_query_route(id, rsp);
   auto& r = rsp.u.cm_route;
   r.src = to_wire(id.src_ip, id.src_port);
   r.dst = to_wire(id.dst_ip, id.dst_port);
@@ -844,6 +943,413 @@ int CmBroker::query_route(Id& id, vibif_response& rsp) {
     }
   }
   return VIBIF_OK;
+}
+
+// ---- peers outside vib: the host's rdma_cm --------------------------------------------
+
+const CmHostView* CmBroker::host_view(const CmEndpoint& ep) const {
+  auto it = devices_.find(ep.device_);
+  return it == devices_.end() || !it->second.host ? nullptr : &*it->second.host;
+}
+
+platform::HostConnectionManager* CmBroker::host_cm(CmEndpoint& ep) {
+  if (host_cm_ || host_cm_unavailable_) return host_cm_.get();
+  std::string why = "none";
+  try {
+    if (open_host_cm_) host_cm_ = open_host_cm_();
+  } catch (const std::system_error& e) {
+    why = e.what();
+  }
+  platform::UniqueFd stop(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!host_cm_ || !stop) {
+    host_cm_.reset();
+    host_cm_unavailable_ = true;
+    ep.log_.log(LogLevel::warning, "this host's rdma_cm is unavailable (" + why +
+                                       "): peers outside vib cannot be reached or reach its guests");
+    return nullptr;
+  }
+  host_stop_ = std::move(stop);
+  host_events_ = std::thread([this] { run_host_events(); });
+  return host_cm_.get();
+}
+
+bool CmBroker::host_ids_left(const CmEndpoint& ep) {
+  auto it = devices_.find(ep.device_);
+  return it != devices_.end() && it->second.host_ids < kMaxHostIdsPerDevice;
+}
+
+void CmBroker::count_host_ids(const CmEndpoint& ep, std::ptrdiff_t change) {
+  if (auto it = devices_.find(ep.device_); it != devices_.end())
+    it->second.host_ids = static_cast<std::size_t>(static_cast<std::ptrdiff_t>(it->second.host_ids) + change);
+}
+
+std::unique_ptr<platform::HostCmId> CmBroker::new_host_id(Id& id) {
+  if (!host_ids_left(*id.ep)) {
+    id.ep->log_.log(LogLevel::warning, "CM: the device holds " + std::to_string(kMaxHostIdsPerDevice) +
+                                           " host rdma_cm ids, its most: no more peers outside vib");
+    return nullptr;
+  }
+  auto* cm = host_cm(*id.ep);
+  if (!cm) return nullptr;
+  if (id.host_token == 0) {
+    id.host_token = next_token_++;
+    host_ids_[id.host_token] = &id;
+  }
+  try {
+    return cm->create_id(id.host_token, id.port_space == VIBIF_CM_PS_UDP ? RDMA_PS_UDP : RDMA_PS_TCP);
+  } catch (const std::system_error& e) {
+    id.ep->log_.log(LogLevel::warning, std::string("CM: the host's rdma_cm refused an id: ") + e.what());
+    return nullptr;
+  }
+}
+
+void CmBroker::release_host(Id& id) {
+  count_host_ids(*id.ep, -static_cast<std::ptrdiff_t>((id.host ? 1 : 0) + id.host_listeners.size()));
+  if (id.host_token) host_ids_.erase(id.host_token);
+  id.host_token = 0;
+  id.host.reset();
+  id.host_listeners.clear();
+}
+
+int CmBroker::host_resolve_addr(Id& id) {
+  if (id.host) return VIBIF_EINVAL;  // the host is resolving it already
+  if (id.qp_type == VIBIF_QPT_UD) {
+    id.ep->log_.log(LogLevel::info, "CM: " + id.dst_ip.str() +
+                                        " is outside vib; UD (SIDR) to peers outside vib is not supported");
+    queue_event(id, kAddrError, -EOPNOTSUPP);
+    return VIBIF_OK;
+  }
+  // The host id speaks from one of the guest's own addresses, never from
+  // one of dom0's (loopback included).
+  IpAddress src = id.src_ip;
+  if (src.wildcard()) {
+    src = IpAddress{};
+    if (auto it = devices_.find(id.ep->device_); it != devices_.end())
+      for (const auto& mine : it->second.addresses)
+        if (mine.family == id.dst_ip.family) {
+          src = mine;
+          break;
+        }
+  }
+  if (src.family == 0 || src.loopback()) {
+    queue_event(id, kAddrError, -EADDRNOTAVAIL);
+    return VIBIF_OK;
+  }
+  auto host = new_host_id(id);
+  if (!host) {
+    queue_event(id, kAddrError, -ENETUNREACH);
+    return VIBIF_OK;
+  }
+  const auto from = to_sockaddr(src, 0);  // the host picks the port: it shares the host's
+  const auto to = to_sockaddr(id.dst_ip, id.dst_port);
+  if (int err = host->resolve_addr(reinterpret_cast<const sockaddr&>(from), reinterpret_cast<const sockaddr&>(to),
+                                   kHostResolveTimeoutMs)) {
+    id.ep->log_.log(LogLevel::info, "CM: the host cannot resolve " + id.dst_ip.str() + " from " + src.str() + ": " +
+                                        std::strerror(err) + " (the address must be on the HCA's network device)");
+    host.reset();
+    release_host(id);
+    queue_event(id, kAddrError, -err);
+    return VIBIF_OK;
+  }
+  id.host = std::move(host);
+  count_host_ids(*id.ep, 1);
+  return VIBIF_OK;  // ADDR_RESOLVED or ADDR_ERROR follows from the host
+}
+
+void CmBroker::host_listen(Id& id) {
+  const CmHostView* view = host_view(*id.ep);
+  if (!view || id.port_space != VIBIF_CM_PS_TCP || id.src_ip.loopback()) return;
+  std::vector<IpAddress> addresses;
+  if (!id.src_ip.wildcard()) {
+    addresses.push_back(id.src_ip);
+  } else if (auto it = devices_.find(id.ep->device_); it != devices_.end()) {
+    for (const auto& mine : it->second.addresses)
+      if (id.src_ip.family == VIBIF_AF_INET6 || mine.family == id.src_ip.family) addresses.push_back(mine);
+  }
+  std::string where;
+  for (const auto& ip : addresses) {
+    auto host = new_host_id(id);
+    if (!host) return;
+    const auto at = to_sockaddr(ip, id.src_port);
+    int err = host->bind(reinterpret_cast<const sockaddr&>(at));
+    if (!err) err = host->listen(static_cast<int>(id.backlog));
+    if (err) {
+      id.ep->log_.log(LogLevel::info, "CM: peers outside vib cannot reach " + ip.str() + " port " +
+                                          std::to_string(id.src_port) + ": " + std::strerror(err));
+      continue;
+    }
+    where += " " + ip.str();
+    id.host_listeners.push_back(std::move(host));
+    count_host_ids(*id.ep, 1);
+  }
+  if (!where.empty())
+    id.ep->log_.log(LogLevel::info, "RDMA-CM listening for peers outside vib on " + view->hca + " at" + where +
+                                        " port " + std::to_string(id.src_port));
+}
+
+int CmBroker::host_connect(Id& id, const vibif_cm_connect_req& r) {
+  platform::HostCmParam p;
+  p.responder_resources = r.param.responder_resources;
+  p.initiator_depth = r.param.initiator_depth;
+  p.flow_control = r.param.flow_control;
+  p.retry_count = id.retry_count;
+  p.rnr_retry_count = id.rnr_retry_count;
+  p.srq = r.param.srq;
+  p.qp_num = id.qp_num;
+  p.private_data = id.request_data;
+  if (int err = id.host->connect(p)) return host_status(err);
+  id.state = Id::State::req_sent;
+  return VIBIF_OK;  // CONNECT_RESPONSE, REJECTED or UNREACHABLE follows from the host
+}
+
+int CmBroker::host_accept(Id& id, const vibif_cm_connect_req& r) {
+  const std::size_t length = r.param.private_data_len;
+  if (length > kMaxRepData) return VIBIF_EINVAL;
+  platform::HostCmParam p;
+  p.responder_resources = r.param.responder_resources;
+  p.initiator_depth = r.param.initiator_depth;
+  p.flow_control = r.param.flow_control;
+  p.rnr_retry_count = std::min<std::uint8_t>(r.param.rnr_retry_count, 7);
+  p.srq = r.param.srq;
+  p.qp_num = r.param.qp_num & 0xffffff;
+  p.private_data.assign(r.private_data, r.private_data + length);
+  if (int err = id.host->accept(p)) return host_status(err);
+  id.qp_num = p.qp_num;
+  if (id.listener) {
+    --id.listener->pending;
+    id.listener = nullptr;
+  }
+  id.state = Id::State::rep_sent;
+  return VIBIF_OK;  // ESTABLISHED follows from the host once the RTU arrives
+}
+
+int CmBroker::host_init_qp_attr(Id& id, std::uint32_t state, vibif_response& rsp) {
+  const CmHostView* view = host_view(*id.ep);
+  if (!view || state > IBV_QPS_RTS) return VIBIF_EINVAL;
+  ibv_qp_attr a{};
+  a.qp_state = static_cast<ibv_qp_state>(state);
+  int mask = 0;
+  if (int err = id.host->init_qp_attr(a, mask)) return host_status(err);
+  auto& out = rsp.u.cm_qp_attr;
+  auto& g = out.attr;
+  g.qp_state = a.qp_state;
+  if ((mask & IBV_QP_PORT) && a.port_num != view->port) return VIBIF_EPERM;
+  g.port_num = 1;  // the guest's port 1 is the device's port
+  if (mask & IBV_QP_PKEY_INDEX) {
+    std::uint16_t pkey = 0;
+    if (int err = id.host->query_pkey(a.pkey_index, pkey)) return host_status(err);
+    auto it = std::find_if(view->pkeys.begin(), view->pkeys.end(),
+                           [pkey](std::uint16_t mine) { return (mine & 0x7fff) == (pkey & 0x7fff); });
+    if (it == view->pkeys.end()) {
+      char text[8];
+      std::snprintf(text, sizeof text, "0x%04x", pkey);
+      id.ep->log_.log(LogLevel::warning, std::string("CM: the connection's P_Key ") + text +
+                                             " is not among the device's pkeys");
+      return VIBIF_EPERM;
+    }
+    g.pkey_index = static_cast<std::uint16_t>(it - view->pkeys.begin());
+  }
+  if (mask & IBV_QP_AV) {
+    const ibv_ah_attr& h = a.ah_attr;
+    auto& ah = g.ah_attr;
+    ah.dlid = h.dlid;
+    ah.sl = h.sl;
+    ah.src_path_bits = h.src_path_bits;
+    ah.static_rate = h.static_rate;
+    ah.port_num = 1;
+    ah.is_global = h.is_global;
+    if (h.is_global) {
+      auto it = std::find(view->gid_indices.begin(), view->gid_indices.end(), h.grh.sgid_index);
+      if (it == view->gid_indices.end()) {
+        id.ep->log_.log(LogLevel::warning, "CM: " + id.src_ip.str() + "'s GID is at index " +
+                                               std::to_string(h.grh.sgid_index) + " of " + view->hca +
+                                               ", which is not among the device's gid-indices");
+        return VIBIF_EPERM;
+      }
+      ah.sgid_index = static_cast<std::uint8_t>(it - view->gid_indices.begin());
+      std::copy(std::begin(h.grh.dgid.raw), std::end(h.grh.dgid.raw), ah.dgid);
+      ah.flow_label = h.grh.flow_label;
+      ah.hop_limit = h.grh.hop_limit;
+      ah.traffic_class = h.grh.traffic_class;
+    }
+  }
+  g.qp_access_flags = static_cast<std::uint32_t>(a.qp_access_flags) & VIBIF_ACCESS_ALL;
+  g.path_mtu = a.path_mtu;
+  g.qkey = a.qkey;
+  g.rq_psn = a.rq_psn;
+  g.sq_psn = a.sq_psn;
+  g.dest_qp_num = a.dest_qp_num;
+  g.max_rd_atomic = a.max_rd_atomic;
+  g.max_dest_rd_atomic = a.max_dest_rd_atomic;
+  g.min_rnr_timer = a.min_rnr_timer;
+  g.timeout = a.timeout;
+  g.retry_cnt = a.retry_cnt;
+  g.rnr_retry = a.rnr_retry;
+  constexpr int kPassed = IBV_QP_STATE | IBV_QP_ACCESS_FLAGS | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_QKEY |
+                          IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY |
+                          IBV_QP_RQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER | IBV_QP_SQ_PSN |
+                          IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_DEST_QPN;
+  out.attr_mask = static_cast<std::uint32_t>(mask & kPassed);
+  return VIBIF_OK;
+}
+
+int CmBroker::host_query_route(Id& id, vibif_response& rsp) {
+  const platform::HostCmRoute route = id.host->route();
+  auto& r = rsp.u.cm_route;
+  const auto [src, src_port] = from_sockaddr(route.src);
+  const auto [dst, dst_port] = from_sockaddr(route.dst);
+  r.src = src.family ? to_wire(src, src_port) : to_wire(id.src_ip, id.src_port);
+  r.dst = dst.family ? to_wire(dst, dst_port) : to_wire(id.dst_ip, id.dst_port);
+  std::copy(std::begin(route.sgid.raw), std::end(route.sgid.raw), r.sgid);
+  std::copy(std::begin(route.dgid.raw), std::end(route.dgid.raw), r.dgid);
+  const CmPort* mine = port_of(id.ep->device_);
+  r.pkey = route.pkey ? route.pkey : mine ? mine->pkey : VIBIF_DEFAULT_PKEY;
+  r.link_layer = mine ? mine->link_layer : std::uint8_t{IBV_LINK_LAYER_ETHERNET};
+  r.path_mtu = route.mtu ? route.mtu : mine ? mine->active_mtu : std::uint8_t{IBV_MTU_1024};
+  r.ah_attr.dlid = route.dlid;
+  r.ah_attr.sl = route.sl;
+  r.ah_attr.hop_limit = route.hop_limit;
+  r.ah_attr.port_num = 1;
+  return VIBIF_OK;
+}
+
+void CmBroker::run_host_events() {
+  pollfd fds[2] = {{host_cm_->event_fd(), POLLIN, 0}, {host_stop_.get(), POLLIN, 0}};
+  for (;;) {
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      log_line(LogLevel::error, "vibd", std::string("host rdma_cm events: poll: ") + std::strerror(errno));
+      return;
+    }
+    if (fds[1].revents) return;
+    while (auto event = host_cm_->next_event()) {
+      std::lock_guard lock(mu_);
+      on_host_event(*event);
+    }
+  }
+}
+
+void CmBroker::on_host_event(platform::HostCmEvent& e) {
+  auto it = host_ids_.find(e.token);
+  if (it == host_ids_.end()) return;  // its guest id went since (a request's new id goes with `e`: a REJ)
+  Id& id = *it->second;
+  vibif_cm_conn_param p{};
+  p.responder_resources = e.param.responder_resources;
+  p.initiator_depth = e.param.initiator_depth;
+  p.flow_control = e.param.flow_control;
+  p.retry_count = e.param.retry_count;
+  p.rnr_retry_count = e.param.rnr_retry_count;
+  p.srq = e.param.srq;
+  p.qp_num = e.param.qp_num & 0xffffff;
+  p.qkey = e.param.qkey;
+  const std::size_t length = std::min<std::size_t>(e.param.private_data.size(), VIBIF_CM_MAX_PRIVATE_DATA);
+  const std::uint8_t* data = e.param.private_data.data();
+  switch (e.type) {
+    case RDMA_CM_EVENT_ADDR_RESOLVED: {
+      const CmHostView* view = host_view(*id.ep);
+      const std::string hca = id.host ? id.host->device_name() : "";
+      if (!view || hca != view->hca || id.host->port_num() != view->port) {
+        // The route leaves through another HCA than the guest's QPs are on.
+        id.ep->log_.log(LogLevel::warning, "CM: " + id.dst_ip.str() + " is reached through " +
+                                               (hca.empty() ? std::string("no HCA") : hca) + " on this host, not " +
+                                               (view ? view->hca : std::string("the device's HCA")));
+        release_host(id);
+        queue_event(id, kAddrError, -EHOSTUNREACH);
+        return;
+      }
+      id.state = Id::State::addr_resolved;
+      queue_event(id, kAddrResolved, 0);
+      return;
+    }
+    case RDMA_CM_EVENT_ADDR_ERROR:
+      release_host(id);
+      queue_event(id, kAddrError, e.status);
+      return;
+    case RDMA_CM_EVENT_ROUTE_RESOLVED:
+      if (id.state == Id::State::addr_resolved) id.state = Id::State::route_resolved;
+      queue_event(id, kRouteResolved, 0);
+      return;
+    case RDMA_CM_EVENT_ROUTE_ERROR:
+      queue_event(id, kRouteError, e.status);
+      return;
+    case RDMA_CM_EVENT_CONNECT_REQUEST:
+      on_host_request(id, e);
+      return;
+    case RDMA_CM_EVENT_CONNECT_RESPONSE:
+      if (id.state != Id::State::req_sent) return;
+      id.state = Id::State::rep_received;
+      queue_event(id, kConnectResponse, 0, &p, data, length);
+      return;
+    case RDMA_CM_EVENT_ESTABLISHED:
+      id.state = Id::State::established;
+      queue_event(id, kEstablished, 0, &p, data, length);
+      return;
+    case RDMA_CM_EVENT_REJECTED:
+    case RDMA_CM_EVENT_UNREACHABLE:
+    case RDMA_CM_EVENT_CONNECT_ERROR:
+      id.state = Id::State::disconnected;
+      queue_event(id, static_cast<std::uint8_t>(e.type), e.status, nullptr, data, length);
+      return;
+    case RDMA_CM_EVENT_DISCONNECTED:
+      id.state = Id::State::disconnected;
+      queue_event(id, kDisconnected, 0);
+      return;
+    default:  // TIMEWAIT_EXIT, ADDR_CHANGE, DEVICE_REMOVAL: nothing the guest's id needs
+      id.ep->log_.log(LogLevel::debug, "CM id " + std::to_string(id.handle) + ": host event " +
+                                           rdma_event_str(static_cast<rdma_cm_event_type>(e.type)) + " ignored");
+      return;
+  }
+}
+
+void CmBroker::on_host_request(Id& listener, platform::HostCmEvent& e) {
+  std::unique_ptr<platform::HostCmId> host = std::move(e.new_id);
+  if (!host) return;
+  if (listener.state != Id::State::listening || listener.pending >= listener.backlog ||
+      !host_ids_left(*listener.ep)) {
+    host->reject({});
+    return;
+  }
+  CmEndpoint& passive = *listener.ep;
+  const platform::HostCmRoute route = host->route();
+  auto child = std::make_unique<Id>();
+  Id* c = child.get();
+  c->ep = &passive;
+  c->port_space = listener.port_space;
+  c->qp_type = listener.qp_type;
+  c->state = Id::State::req_received;
+  std::tie(c->src_ip, c->src_port) = from_sockaddr(route.src);
+  std::tie(c->dst_ip, c->dst_port) = from_sockaddr(route.dst);
+  c->listener = &listener;
+  // rdma_cm reports the resources from this side's point of view already.
+  c->responder_resources = e.param.responder_resources;
+  c->initiator_depth = e.param.initiator_depth;
+  c->retry_count = e.param.retry_count;
+  c->peer_qp_num = e.param.qp_num & 0xffffff;
+  c->peer_rnr_retry_count = e.param.rnr_retry_count;
+  const vibif_handle_t handle = passive.ids_.insert(std::move(child));
+  if (handle == VIBIF_HANDLE_NONE) {
+    host->reject({});
+    return;
+  }
+  c->handle = handle;
+  c->host_token = next_token_++;
+  host->set_token(c->host_token);
+  host_ids_[c->host_token] = c;
+  c->host = std::move(host);
+  count_host_ids(passive, 1);
+  ++listener.pending;
+  vibif_cm_conn_param p{};
+  p.responder_resources = c->responder_resources;
+  p.initiator_depth = c->initiator_depth;
+  p.flow_control = e.param.flow_control;
+  p.retry_count = e.param.retry_count;
+  p.rnr_retry_count = e.param.rnr_retry_count;
+  p.srq = e.param.srq;
+  p.qp_num = c->peer_qp_num;
+  const std::size_t length = std::min<std::size_t>(e.param.private_data.size(), VIBIF_CM_MAX_PRIVATE_DATA);
+  queue_event(listener, kConnectRequest, 0, &p, e.param.private_data.data(), length, handle);
+  passive.log_.log(LogLevel::info, "CM: request from " + c->dst_ip.str() + ":" + std::to_string(c->dst_port) +
+                                       " (outside vib) to " + c->src_ip.str() + ":" + std::to_string(c->src_port));
 }
 
 int CmBroker::get_event(Id& id, vibif_response& rsp) {

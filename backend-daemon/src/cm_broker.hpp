@@ -13,6 +13,15 @@
 //
 // The broker never touches a QP: the guest moves its own QPs with the
 // attributes CM_INIT_QP_ATTR answers, as librdmacm does with the kernel.
+//
+// Peers outside vib (a native program in dom0, another node): a guest on an
+// rdma-core HCA that resolves an address no vib guest has, or listens, gets
+// a host rdma_cm id beside its own (platform::HostCmId). The host's rdma_cm
+// runs the exchange with the guest's QP number; its events become the
+// guest's, and its QP attributes are translated to the guest's port, P_Key
+// and GID tables (an attribute outside them is refused: the device's
+// gid-indices and pkeys confine the guest here too). The host connection
+// manager is opened at first use; one thread reads its events.
 #pragma once
 
 #include <array>
@@ -35,6 +44,8 @@
 #include "control.hpp"
 #include "device_id.hpp"
 #include "handle_table.hpp"
+#include "vib/platform/host_cm.hpp"
+#include "vib/platform/unique_fd.hpp"
 #include "vib/vibif.h"
 
 namespace vib::backend {
@@ -64,6 +75,15 @@ struct CmPort {
   std::uint8_t link_layer = IBV_LINK_LAYER_INFINIBAND;
   std::uint8_t active_mtu = IBV_MTU_1024;
   std::uint16_t pkey = VIBIF_DEFAULT_PKEY;  // the guest's P_Key index 0
+};
+
+// A device on an rdma-core HCA, as its guest's view maps to the host's:
+// what the host rdma_cm path needs (absent for the software HCA).
+struct CmHostView {
+  std::string hca;  // the HCA's device name, as rdma_cm reports it
+  std::uint8_t port = 1;
+  std::vector<std::uint32_t> gid_indices;  // the guest's GID table: host indices, in order
+  std::vector<std::uint16_t> pkeys;        // the guest's P_Key table
 };
 
 class CmBroker;
@@ -100,15 +120,20 @@ class CmEndpoint final : public ControlExtension {
 
 class CmBroker {
  public:
-  // `timeout`: how long a REQ waits for REP/REJ, and a REP for RTU.
-  explicit CmBroker(std::chrono::milliseconds timeout);
+  using HostCmOpener = std::function<std::unique_ptr<platform::HostConnectionManager>()>;
+  // `timeout`: how long a REQ waits for REP/REJ, and a REP for RTU (between
+  // guests; the host's rdma_cm keeps its own). `open_host_cm`: called once,
+  // when a guest first needs a peer outside vib.
+  explicit CmBroker(std::chrono::milliseconds timeout, HostCmOpener open_host_cm = platform::open_host_cm);
   ~CmBroker();
   CmBroker(const CmBroker&) = delete;
   CmBroker& operator=(const CmBroker&) = delete;
 
   // A device its guest may use: its addresses and its port. Resolving one
-  // of the addresses finds this device.
-  void add_device(DeviceId device, std::vector<IpAddress> addresses, CmPort port);
+  // of the addresses finds this device. `host`: it may reach peers outside
+  // vib through the host's rdma_cm.
+  void add_device(DeviceId device, std::vector<IpAddress> addresses, CmPort port,
+                  std::optional<CmHostView> host = std::nullopt);
   void remove_device(DeviceId device);
 
   // A context's endpoint; `wake` must be callable from any thread (it wakes
@@ -124,6 +149,8 @@ class CmBroker {
   struct DeviceEntry {
     std::vector<IpAddress> addresses;
     CmPort port;
+    std::optional<CmHostView> host;
+    std::size_t host_ids = 0;  // host rdma_cm ids its guest's ids hold (kMaxHostIdsPerDevice)
   };
 
   vibif_response execute(CmEndpoint& ep, const vibif_request& req);
@@ -147,6 +174,27 @@ class CmBroker {
   void abandon(Id& id, const char* why);
   void destroy(Id& id);
 
+  // The host rdma_cm path (see the top of this file).
+  const CmHostView* host_view(const CmEndpoint& ep) const;
+  platform::HostConnectionManager* host_cm(CmEndpoint& ep);
+  // A host id for `id`, registered under the id's token; null (logged) if
+  // the host cannot make one or the device holds its most. Counted against
+  // the device once attached to the id (attach_host), uncounted by
+  // release_host.
+  std::unique_ptr<platform::HostCmId> new_host_id(Id& id);
+  int host_resolve_addr(Id& id);
+  void host_listen(Id& id);
+  int host_connect(Id& id, const vibif_cm_connect_req& r);
+  int host_accept(Id& id, const vibif_cm_connect_req& r);
+  int host_init_qp_attr(Id& id, std::uint32_t state, vibif_response& rsp);
+  int host_query_route(Id& id, vibif_response& rsp);
+  bool host_ids_left(const CmEndpoint& ep);
+  void count_host_ids(const CmEndpoint& ep, std::ptrdiff_t change);
+  void release_host(Id& id);
+  void run_host_events();
+  void on_host_event(platform::HostCmEvent& e);
+  void on_host_request(Id& listener, platform::HostCmEvent& e);
+
   bool may_bind(const CmEndpoint& ep, const IpAddress& ip) const;
   bool port_in_use(DeviceId device, std::uint16_t port_space, const IpAddress& ip, std::uint16_t port) const;
   std::uint16_t free_port(DeviceId device, std::uint16_t port_space, const IpAddress& ip);
@@ -167,7 +215,14 @@ class CmBroker {
   std::set<CmEndpoint*> endpoints_;
   std::uint32_t next_psn_ = 0x1a2b3c;
   std::uint16_t next_port_ = 0;
-  std::thread timer_;  // last: started when everything else exists
+  const HostCmOpener open_host_cm_;
+  std::unique_ptr<platform::HostConnectionManager> host_cm_;  // opened at first use
+  bool host_cm_unavailable_ = false;                           // the attempt failed
+  std::map<std::uint64_t, Id*> host_ids_;                      // by token
+  std::uint64_t next_token_ = 1;
+  platform::UniqueFd host_stop_;  // an eventfd: the host event thread ends
+  std::thread host_events_;       // reads host_cm_'s events; started with it
+  std::thread timer_;             // last: started when everything else exists
 };
 
 }  // namespace vib::backend

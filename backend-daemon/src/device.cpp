@@ -224,7 +224,10 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
                     {VIBIF_XS_FEATURE_RDMA_CM, "1"},
                     {"state", str(XenbusState::init_wait)}});
   state_ = XenbusState::init_wait;
-  env_.cm().add_device(id_, addresses, port);
+  std::optional<CmHostView> host_view;
+  if (hca_->name() != platform::kSoftHcaName)
+    host_view = CmHostView{hca_->name(), config_->port, config_->gid_indices, config_->pkeys};
+  env_.cm().add_device(id_, addresses, port, std::move(host_view));
   cm_registered_ = true;
   std::string where;
   for (const auto& ip : addresses) where += " " + ip.str();
