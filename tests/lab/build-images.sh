@@ -179,10 +179,11 @@ if [ ! -f "$base/done" ]; then
 
   # Kernel modules, in load order.
   : > "$stage/modules.list"
-  # rxe checksums with the crypto API's crc32; user-space verbs need ib_uverbs;
-  # guests that talk TCP to each other get a vif (netfront) on a bridge in
-  # dom0 (netback).
-  for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs veth crc32_generic rdma_rxe ib_uverbs \
+  # rxe checksums with the crypto API's crc32; user-space verbs need ib_uverbs
+  # and user-space RDMA-CM (native rping, vibd's ids for peers outside vib)
+  # rdma_ucm; guests that talk TCP to each other get a vif (netfront) on a
+  # bridge in dom0 (netback).
+  for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs veth crc32_generic rdma_rxe ib_uverbs rdma_ucm \
            xen-netback xen-netfront bridge; do
     modprobe -d "$root" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}' |
     while read -r ko; do
