@@ -113,7 +113,9 @@ class VerbsQp final : public QueuePair {
     return ibv_modify_qp(qp_, &copy, attr_mask);
   }
   int query(ibv_qp_attr& attr, ibv_qp_init_attr& init) override {
-    return ibv_query_qp(qp_, &attr, ~0, &init);
+    // Every attribute libibverbs' query command knows: it refuses a mask
+    // with any bit from IBV_QP_RATE_LIMIT up (EOPNOTSUPP), ~0 included.
+    return ibv_query_qp(qp_, &attr, IBV_QP_RATE_LIMIT - 1, &init);
   }
   int post_send(const ibv_send_wr* wr, const ibv_send_wr** bad_wr) override {
     ibv_send_wr* bad = nullptr;
