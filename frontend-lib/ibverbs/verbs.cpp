@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "objects.hpp"
+#include "received_header.hpp"
 
 // Defined here under their exported names, which verbs.h maps to inline wrappers.
 #undef ibv_reg_mr
@@ -586,26 +587,29 @@ int ibv_init_ah_from_wc(ibv_context* context, uint8_t port, ibv_wc* wc, ibv_grh*
   attr->sl = wc->sl;
   attr->src_path_bits = wc->dlid_path_bits;
   attr->port_num = port;
-  if (wc->wc_flags & IBV_WC_GRH) {
-    if (!grh) return EINVAL;
-    attr->is_global = 1;
-    attr->grh.dgid = grh->sgid;
-    attr->grh.flow_label = ntohl(grh->version_tclass_flow) & 0xFFFFF;
-    attr->grh.hop_limit = 0xFF;
-    attr->grh.traffic_class = static_cast<uint8_t>((ntohl(grh->version_tclass_flow) >> 20) & 0xFF);
-    // The source GID index is the one holding the packet's destination GID.
-    ibv_port_attr pattr;
-    if (ibv_query_port(context, port, &pattr)) return errno;
-    for (int i = 0; i < pattr.gid_tbl_len; ++i) {
-      ibv_gid gid;
-      if (ibv_query_gid(context, port, i, &gid) == 0 && std::memcmp(&gid, &grh->dgid, sizeof(gid)) == 0) {
-        attr->grh.sgid_index = static_cast<uint8_t>(i);
-        return 0;
-      }
+  if (!(wc->wc_flags & IBV_WC_GRH)) return 0;
+  if (!grh) return EINVAL;
+  ibv_port_attr pattr;
+  if (ibv_query_port(context, port, &pattr)) return errno;
+  const auto header = vib::front::decode_received_header(*grh, pattr.link_layer);
+  attr->is_global = 1;
+  attr->grh.dgid = header.sender;
+  attr->grh.flow_label = header.flow_label;
+  attr->grh.hop_limit = header.hop_limit;
+  attr->grh.traffic_class = header.traffic_class;
+  // The source GID index is the one holding the packet's destination GID.
+  for (int i = 0; i < pattr.gid_tbl_len; ++i) {
+    ibv_gid gid;
+    if (ibv_query_gid(context, port, i, &gid) == 0 && std::memcmp(&gid, &header.receiver, sizeof(gid)) == 0) {
+      attr->grh.sgid_index = static_cast<uint8_t>(i);
+      return 0;
     }
-    return ENOENT;
   }
-  return 0;
+  char text[INET6_ADDRSTRLEN] = "?";
+  ::inet_ntop(AF_INET6, header.receiver.raw, text, sizeof text);
+  std::fprintf(stderr, "libibverbs (vib): %s: the packet's destination GID %s is not in port %u's GID table (%d entries)\n",
+               ibv_get_device_name(context->device), text, unsigned{port}, pattr.gid_tbl_len);
+  return ENOENT;
 }
 
 ibv_ah* ibv_create_ah_from_wc(ibv_pd* pd, ibv_wc* wc, ibv_grh* grh, uint8_t port) {
