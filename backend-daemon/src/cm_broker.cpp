@@ -251,6 +251,7 @@ struct CmEndpoint::Id {
   std::unique_ptr<platform::HostCmId> host;
   std::vector<std::unique_ptr<platform::HostCmId>> host_listeners;
   std::uint64_t host_token = 0;
+  std::optional<vibif_ah_attr> host_ah;  // UD: towards the peer, from the SIDR reply
 };
 
 CmEndpoint::CmEndpoint(CmBroker& broker, DeviceId device, std::string subject, std::function<void()> wake)
@@ -1013,12 +1014,6 @@ void CmBroker::release_host(Id& id) {
 
 int CmBroker::host_resolve_addr(Id& id) {
   if (id.host) return VIBIF_EINVAL;  // the host is resolving it already
-  if (id.qp_type == VIBIF_QPT_UD) {
-    id.ep->log_.log(LogLevel::info, "CM: " + id.dst_ip.str() +
-                                        " is outside vib; UD (SIDR) to peers outside vib is not supported");
-    queue_event(id, kAddrError, -EOPNOTSUPP);
-    return VIBIF_OK;
-  }
   // The host id speaks from one of the guest's own addresses, never from
   // one of dom0's (loopback included).
   IpAddress src = id.src_ip;
@@ -1058,7 +1053,7 @@ int CmBroker::host_resolve_addr(Id& id) {
 
 void CmBroker::host_listen(Id& id) {
   const CmHostView* view = host_view(*id.ep);
-  if (!view || id.port_space != VIBIF_CM_PS_TCP || id.src_ip.loopback()) return;
+  if (!view || id.src_ip.loopback()) return;
   std::vector<IpAddress> addresses;
   if (!id.src_ip.wildcard()) {
     addresses.push_back(id.src_ip);
@@ -1104,7 +1099,7 @@ int CmBroker::host_connect(Id& id, const vibif_cm_connect_req& r) {
 
 int CmBroker::host_accept(Id& id, const vibif_cm_connect_req& r) {
   const std::size_t length = r.param.private_data_len;
-  if (length > kMaxRepData) return VIBIF_EINVAL;
+  if (length > (id.qp_type == VIBIF_QPT_UD ? kMaxSidrRepData : kMaxRepData)) return VIBIF_EINVAL;
   platform::HostCmParam p;
   p.responder_resources = r.param.responder_resources;
   p.initiator_depth = r.param.initiator_depth;
@@ -1119,8 +1114,10 @@ int CmBroker::host_accept(Id& id, const vibif_cm_connect_req& r) {
     --id.listener->pending;
     id.listener = nullptr;
   }
-  id.state = Id::State::rep_sent;
-  return VIBIF_OK;  // ESTABLISHED follows from the host once the RTU arrives
+  // UD: the SIDR reply went, nothing follows; RC: ESTABLISHED follows from
+  // the host once the RTU arrives.
+  id.state = id.qp_type == VIBIF_QPT_UD ? Id::State::established : Id::State::rep_sent;
+  return VIBIF_OK;
 }
 
 int CmBroker::host_init_qp_attr(Id& id, std::uint32_t state, vibif_response& rsp) {
@@ -1149,30 +1146,7 @@ int CmBroker::host_init_qp_attr(Id& id, std::uint32_t state, vibif_response& rsp
     }
     g.pkey_index = static_cast<std::uint16_t>(it - view->pkeys.begin());
   }
-  if (mask & IBV_QP_AV) {
-    const ibv_ah_attr& h = a.ah_attr;
-    auto& ah = g.ah_attr;
-    ah.dlid = h.dlid;
-    ah.sl = h.sl;
-    ah.src_path_bits = h.src_path_bits;
-    ah.static_rate = h.static_rate;
-    ah.port_num = 1;
-    ah.is_global = h.is_global;
-    if (h.is_global) {
-      auto it = std::find(view->gid_indices.begin(), view->gid_indices.end(), h.grh.sgid_index);
-      if (it == view->gid_indices.end()) {
-        id.ep->log_.log(LogLevel::warning, "CM: " + id.src_ip.str() + "'s GID is at index " +
-                                               std::to_string(h.grh.sgid_index) + " of " + view->hca +
-                                               ", which is not among the device's gid-indices");
-        return VIBIF_EPERM;
-      }
-      ah.sgid_index = static_cast<std::uint8_t>(it - view->gid_indices.begin());
-      std::copy(std::begin(h.grh.dgid.raw), std::end(h.grh.dgid.raw), ah.dgid);
-      ah.flow_label = h.grh.flow_label;
-      ah.hop_limit = h.grh.hop_limit;
-      ah.traffic_class = h.grh.traffic_class;
-    }
-  }
+  if ((mask & IBV_QP_AV) && !guest_ah(id, *view, a.ah_attr, g.ah_attr)) return VIBIF_EPERM;
   g.qp_access_flags = static_cast<std::uint32_t>(a.qp_access_flags) & VIBIF_ACCESS_ALL;
   g.path_mtu = a.path_mtu;
   g.qkey = a.qkey;
@@ -1193,6 +1167,14 @@ int CmBroker::host_init_qp_attr(Id& id, std::uint32_t state, vibif_response& rsp
   return VIBIF_OK;
 }
 
+bool CmBroker::guest_ah(const Id& id, const CmHostView& view, const ibv_ah_attr& h, vibif_ah_attr& ah) {
+  if (guest_ah_attr(h, view.gid_indices, ah)) return true;
+  id.ep->log_.log(LogLevel::warning, "CM: " + id.src_ip.str() + "'s GID is at index " +
+                                         std::to_string(h.grh.sgid_index) + " of " + view.hca +
+                                         ", which is not among the device's gid-indices");
+  return false;
+}
+
 int CmBroker::host_query_route(Id& id, vibif_response& rsp) {
   const platform::HostCmRoute route = id.host->route();
   auto& r = rsp.u.cm_route;
@@ -1206,10 +1188,14 @@ int CmBroker::host_query_route(Id& id, vibif_response& rsp) {
   r.pkey = route.pkey ? route.pkey : mine ? mine->pkey : VIBIF_DEFAULT_PKEY;
   r.link_layer = mine ? mine->link_layer : std::uint8_t{IBV_LINK_LAYER_ETHERNET};
   r.path_mtu = route.mtu ? route.mtu : mine ? mine->active_mtu : std::uint8_t{IBV_MTU_1024};
-  r.ah_attr.dlid = route.dlid;
-  r.ah_attr.sl = route.sl;
-  r.ah_attr.hop_limit = route.hop_limit;
-  r.ah_attr.port_num = 1;
+  if (id.host_ah) {
+    r.ah_attr = *id.host_ah;  // UD: what the SIDR exchange gave
+  } else {
+    r.ah_attr.dlid = route.dlid;
+    r.ah_attr.sl = route.sl;
+    r.ah_attr.hop_limit = route.hop_limit;
+    r.ah_attr.port_num = 1;
+  }
   return VIBIF_OK;
 }
 
@@ -1281,6 +1267,17 @@ void CmBroker::on_host_event(platform::HostCmEvent& e) {
       queue_event(id, kConnectResponse, 0, &p, data, length);
       return;
     case RDMA_CM_EVENT_ESTABLISHED:
+      if (id.qp_type == VIBIF_QPT_UD && e.param.ah) {
+        // The SIDR reply: the guest sends to the peer with this vector.
+        const CmHostView* view = host_view(*id.ep);
+        vibif_ah_attr ah{};
+        if (!view || !guest_ah(id, *view, *e.param.ah, ah)) {
+          id.state = Id::State::disconnected;
+          queue_event(id, kUnreachable, -EPERM);
+          return;
+        }
+        id.host_ah = ah;
+      }
       id.state = Id::State::established;
       queue_event(id, kEstablished, 0, &p, data, length);
       return;
@@ -1345,7 +1342,12 @@ void CmBroker::on_host_request(Id& listener, platform::HostCmEvent& e) {
   p.retry_count = e.param.retry_count;
   p.rnr_retry_count = e.param.rnr_retry_count;
   p.srq = e.param.srq;
-  p.qp_num = c->peer_qp_num;
+  p.qp_num = c->qp_type == VIBIF_QPT_UD ? 0 : c->peer_qp_num;  // a SIDR request names no QP
+  if (c->qp_type == VIBIF_QPT_UD && e.param.ah) {
+    const CmHostView* view = host_view(passive);
+    vibif_ah_attr ah{};
+    if (view && guest_ah(*c, *view, *e.param.ah, ah)) c->host_ah = ah;
+  }
   const std::size_t length = std::min<std::size_t>(e.param.private_data.size(), VIBIF_CM_MAX_PRIVATE_DATA);
   queue_event(listener, kConnectRequest, 0, &p, e.param.private_data.data(), length, handle);
   passive.log_.log(LogLevel::info, "CM: request from " + c->dst_ip.str() + ":" + std::to_string(c->dst_port) +

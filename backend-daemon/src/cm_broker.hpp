@@ -188,6 +188,9 @@ class CmBroker {
   int host_accept(Id& id, const vibif_cm_connect_req& r);
   int host_init_qp_attr(Id& id, std::uint32_t state, vibif_response& rsp);
   int host_query_route(Id& id, vibif_response& rsp);
+  // A host address vector in the guest's terms; false (logged) if its
+  // source GID is outside the device's table.
+  bool guest_ah(const Id& id, const CmHostView& view, const ibv_ah_attr& host, vibif_ah_attr& out);
   bool host_ids_left(const CmEndpoint& ep);
   void count_host_ids(const CmEndpoint& ep, std::ptrdiff_t change);
   void release_host(Id& id);

@@ -41,6 +41,11 @@ struct DeviceConfig {
   std::optional<std::string> ip;  // the "ip" node as written (RDMA-CM addresses)
 };
 
+// An address vector from the HCA in the guest's terms: its port 1, and the
+// source GID as its index into `gid_indices` (the device's GID indices, in
+// the guest's order); false if that GID is not among them.
+bool guest_ah_attr(const ibv_ah_attr& in, const std::vector<std::uint32_t>& gid_indices, vibif_ah_attr& out);
+
 // Told when HCA objects of the context appear and go, so that the HCA's
 // completion and asynchronous events (which name the HCA object) find the
 // context's worker.

@@ -84,7 +84,7 @@ int ControlPath::to_hca_ah_attr(const vibif_ah_attr& in, ibv_ah_attr& out) {
   return VIBIF_OK;
 }
 
-void ControlPath::from_hca_ah_attr(const ibv_ah_attr& in, vibif_ah_attr& out) {
+bool guest_ah_attr(const ibv_ah_attr& in, const std::vector<std::uint32_t>& gid_indices, vibif_ah_attr& out) {
   out = vibif_ah_attr{};
   out.dlid = in.dlid;
   out.sl = in.sl;
@@ -92,14 +92,20 @@ void ControlPath::from_hca_ah_attr(const ibv_ah_attr& in, vibif_ah_attr& out) {
   out.static_rate = in.static_rate;
   out.port_num = 1;
   out.is_global = in.is_global;
-  if (in.is_global) {
-    std::memcpy(out.dgid, in.grh.dgid.raw, sizeof(out.dgid));
-    out.flow_label = in.grh.flow_label;
-    out.hop_limit = in.grh.hop_limit;
-    out.traffic_class = in.grh.traffic_class;
-    for (std::size_t i = 0; i < config_.gid_indices.size(); ++i)
-      if (config_.gid_indices[i] == in.grh.sgid_index) out.sgid_index = static_cast<std::uint8_t>(i);
-  }
+  if (!in.is_global) return true;
+  std::memcpy(out.dgid, in.grh.dgid.raw, sizeof(out.dgid));
+  out.flow_label = in.grh.flow_label;
+  out.hop_limit = in.grh.hop_limit;
+  out.traffic_class = in.grh.traffic_class;
+  auto it = std::find(gid_indices.begin(), gid_indices.end(), in.grh.sgid_index);
+  if (it == gid_indices.end()) return false;
+  out.sgid_index = static_cast<std::uint8_t>(it - gid_indices.begin());
+  return true;
+}
+
+void ControlPath::from_hca_ah_attr(const ibv_ah_attr& in, vibif_ah_attr& out) {
+  // A QP the guest moved itself has a source GID of its table.
+  guest_ah_attr(in, config_.gid_indices, out);
 }
 
 const std::vector<std::uint16_t>& ControlPath::hca_pkeys() {

@@ -230,10 +230,10 @@ class HostCm : public ::testing::Test {
     else std::memcpy(&req.u, &id, sizeof id);
     return endpoint_->execute(req);
   }
-  vibif_handle_t create_id() {
+  vibif_handle_t create_id(bool ud = false) {
     vibif_cm_create_id_req r{};
-    r.port_space = VIBIF_CM_PS_TCP;
-    r.qp_type = VIBIF_QPT_RC;
+    r.port_space = ud ? VIBIF_CM_PS_UDP : VIBIF_CM_PS_TCP;
+    r.qp_type = ud ? VIBIF_QPT_UD : VIBIF_QPT_RC;
     const auto rsp = call(VIBIF_OP_CM_CREATE_ID, 0, &r, sizeof r);
     EXPECT_EQ(rsp.hdr.status, VIBIF_OK);
     return rsp.u.handle.handle;
@@ -287,8 +287,8 @@ class HostCm : public ::testing::Test {
     return 0;
   }
   // Through ADDR_RESOLVED and ROUTE_RESOLVED to 192.0.2.1:7000.
-  vibif_handle_t resolved_id() {
-    const vibif_handle_t id = create_id();
+  vibif_handle_t resolved_id(bool ud = false) {
+    const vibif_handle_t id = create_id(ud);
     EXPECT_EQ(resolve(id, "192.0.2.1", 7000), VIBIF_OK);
     const std::uint64_t token = last_token();
     EXPECT_NE(token, 0u);
@@ -380,6 +380,77 @@ TEST_F(HostCm, AnActiveConnectionRunsThroughTheHostsRdmaCmWithTheGuestsQpAndTabl
   ASSERT_EQ(call(VIBIF_OP_CM_DESTROY_ID, id).hdr.status, VIBIF_OK);
   std::lock_guard lock(script_->mu);
   EXPECT_EQ(script_->live_ids, 0);
+}
+
+TEST_F(HostCm, AUdPeerOutsideVibAnswersTheSidrRequestWithItsQpAndAddress) {
+  add_rxe_device();
+  const vibif_handle_t id = resolved_id(/*ud=*/true);
+  const std::uint64_t token = last_token();
+  EXPECT_TRUE(script_->saw("create_id ps " + std::to_string(RDMA_PS_UDP))) << script_->all_calls();
+  vibif_cm_connect_req c{};
+  c.id = id;
+  c.param.qp_num = 0x321;
+  c.param.private_data_len = 3;
+  std::memcpy(c.private_data, "udp", 3);
+  ASSERT_EQ(call(VIBIF_OP_CM_CONNECT, id, &c, sizeof c).hdr.status, VIBIF_OK);
+  EXPECT_TRUE(script_->saw("connect qp 801 data udp")) << script_->all_calls();
+
+  HostCmParam rep;
+  rep.qp_num = 0x654;
+  rep.qkey = 0x01234567;
+  ibv_ah_attr ah{};
+  ah.is_global = 1;
+  ah.grh.sgid_index = 3;
+  ah.grh.dgid.raw[15] = 9;
+  ah.grh.hop_limit = 64;
+  ah.port_num = 1;
+  rep.ah = ah;
+  host_event(token, RDMA_CM_EVENT_ESTABLISHED, 0, rep);
+  const auto established = next_event(id);
+  EXPECT_EQ(established.event, RDMA_CM_EVENT_ESTABLISHED);
+  EXPECT_EQ(established.param.qp_num, 0x654u);
+  EXPECT_EQ(established.param.qkey, 0x01234567u);
+  // The guest builds its address handle from the route: in its own terms.
+  const auto route = call(VIBIF_OP_CM_QUERY_ROUTE, id);
+  ASSERT_EQ(route.hdr.status, VIBIF_OK);
+  EXPECT_EQ(route.u.cm_route.ah_attr.is_global, 1);
+  EXPECT_EQ(route.u.cm_route.ah_attr.sgid_index, 1);
+  EXPECT_EQ(route.u.cm_route.ah_attr.dgid[15], 9);
+  EXPECT_EQ(route.u.cm_route.ah_attr.port_num, 1);
+}
+
+TEST_F(HostCm, AUdListenerAnswersSidrRequestsFromOutsideVib) {
+  add_rxe_device();
+  const vibif_handle_t listener = create_id(/*ud=*/true);
+  vibif_cm_bind_req b{};
+  b.id = listener;
+  b.addr = wire("192.0.2.10", 7174);
+  ASSERT_EQ(call(VIBIF_OP_CM_BIND, listener, &b, sizeof b).hdr.status, VIBIF_OK);
+  vibif_cm_id_req l{listener, 4};
+  ASSERT_EQ(call(VIBIF_OP_CM_LISTEN, listener, &l, sizeof l).hdr.status, VIBIF_OK);
+  EXPECT_TRUE(script_->saw("bind 192.0.2.10:7174")) << script_->all_calls();
+  HostCmRoute route;
+  route.src = address("192.0.2.10", 7174);
+  route.dst = address("192.0.2.1", 40000);
+  HostCmParam req;
+  req.private_data = {'q'};
+  ibv_ah_attr ah{};
+  ah.is_global = 1;
+  ah.grh.sgid_index = 0;
+  req.ah = ah;
+  host_event(last_token(), RDMA_CM_EVENT_CONNECT_REQUEST, 0, req, std::make_unique<ScriptedId>(script_, 0, route));
+  const auto request = next_event(listener);
+  ASSERT_EQ(request.event, RDMA_CM_EVENT_CONNECT_REQUEST);
+  EXPECT_EQ(request.param.qp_num, 0u);  // a SIDR request names no QP
+  vibif_cm_connect_req a{};
+  a.id = request.new_id;
+  a.param.qp_num = 0x88;
+  ASSERT_EQ(call(VIBIF_OP_CM_ACCEPT, request.new_id, &a, sizeof a).hdr.status, VIBIF_OK);
+  EXPECT_TRUE(script_->saw("accept qp 136")) << script_->all_calls();
+  // The SIDR reply is all: no RTU, no event; the id is usable at once.
+  const auto route_rsp = call(VIBIF_OP_CM_QUERY_ROUTE, request.new_id);
+  EXPECT_EQ(route_rsp.u.cm_route.ah_attr.is_global, 1);
+  EXPECT_EQ(route_rsp.u.cm_route.ah_attr.sgid_index, 0);
 }
 
 TEST_F(HostCm, AGidOrPKeyOutsideTheDevicesTablesIsRefused) {

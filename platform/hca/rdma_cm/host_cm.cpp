@@ -150,6 +150,7 @@ class RdmaCm final : public HostConnectionManager {
     if (ev->id->ps == RDMA_PS_UDP) {
       out.param.qp_num = ev->param.ud.qp_num;
       out.param.qkey = ev->param.ud.qkey;
+      if (ev->event == RDMA_CM_EVENT_ESTABLISHED || request) out.param.ah = ev->param.ud.ah_attr;
       data = static_cast<const std::uint8_t*>(ev->param.ud.private_data);
       length = ev->param.ud.private_data_len;
     } else {

@@ -11,7 +11,10 @@
 #   the guest's rping client (vib's librdmacm.so.1) against a native rping
 #   server in dom0 (rdma-core's), then a native client in dom0 against the
 #   guest's server.
-# Each rping must exit 0.
+# Then the same with UD (SIDR): unmodified udaddy, the guest's client
+# against dom0's native server, dom0's native client against the guest's
+# server (10 messages each way; udaddy checks only that they arrive).
+# Each program must exit 0.
 #
 # dom0 gets /vib/vibd, /vib/vib (hotplug script), /vib/xl (the front),
 # /vib/xl-vib; the guest /vib/libibverbs.so.1, /vib/librdmacm.so.1 and
@@ -34,11 +37,19 @@ if [ "$1" = guest ]; then
   rc=$?
   echo "guest: rping client to dom0's native server exited $rc after $(($(date +%s) - start)) s ($count pings, 100 B, validated)"
   [ $rc = 0 ] || { failed=1; tail -n 5 /tmp/rping-c.out; }
+  timeout 100 udaddy -s $dom0_address -b $guest_address > /tmp/udaddy-c.out 2>&1
+  rc=$?
+  echo "guest: udaddy client to dom0's native server exited $rc"
+  [ $rc = 0 ] || { failed=1; tail -n 5 /tmp/udaddy-c.out; }
   # dom0's native client connects once vibd says this server listens on rxe0.
   timeout 300 rping -s -a $guest_address -p $to_guest_port -V -C $count -S 100 > /tmp/rping-s.out 2>&1
   rc=$?
   echo "guest: rping server for dom0's native client exited $rc"
   [ $rc = 0 ] || { failed=1; tail -n 5 /tmp/rping-s.out; }
+  timeout 200 udaddy -b $guest_address > /tmp/udaddy-s.out 2>&1
+  rc=$?
+  echo "guest: udaddy server for dom0's native client exited $rc"
+  [ $rc = 0 ] || { failed=1; tail -n 20 /tmp/udaddy-s.out; ibv_devinfo -v -d vib0 | grep -E 'link_layer|GID'; }
   exit $failed
 fi
 
@@ -66,6 +77,8 @@ echo "== vibd; dom0's native rping server; the guest"
 start_vibd --hca soft --scripts-dir /vib || fail "vibd did not start"
 timeout 300 rping -s -a $dom0_address -p $to_dom0_port -V -C $count -S 100 > /tmp/rping-native-s.out 2>&1 &
 native_server=$!
+timeout 300 udaddy -b $dom0_address > /tmp/udaddy-native-s.out 2>&1 &
+native_ud_server=$!
 start_guest "vib = [ 'hca=rxe0,script=vib,ip=$guest_address,gid-indices=0:$guest_gid_index' ]"
 [ -n "$guest_domid" ] || fail "xl create gave no domain for the guest"
 
@@ -82,6 +95,14 @@ native_client_rc=$?
 native_client_s=$(($(date +%s) - start))
 echo "dom0: native rping client to the guest's server exited $native_client_rc after $native_client_s s"
 [ $native_client_rc = 0 ] || tail -n 5 /tmp/rping-native-c.out
+wait_until 200 grep -q "RDMA-CM listening for peers outside vib on rxe0 at $guest_address port 7174" "$vibd_log" || {
+  tail -n 20 "$vibd_log"
+  echo "the guest's udaddy did not listen on rxe0 within 200 s"
+}
+timeout 100 udaddy -s $guest_address -b $dom0_address > /tmp/udaddy-native-c.out 2>&1
+native_ud_client_rc=$?
+echo "dom0: native udaddy client to the guest's server exited $native_ud_client_rc"
+[ $native_ud_client_rc = 0 ] || tail -n 5 /tmp/udaddy-native-c.out
 
 echo "== the guest's report"
 guest_ok=0
@@ -93,14 +114,20 @@ wait $native_server
 native_server_rc=$?
 echo "dom0: native rping server for the guest's client exited $native_server_rc"
 [ $native_server_rc = 0 ] || tail -n 5 /tmp/rping-native-s.out
+wait_until 5 sh -c "! kill -0 $native_ud_server 2>/dev/null" || kill $native_ud_server 2>/dev/null
+wait $native_ud_server
+native_ud_server_rc=$?
+echo "dom0: native udaddy server for the guest's client exited $native_ud_server_rc"
+[ $native_ud_server_rc = 0 ] || tail -n 5 /tmp/udaddy-native-s.out
 guest_s=$(sed -n 's/^guest: rping client to dom0.s native server exited 0 after \([0-9]*\) s.*/\1/p' /tmp/report.out)
 echo "VIB-LAB-MEASURE: rping ($count validated pings of 100 B, s) between a guest through vib on rxe0 and" \
      "a native rping in dom0: guest client ${guest_s:-failed}, native client $native_client_s"
-grep -E 'outside vib|host.s rdma_cm' "$vibd_log" | head -n 10
+grep -E 'outside vib|host.s rdma_cm' "$vibd_log" | head -n 20
 
 xl destroy vib-guest
 kill "$vibd_pid"
 wait "$vibd_pid"
 [ $guest_ok = 0 ] || fail "the guest's rping failed (above)"
 [ $native_client_rc = 0 ] && [ $native_server_rc = 0 ] || fail "dom0's native rping failed (above)"
+[ $native_ud_client_rc = 0 ] && [ $native_ud_server_rc = 0 ] || fail "dom0's native udaddy failed (above)"
 exit 0

@@ -28,6 +28,8 @@ struct HostCmParam {
                rnr_retry_count = 0, srq = 0;
   std::uint32_t qp_num = 0, qkey = 0;
   std::vector<std::uint8_t> private_data;
+  // UD (SIDR) events: the address vector towards the peer, in host terms.
+  std::optional<ibv_ah_attr> ah;
 };
 
 // The id's addresses and path, once resolved (or once a request arrived).
