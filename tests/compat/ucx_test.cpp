@@ -5,10 +5,15 @@
 // so each program runs in a mount namespace of its own whose /dev is an
 // overlay with that node (a link to /dev/null): what the guest's rule
 // gives, seen by this process only.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
 #include <regex>
 #include <string>
 #include <thread>
@@ -20,6 +25,41 @@
 using namespace std::chrono_literals;
 
 namespace {
+
+// The figures of ucx_perftest's "Final:" line (iterations, then latency
+// and bandwidth columns), or "" when it printed none.
+std::string final_line(const std::string& output) {
+  std::smatch m;
+  return std::regex_search(output, m, std::regex(R"(Final:\s+([^\n]*))")) ? m[1].str() : "";
+}
+
+// `argv` as a plain process of this host, nothing of vib's on its paths,
+// with UCX_TLS=`transports`; stdout and stderr to `out`. Everything is
+// prepared before fork: the child only duplicates descriptors and execs.
+pid_t start_native(const std::vector<std::string>& argv, const std::string& transports, const std::string& out) {
+  std::vector<std::string> env_strings = {"UCX_TLS=" + transports};
+  for (char** e = environ; *e; ++e) {
+    const std::string entry = *e;
+    if (entry.rfind("LD_LIBRARY_PATH=", 0) != 0 && entry.rfind("UCX_TLS=", 0) != 0) env_strings.push_back(entry);
+  }
+  std::vector<char*> envp, args;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> argv_copy = argv;
+  for (auto& a : argv_copy) args.push_back(a.data());
+  args.push_back(nullptr);
+  const int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return -1;
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    ::execve(args[0], args.data(), envp.data());
+    ::_exit(127);
+  }
+  ::close(fd);
+  return pid;
+}
 
 class Ucx : public vib::test::VibdFixture {
  protected:
@@ -87,6 +127,34 @@ class Ucx : public vib::test::VibdFixture {
     // The client prints the figures: all 200 iterations completed.
     EXPECT_TRUE(std::regex_search(client_run.output, std::regex(R"(Final:\s+200\s)"))) << client_run.output;
     if (HasFailure()) ADD_FAILURE() << "vibd log:\n" << vib::test::slurp(xen_.dir() + "/vibd.log");
+    std::string what;
+    for (const auto& arg : test) what += " " + arg;
+    std::cout << "[ figures  ] ucx_perftest" << what << " (iterations, latency us 50%/avg/overall, MB/s avg/overall,"
+              << " msg/s avg/overall)\n[ figures  ]   through vib (" << transports
+              << "): " << final_line(client_run.output) << "\n";
+  }
+
+  // The same UCP test between two plain processes of this host, without
+  // vib, over `transports` (printed beside vib's figures; nothing asserted
+  // of them: a host without that transport prints "unavailable").
+  void print_direct(const std::vector<std::string>& test, const std::string& transports) {
+    const unsigned tcp_port = vib::test::free_port();
+    std::vector<std::string> server = {"/usr/bin/ucx_perftest", "-p", std::to_string(tcp_port), "-n", "200", "-w", "20"};
+    server.insert(server.end(), test.begin(), test.end());
+    std::vector<std::string> client = server;
+    client.insert(client.begin() + 1, "127.0.0.1");
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    const std::string server_out = output("direct-server"), client_out = output("direct-client");
+    const pid_t s = start_native(server, transports, server_out);
+    while (!vib::test::listening(s, tcp_port) && std::chrono::steady_clock::now() < deadline &&
+           ::waitpid(s, nullptr, WNOHANG) == 0)
+      std::this_thread::sleep_for(10ms);
+    const pid_t c = start_native(client, transports, client_out);
+    const auto client_run = vib::test::finish_program(c, client_out, deadline);
+    vib::test::finish_program(s, server_out, deadline);
+    const std::string figures = final_line(client_run.output);
+    std::cout << "[ figures  ]   direct (" << transports << "): " << (figures.empty() ? "unavailable" : figures)
+              << "\n";
   }
 };
 
@@ -101,12 +169,19 @@ TEST_F(Ucx, UcxInfoListsTheVibDeviceWithRcVerbs) {
 
 
 // UCP over vib: tag matching, through rc_verbs with ud_verbs for wire-up.
+// Each prints its figures next to the same test between two processes
+// without vib: over UCX's shared memory (the floor of any host-local path)
+// and over TCP on loopback.
 TEST_F(Ucx, PerftestTagLatencyBetweenTwoGuests) {
   perftest_between_two_guests({"-t", "tag_lat", "-s", "8"}, "rc_verbs,ud_verbs");
+  print_direct({"-t", "tag_lat", "-s", "8"}, "posix,self");
+  print_direct({"-t", "tag_lat", "-s", "8"}, "tcp,self");
 }
 
 TEST_F(Ucx, PerftestTagBandwidthBetweenTwoGuests) {
   perftest_between_two_guests({"-t", "tag_bw", "-s", "65536"}, "rc_verbs,ud_verbs");
+  print_direct({"-t", "tag_bw", "-s", "65536"}, "posix,self");
+  print_direct({"-t", "tag_bw", "-s", "65536"}, "tcp,self");
 }
 
 // UCT over vib: zero-copy RDMA writes from a registered 64 KiB buffer.
