@@ -160,6 +160,8 @@ vibif_response ControlPath::dispatch(const vibif_request& req) {
         ibv_gid gid;
         hca_.query_gid(config_.port, static_cast<int>(config_.gid_indices[index]), gid);
         std::memcpy(rsp.u.query_gid.gid, gid.raw, 16);
+        rsp.u.query_gid.gid_type =
+            static_cast<std::uint8_t>(hca_.gid_type(config_.port, static_cast<int>(config_.gid_indices[index])));
         break;
       }
       case VIBIF_OP_QUERY_PKEY: {

@@ -449,13 +449,20 @@ int ibv_get_pkey_index(ibv_context* context, uint8_t port, __be16 pkey) {
 int _ibv_query_gid_ex(ibv_context* context, uint32_t port, uint32_t index, ibv_gid_entry* entry, uint32_t flags,
                       size_t entry_size) {
   if (flags || entry_size < sizeof(ibv_gid_entry)) return EINVAL;
+  auto& ctx = *to_ctx(context);
+  PumpAfter pump(ctx);
   ibv_gid gid;
-  if (ibv_query_gid(context, static_cast<uint8_t>(port), static_cast<int>(index), &gid)) return errno;
+  int type = IBV_GID_TYPE_IB;
+  if (or_errno([&] {
+        ctx.device->query_gid(static_cast<std::uint8_t>(port), static_cast<int>(index), gid, &type);
+        return 0;
+      }))
+    return errno;
   *entry = ibv_gid_entry{};
   entry->gid = gid;
   entry->gid_index = index;
   entry->port_num = port;
-  entry->gid_type = IBV_GID_TYPE_IB;  // the soft HCA and vib's ports are InfiniBand
+  entry->gid_type = static_cast<uint32_t>(type);  // IB on the soft HCA; what the HCA says on others
   return 0;
 }
 
@@ -477,9 +484,14 @@ ssize_t _ibv_query_gid_table(ibv_context* context, ibv_gid_entry* entries, size_
   return static_cast<ssize_t>(n);
 }
 
-// rdma-core's private enum ibv_gid_type_sysfs: 0 is IB / RoCE v1.
-int ibv_query_gid_type(ibv_context*, uint8_t, unsigned int, int* type) {
-  *type = 0;
+// rdma-core's private enum ibv_gid_type_sysfs: 0 is IB / RoCE v1, 1 RoCE v2.
+int ibv_query_gid_type(ibv_context* context, uint8_t port, unsigned int index, int* type) {
+  ibv_gid_entry entry;
+  if (int err = _ibv_query_gid_ex(context, port, index, &entry, 0, sizeof(entry))) {
+    errno = err;
+    return -1;
+  }
+  *type = entry.gid_type == IBV_GID_TYPE_ROCE_V2 ? 1 : 0;
   return 0;
 }
 

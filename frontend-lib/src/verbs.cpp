@@ -192,11 +192,13 @@ void Device::query_port(std::uint8_t port, ibv_port_attr& attr) {
   attr.flags = p.flags;
 }
 
-void Device::query_gid(std::uint8_t port, int index, ibv_gid& gid) {
+void Device::query_gid(std::uint8_t port, int index, ibv_gid& gid, int* type) {
   auto req = request(VIBIF_OP_QUERY_GID);
   req.u.query_gid.port = port;
   req.u.query_gid.index = static_cast<std::uint32_t>(index);
-  std::memcpy(gid.raw, call(req, "query GID").u.query_gid.gid, sizeof(gid.raw));
+  const auto rsp = call(req, "query GID");
+  std::memcpy(gid.raw, rsp.u.query_gid.gid, sizeof(gid.raw));
+  if (type) *type = rsp.u.query_gid.gid_type <= VIBIF_GID_TYPE_ROCE_V2 ? rsp.u.query_gid.gid_type : VIBIF_GID_TYPE_IB;
 }
 
 void Device::query_pkey(std::uint8_t port, int index, std::uint16_t& pkey) {

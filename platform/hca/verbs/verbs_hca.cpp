@@ -171,6 +171,11 @@ class VerbsHca final : public Hca {
   void query_gid(std::uint8_t port, int index, ibv_gid& gid) override {
     if (ibv_query_gid(context_, port, index, &gid) != 0) throw error(errno, name_, "query_gid");
   }
+  int gid_type(std::uint8_t port, int index) override {
+    ibv_gid_entry entry{};
+    if (ibv_query_gid_ex(context_, port, static_cast<std::uint32_t>(index), &entry, 0) != 0) return IBV_GID_TYPE_IB;
+    return static_cast<int>(entry.gid_type);
+  }
   void query_pkey(std::uint8_t port, int index, std::uint16_t& pkey) override {
     __be16 value = 0;
     if (ibv_query_pkey(context_, port, index, &value) != 0) throw error(errno, name_, "query_pkey");

@@ -622,7 +622,11 @@ struct vibif_port_attr {
 };
 VIBIF_STATIC_ASSERT(sizeof(struct vibif_port_attr) == 56, "vibif_port_attr size");
 
-struct vibif_gid_resp   { uint8_t gid[16]; };
+/* gid_type: what the entry is on the wire, as enum ibv_gid_type: */
+#define VIBIF_GID_TYPE_IB       0   /* InfiniBand, or a back-end that does not say */
+#define VIBIF_GID_TYPE_ROCE_V1  1
+#define VIBIF_GID_TYPE_ROCE_V2  2
+struct vibif_gid_resp   { uint8_t gid[16]; uint8_t gid_type; uint8_t pad[7]; };
 struct vibif_pkey_resp  { uint16_t pkey; uint16_t pad[3]; };
 struct vibif_handle_resp { vibif_handle_t handle; uint32_t pad; };
 

@@ -53,7 +53,8 @@ class Device {
 
   void query_device(ibv_device_attr& attr);
   void query_port(std::uint8_t port, ibv_port_attr& attr);
-  void query_gid(std::uint8_t port, int index, ibv_gid& gid);
+  // `type`, when given: the entry's enum ibv_gid_type, as the back-end says.
+  void query_gid(std::uint8_t port, int index, ibv_gid& gid, int* type = nullptr);
   // In network byte order, as ibv_query_pkey answers.
   void query_pkey(std::uint8_t port, int index, std::uint16_t& pkey);
 

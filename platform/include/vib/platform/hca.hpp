@@ -111,6 +111,8 @@ class Hca {
   // Throws std::system_error(EINVAL) for a port or index the HCA lacks.
   virtual void query_port(std::uint8_t port, ibv_port_attr& attr) = 0;
   virtual void query_gid(std::uint8_t port, int index, ibv_gid& gid) = 0;
+  // What the entry is on the wire (enum ibv_gid_type: IB, RoCE v1 or v2).
+  virtual int gid_type(std::uint8_t /*port*/, int /*index*/) { return IBV_GID_TYPE_IB; }
   // pkey in network byte order, as ibv_query_pkey gives it.
   virtual void query_pkey(std::uint8_t port, int index, std::uint16_t& pkey) = 0;
 
