@@ -31,6 +31,7 @@ struct DeviceConfig {
   std::uint8_t port = VIBIF_DEFAULT_PORT;
   std::vector<std::uint16_t> pkeys{VIBIF_DEFAULT_PKEY};
   std::vector<std::uint32_t> gid_indices{0};
+  bool gid_indices_given = false;  // the toolstack wrote gid-indices (else vibd may add its addresses' GIDs)
   std::uint32_t max_pds = VIBIF_DEFAULT_MAX_PDS;
   std::uint32_t max_cqs = VIBIF_DEFAULT_MAX_CQS;
   std::uint32_t max_qps = VIBIF_DEFAULT_MAX_QPS;

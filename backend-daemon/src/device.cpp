@@ -3,9 +3,11 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -107,6 +109,7 @@ std::variant<DeviceConfig, std::string> read_device_config(platform::XenStore& s
     auto v = parse_list(*gids, 255, VIBIF_MAX_GID_INDICES);
     if (!v) return "bad gid-indices '" + *gids + "'";
     c.gid_indices.assign(v->begin(), v->end());
+    c.gid_indices_given = true;
   }
   struct QuotaNode {
     const char* key;
@@ -171,6 +174,46 @@ CmPort cm_port(platform::Hca& hca, const DeviceConfig& config) {
   return port;
 }
 
+// Without gid-indices from the toolstack, a device on an rdma-core HCA
+// gets the GIDs of its RDMA-CM addresses after index 0: the GIDs its guest
+// must send from to be reached at them through the host's rdma_cm. An
+// address becomes a GID once it is on the HCA's network device; one that
+// is not (yet) is named, and that peers outside vib cannot reach it.
+void add_address_gids(platform::Hca& hca, DeviceConfig& config, const std::vector<IpAddress>& addresses,
+                      const std::string& subject) {
+  ibv_port_attr attr;
+  hca.query_port(config.port, attr);
+  for (const auto& ip : addresses) {
+    const auto wanted = ip.gid();
+    std::optional<std::uint32_t> found;
+    for (int i = 0; i < attr.gid_tbl_len; ++i) {
+      ibv_gid gid{};
+      try {
+        hca.query_gid(config.port, i, gid);
+      } catch (const std::system_error&) {
+        continue;
+      }
+      if (!std::equal(wanted.begin(), wanted.end(), std::begin(gid.raw))) continue;
+      // RoCE v2 where the HCA has both kinds: routable, what rdma_cm uses.
+      if (!found || hca.gid_type(config.port, i) == IBV_GID_TYPE_ROCE_V2) found = static_cast<std::uint32_t>(i);
+    }
+    if (!found) {
+      log_line(LogLevel::warning, subject,
+               "RDMA-CM address " + ip.str() + " has no GID on " + hca.name() + " port " +
+                   std::to_string(config.port) + " (it is not on the HCA's network device): peers outside vib "
+                   "cannot reach it");
+      continue;
+    }
+    if (std::find(config.gid_indices.begin(), config.gid_indices.end(), *found) != config.gid_indices.end() ||
+        config.gid_indices.size() >= VIBIF_MAX_GID_INDICES)
+      continue;
+    config.gid_indices.push_back(*found);
+    log_line(LogLevel::info, subject,
+             "GID index " + std::to_string(*found) + " of " + hca.name() + " (" + ip.str() + ") is the guest's " +
+                 std::to_string(config.gid_indices.size() - 1));
+  }
+}
+
 }  // namespace
 
 Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
@@ -203,14 +246,16 @@ Device::Device(DeviceEnvironment& env, DeviceId id, std::string backend_path)
     }
   }
   CmPort port;
+  const auto addresses = device_addresses(env_.store(), backend_path_, *config_);
   try {
     hca_ = &env_.hca(config_->hca);
+    if (hca_->name() != platform::kSoftHcaName && !config_->gid_indices_given)
+      add_address_gids(*hca_, *config_, addresses, subject_);
     port = cm_port(*hca_, *config_);
   } catch (const std::system_error& e) {
     fail(std::string("HCA unusable: ") + e.what());
     return;
   }
-  const auto addresses = device_addresses(env_.store(), backend_path_, *config_);
   // Only while the directory exists: the toolstack may have removed it
   // (its domain died) since we read the configuration, and these writes
   // must not bring it back.

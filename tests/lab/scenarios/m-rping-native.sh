@@ -4,7 +4,8 @@
 # non-virtualized program in dom0 over the same rxe0 (issue 15). vibd serves
 # the guest vib0 on rxe0 with the RDMA-CM address 192.0.2.10, which the
 # administrator has put on rxe0's network device (vibe0) beside dom0's own
-# 192.0.2.1, and whose GID index is among the device's gid-indices. vibd
+# 192.0.2.1; vibd adds that address's GID to the guest's GID table (the
+# config gives no gid-indices) and must say so. vibd
 # connects the guest's ids through the host's rdma_cm (librdmacm), so the
 # native side sees an ordinary RoCE peer. Both directions, unmodified rping
 # (rdmacm-utils) with every ping's data validated (-V):
@@ -14,7 +15,8 @@
 # Then the same with UD (SIDR): unmodified udaddy, the guest's client
 # against dom0's native server, dom0's native client against the guest's
 # server (10 messages each way; udaddy checks only that they arrive).
-# Each program must exit 0.
+# Each program must exit 0, and the guest's ibv_devinfo must show its
+# address's GID as RoCE v2, as rxe0 has it.
 #
 # dom0 gets /vib/vibd, /vib/vib (hotplug script), /vib/xl (the front),
 # /vib/xl-vib; the guest /vib/libibverbs.so.1, /vib/librdmacm.so.1 and
@@ -32,6 +34,14 @@ if [ "$1" = guest ]; then
   insmod /vib/vibgrant.ko || { echo "guest: FAIL: insmod vibgrant.ko"; exit 1; }
   export LD_LIBRARY_PATH=/vib
   failed=0
+  # The guest's GID table is rxe0's entries as they are on the wire: RoCE v2.
+  if ibv_devinfo -v -d vib0 | grep -q ":$guest_address, RoCE v2"; then
+    echo "guest: vib0's GID 1 is $guest_address, RoCE v2"
+  else
+    failed=1
+    echo "guest: FAIL: vib0's GID table does not show $guest_address as RoCE v2:"
+    ibv_devinfo -v -d vib0 | grep -E 'link_layer|GID'
+  fi
   start=$(date +%s)
   timeout 200 rping -c -a $dom0_address -p $to_dom0_port -V -C $count -S 100 > /tmp/rping-c.out 2>&1
   rc=$?
@@ -79,8 +89,10 @@ timeout 300 rping -s -a $dom0_address -p $to_dom0_port -V -C $count -S 100 > /tm
 native_server=$!
 timeout 300 udaddy -b $dom0_address > /tmp/udaddy-native-s.out 2>&1 &
 native_ud_server=$!
-start_guest "vib = [ 'hca=rxe0,script=vib,ip=$guest_address,gid-indices=0:$guest_gid_index' ]"
+start_guest "vib = [ 'hca=rxe0,script=vib,ip=$guest_address' ]"
 [ -n "$guest_domid" ] || fail "xl create gave no domain for the guest"
+wait_until 30 grep -q "GID index $guest_gid_index of rxe0 ($guest_address) is the guest's 1" "$vibd_log" ||
+  fail "vibd did not give the guest the GID of $guest_address (rxe0's index $guest_gid_index)"
 
 echo "== the guest's server, then dom0's native client"
 wait_until 300 grep -q "RDMA-CM listening for peers outside vib on rxe0 at $guest_address port $to_guest_port" \
