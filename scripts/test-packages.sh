@@ -16,7 +16,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 debs=$(cd "${1:-$top/build-deb}" && pwd)
 cache=${VIB_PKGTEST_CACHE:-/var/cache/vib-pkgtest}
-packages=xen-utils-common,xen-utils-4.17,xenstore-utils,libibverbs1,ibverbs-utils,man-db,systemd
+packages=xen-utils-common,xen-utils-4.17,xenstore-utils,libibverbs1,librdmacm1,ibverbs-utils,man-db,systemd
 tarball=$cache/bookworm-$(echo "$packages" | sha256sum | cut -c1-12).tar
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -15,7 +15,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 debs=$(cd "${1:-$top/build-deb}" && pwd)
 build=$(cd "${2:-${VIB_BUILD_DIR:-$top/build}}" && pwd)
 cache=${VIB_PKGTEST_CACHE:-/var/cache/vib-pkgtest}
-packages=xen-utils-common,xen-utils-4.17,xenstore-utils,libibverbs1,ibverbs-utils,man-db,systemd
+packages=xen-utils-common,xen-utils-4.17,xenstore-utils,libibverbs1,librdmacm1,ibverbs-utils,man-db,systemd
 tarball=$cache/bookworm-$(echo "$packages" | sha256sum | cut -c1-12).tar
 [ -f "$tarball" ] || bash "$top/scripts/test-packages.sh" "$debs" >/dev/null  # makes the root
 command -v systemd-nspawn >/dev/null ||
