@@ -615,6 +615,16 @@ int CmBroker::connect(Id& id, const vibif_cm_connect_req& r) {
   return VIBIF_OK;
 }
 
+std::unique_ptr<CmBroker::Id> CmBroker::request_id(Id& listener) {
+  auto child = std::make_unique<Id>();
+  child->ep = listener.ep;
+  child->port_space = listener.port_space;
+  child->qp_type = listener.qp_type;
+  child->state = Id::State::req_received;
+  child->listener = &listener;
+  return child;
+}
+
 void CmBroker::deliver_request(Id& id, Id& listener) {
   const bool ud = id.qp_type == VIBIF_QPT_UD;
   id.awaiting_listener = false;
@@ -625,19 +635,14 @@ void CmBroker::deliver_request(Id& id, Id& listener) {
     return;
   }
   CmEndpoint& passive = *listener.ep;
-  auto child = std::make_unique<Id>();
+  auto child = request_id(listener);
   Id* c = child.get();
-  c->ep = &passive;
-  c->port_space = id.port_space;
-  c->qp_type = id.qp_type;
-  c->state = Id::State::req_received;
   c->src_ip = id.dst_ip;
   c->src_port = id.dst_port;
   c->dst_ip = id.src_ip;
   c->dst_port = id.src_port;
   c->peer_device = id.ep->device_;
   c->peer = &id;
-  c->listener = &listener;
   c->psn = next_psn_++ & 0xffffff;
   // The passive side's resources answer the active side's: rdma_cm swaps them.
   c->responder_resources = id.initiator_depth;
@@ -1308,15 +1313,10 @@ void CmBroker::on_host_request(Id& listener, platform::HostCmEvent& e) {
   }
   CmEndpoint& passive = *listener.ep;
   const platform::HostCmRoute route = host->route();
-  auto child = std::make_unique<Id>();
+  auto child = request_id(listener);
   Id* c = child.get();
-  c->ep = &passive;
-  c->port_space = listener.port_space;
-  c->qp_type = listener.qp_type;
-  c->state = Id::State::req_received;
   std::tie(c->src_ip, c->src_port) = from_sockaddr(route.src);
   std::tie(c->dst_ip, c->dst_port) = from_sockaddr(route.dst);
-  c->listener = &listener;
   // rdma_cm reports the resources from this side's point of view already.
   c->responder_resources = e.param.responder_resources;
   c->initiator_depth = e.param.initiator_depth;

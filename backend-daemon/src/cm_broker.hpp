@@ -160,6 +160,9 @@ class CmBroker {
   int resolve_route(Id& id);
   int listen(Id& id, std::uint32_t backlog);
   int connect(Id& id, const vibif_cm_connect_req& r);
+  // A connection request's new id on `listener`'s side (req_received),
+  // counted against its backlog once the caller adds it to the table.
+  std::unique_ptr<Id> request_id(Id& listener);
   // The REQ of `id` reaches `listener`: a new id there, CONNECT_REQUEST.
   void deliver_request(Id& id, Id& listener);
   int accept(Id& id, const vibif_cm_connect_req& r);
