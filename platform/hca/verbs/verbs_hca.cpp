@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <mutex>
 #include <system_error>
 
 namespace vib::platform::verbs {
@@ -63,9 +64,17 @@ class VerbsAh final : public AddressHandle {
 
 class VerbsCq final : public CompletionQueue {
  public:
-  explicit VerbsCq(ibv_cq* cq) : cq_(cq) {}
+  // `events_mu`: the HCA's, held while a completion event is taken from
+  // the channel and counted.
+  VerbsCq(ibv_cq* cq, std::mutex& events_mu) : cq_(cq), events_mu_(events_mu) {}
   ~VerbsCq() override {
-    // ibv_destroy_cq blocks until every event taken was acknowledged.
+    // ibv_destroy_cq blocks until every event taken was acknowledged. Any
+    // worker may be taking one for this CQ right now (the context goes on
+    // the control pool): under the lock the count is complete, and no event
+    // is taken between the acknowledgement and the destruction, which
+    // drops the ones not taken. Without it a process killed mid-traffic
+    // could leave vibd's free of its context waiting for ever (lab i).
+    std::lock_guard lock(events_mu_);
     if (unacked_ != 0) ibv_ack_cq_events(cq_, unacked_);
     ibv_destroy_cq(cq_);
   }
@@ -82,7 +91,8 @@ class VerbsCq final : public CompletionQueue {
       throw error(rc, "cq", "resize_cq");
   }
   ibv_cq* cq_;
-  unsigned int unacked_ = 0;  // acknowledged in batches: ack takes a lock
+  std::mutex& events_mu_;
+  unsigned int unacked_ = 0;  // events_mu_; acknowledged in batches: ack takes a lock
 };
 
 class VerbsSrq final : public SharedReceiveQueue {
@@ -204,7 +214,7 @@ class VerbsHca final : public Hca {
   std::unique_ptr<CompletionQueue> create_cq(int cqe) override {
     auto* cq = ibv_create_cq(context_, cqe, nullptr, channel_, 0);
     if (cq == nullptr) throw error(errno, name_, "create_cq");
-    auto wrapper = std::make_unique<VerbsCq>(cq);
+    auto wrapper = std::make_unique<VerbsCq>(cq, events_mu_);
     // The CQ's context leads ibv_get_cq_event back to our wrapper.
     cq->cq_context = wrapper.get();
     return wrapper;
@@ -240,6 +250,7 @@ class VerbsHca final : public Hca {
   }
   int completion_fd() override { return channel_->fd; }
   CompletionQueue* next_completion_event() override {
+    std::lock_guard lock(events_mu_);  // see ~VerbsCq
     ibv_cq* cq = nullptr;
     void* context = nullptr;
     if (ibv_get_cq_event(channel_, &cq, &context) != 0) return nullptr;
@@ -282,6 +293,7 @@ class VerbsHca final : public Hca {
   ibv_context* context_;
   ibv_comp_channel* channel_ = nullptr;
   const bool pins_for_write_ = kernel_pins_every_mr_for_write();
+  std::mutex events_mu_;  // taking completion events vs destroying CQs (~VerbsCq)
 };
 
 }  // namespace
