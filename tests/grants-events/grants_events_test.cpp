@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <string>
 
 #include "local_xen.hpp"
 #include "vib/platform/event_channels.hpp"
@@ -109,6 +111,42 @@ TEST_F(Grants, EndingAShareRevokesNewMapsButKeepsExistingOnes) {
   share.reset();
   EXPECT_STREQ(reinterpret_cast<const char*>(mapping->bytes().data()), "kept");
   EXPECT_EQ(error_of([&] { dom0->map(5, std::span(&ref, 1), false); }), ENOENT);
+}
+
+// Granting a process's own memory in place refuses what pinning it would on
+// real Xen (EFAULT): a hole, a page it may not write when the grantee may,
+// a page it may not read. Small ranges and ranges above 1 MiB are checked
+// differently (faulting the pages in vs the maps file): both sizes here.
+TEST_F(Grants, GrantingInPlaceRefusesWhatPinningWould) {
+  auto sharer = open_grant_sharer(xen_.as(5));
+  for (const std::size_t pages : {std::size_t{1}, std::size_t{600}}) {
+    SCOPED_TRACE(std::to_string(pages) + " pages");
+    const std::size_t bytes = pages * kPageSize;
+    // [ writable | read-only | inaccessible | unmapped ], each `pages` long.
+    auto* area = static_cast<std::byte*>(
+        ::mmap(nullptr, 4 * bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    ASSERT_NE(area, MAP_FAILED);
+    std::byte* writable = area;
+    std::byte* read_only = area + bytes;
+    std::byte* inaccessible = area + 2 * bytes;
+    std::byte* unmapped = area + 3 * bytes;
+    std::memset(read_only, 0x5a, bytes);
+    ASSERT_EQ(::mprotect(read_only, bytes, PROT_READ), 0);
+    ASSERT_EQ(::mprotect(inaccessible, bytes, PROT_NONE), 0);
+    ASSERT_EQ(::munmap(unmapped, bytes), 0);
+
+    EXPECT_NO_THROW(sharer->grant_range(0, writable, pages, /*writable=*/true));
+    EXPECT_NO_THROW(sharer->grant_range(0, read_only, pages, /*writable=*/false));
+    EXPECT_EQ(error_of([&] { sharer->grant_range(0, read_only, pages, true); }), EFAULT);
+    EXPECT_EQ(error_of([&] { sharer->grant_range(0, inaccessible, pages, false); }), EFAULT);
+    EXPECT_EQ(error_of([&] { sharer->grant_range(0, unmapped, pages, false); }), EFAULT);
+    // A range that runs from good pages into a bad one fails whole.
+    EXPECT_EQ(error_of([&] { sharer->grant_range(0, writable + kPageSize, pages, true); }), EFAULT);
+    EXPECT_EQ(error_of([&] { sharer->grant_range(0, inaccessible - kPageSize, pages + 1, false); }), EFAULT);
+    // Checking did not change what the process sees.
+    EXPECT_EQ(read_only[bytes - 1], std::byte{0x5a});
+    ::munmap(area, 3 * bytes);
+  }
 }
 
 TEST_F(Grants, EventsCrossDomainsWithXenMasking) {
