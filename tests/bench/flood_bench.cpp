@@ -15,33 +15,14 @@
 
 #include "bench_sections.hpp"
 #include "bench_workload.hpp"
+#include "attack.hpp"
 #include "ring_flooder.hpp"
 #include "vib/platform/xenstore.hpp"
 #include "vibd_process.hpp"
 
 namespace vib::bench {
 
-namespace {
-
-// Runs `attack` on a thread of its own, counting what it got done, until
-// destroyed.
-class Attack {
- public:
-  explicit Attack(std::function<void(const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done)> body)
-      : thread_([this, body = std::move(body)] { body(stop_, done_); }) {}
-  ~Attack() {
-    stop_ = true;
-    thread_.join();
-  }
-  std::uint64_t done() const { return done_.load(); }
-
- private:
-  std::atomic<bool> stop_{false};
-  std::atomic<std::uint64_t> done_{0};
-  std::thread thread_;
-};
-
-}  // namespace
+using test::Attack;
 
 FloodResults run_flood(int iterations, const std::string& vibd_log) {
   VibHost host({5, 6, 7}, vibd_log, vibd_args());

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "attack.hpp"
 #include "guest_programs.hpp"
 #include "hostile_fixture.hpp"
 #include "raw_guest.hpp"
@@ -25,6 +26,7 @@
 
 using namespace vib::platform;
 using namespace std::chrono_literals;
+using vib::test::Attack;
 using vib::test::Hostile;
 using vib::test::ProgramRun;
 using vib::test::RawGuest;
@@ -33,24 +35,6 @@ using vib::test::RingFlooder;
 namespace {
 
 constexpr int kIterations = 500;
-
-// Runs `body` on a thread of its own until destroyed; `done` counts what the
-// attacker got served.
-class Attack {
- public:
-  explicit Attack(std::function<void(const std::atomic<bool>& stop, std::atomic<std::uint64_t>& done)> body)
-      : thread_([this, body = std::move(body)] { body(stop_, done_); }) {}
-  ~Attack() {
-    stop_ = true;
-    thread_.join();
-  }
-  std::uint64_t done() const { return done_.load(); }
-
- private:
-  std::atomic<bool> stop_{false};
-  std::atomic<std::uint64_t> done_{0};
-  std::thread thread_;  // last: runs on everything above
-};
 
 class HostileFairness : public Hostile {
  protected:
