@@ -6,15 +6,22 @@
 // device's pinned-page quota is whole again, and the victim is still served.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
+#include <iostream>
+#include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "hostile_fixture.hpp"
+#include "raw_guest.hpp"
 
 using namespace vib::platform;
+using namespace std::chrono_literals;
 using vib::test::Footprint;
 using vib::test::HostileContext;
+using vib::test::RawGuest;
 
 namespace {
 
@@ -170,5 +177,99 @@ TEST_F(HostileMemory, PageListsThatLieAreRefusedAndLoopsAreBounded) {
   ASSERT_TRUE(looped2);
   EXPECT_EQ(looped2->hdr.status, VIBIF_OK) << "two levels of the loop end at the data pages";
   EXPECT_EQ(status_of(handle_request(VIBIF_OP_DEREG_MR, looped2->u.reg_mr.mr)), VIBIF_OK);
+  nothing_was_lost();
+}
+
+// Requests and indirect page lists that the guest rewrites while vibd reads
+// them: a back-end that read a field twice (validated one value, used
+// another) would see two requests in one. vibd copies a request slot once,
+// and an indirect page's refs once, before it looks at them, so whatever it
+// copied is one request: each gets an answer, the context stays open, and
+// once the attacker closes it nothing it registered stays mapped or pinned.
+// The attacker is one thread that keeps flipping the slot in flight (op,
+// the page list's counts and levels, the length) and the indirect page's
+// refs (good, forged, or the indirect page itself) until vibd answers.
+TEST_F(HostileMemory, RequestsAndPageListsRewrittenWhileVibdReadsThem) {
+  {
+    RawGuest attacker(xen_.as(5), 5, 61);
+    const auto pd = attacker.call(request(VIBIF_OP_ALLOC_PD));
+    ASSERT_TRUE(pd && pd->hdr.status == VIBIF_OK);
+    auto data = attacker.sharer().share(kDom0, 8, true);
+    auto list = attacker.sharer().share(kDom0, 1, false);
+    auto* refs = reinterpret_cast<volatile GrantRef*>(list->bytes().data());
+    const GrantRef list_ref = list->refs()[0];
+
+    vibif_request clean = request(VIBIF_OP_REG_MR);
+    clean.u.reg_mr.pd = pd->u.handle.handle;
+    clean.u.reg_mr.access = VIBIF_ACCESS_LOCAL_WRITE;
+    clean.u.reg_mr.iova = kIova;
+    clean.u.reg_mr.length = 8 * VIBIF_PAGE_SIZE;
+    clean.u.reg_mr.pages.nr_pages = 8;
+    clean.u.reg_mr.pages.levels = 1;
+    clean.u.reg_mr.pages.nr_refs = 1;
+    clean.u.reg_mr.pages.refs[0] = list_ref;
+
+    // The ring by hand from here on (RawGuest::call has used one slot).
+    auto& ring = attacker.sring();
+    const unsigned size = attacker.ring_size();
+    RING_IDX prod = 1;
+    std::uint64_t flips = 0;
+    std::map<std::int32_t, unsigned> statuses;
+    std::uint32_t seed = 2024;
+    auto next = [&] { return seed = seed * 1103515245u + 12345u; };
+    auto rewrite = [&](volatile vibif_request& req) {
+      const std::uint32_t x = next();
+      for (unsigned i = 0; i < 8; ++i) {
+        const unsigned pick = (x >> (2 * i)) % 3;
+        refs[i] = pick == 0 ? data->refs()[i] : pick == 1 ? GrantRef{0xffffffff} : list_ref;
+      }
+      switch ((x >> 20) % 5) {
+        case 0: req.u.reg_mr.pages.nr_pages = (x >> 8) % 2 ? 8u : 1u << 20; break;
+        case 1: req.u.reg_mr.pages.levels = static_cast<std::uint8_t>((x >> 8) % 4); break;
+        case 2: req.u.reg_mr.pages.nr_refs = static_cast<std::uint8_t>((x >> 8) % 3 == 0 ? 255 : (x >> 8) % 3); break;
+        case 3: req.hdr.op = (x >> 8) % 2 ? VIBIF_OP_REG_MR : VIBIF_OP_DEREG_MR; break;
+        default: req.u.reg_mr.length = (x >> 8) % 2 ? 8 * VIBIF_PAGE_SIZE : ~std::uint64_t{0}; break;
+      }
+    };
+    // One request: placed, pushed, kicked, then rewritten until answered.
+    auto storm = [&](bool flip) -> std::optional<vibif_response> {
+      auto* slot = &ring.ring[prod % size];
+      std::memcpy(&slot->req, &clean, sizeof clean);
+      slot->req.hdr.id = prod;
+      ++prod;
+      __atomic_store_n(&ring.req_prod, prod, __ATOMIC_RELEASE);
+      attacker.kick();
+      const auto until = std::chrono::steady_clock::now() + 10s;
+      while (__atomic_load_n(&ring.rsp_prod, __ATOMIC_ACQUIRE) != prod) {
+        if (std::chrono::steady_clock::now() > until) return std::nullopt;
+        if (flip) {
+          rewrite(*const_cast<volatile vibif_request*>(&slot->req));
+          ++flips;
+        }
+      }
+      vibif_response rsp;
+      std::memcpy(&rsp, &slot->rsp, sizeof rsp);
+      return rsp;
+    };
+
+    for (int i = 0; i < 1000; ++i) {
+      const auto rsp = storm(/*flip=*/true);
+      ASSERT_TRUE(rsp) << "request " << i << " never answered";
+      ++statuses[rsp->hdr.status];
+    }
+    std::cout << "1000 requests, " << flips << " rewrites while in flight; statuses (as the last rewrite left them):";
+    for (const auto& [status, n] : statuses) std::cout << " " << status << " x" << n;
+    std::cout << std::endl;
+    EXPECT_TRUE(attacker.open_at_backend()) << "a request rewritten in flight closes nothing";
+    // The context still answers a request left alone, with every field.
+    for (unsigned i = 0; i < 8; ++i) refs[i] = data->refs()[i];
+    const auto query = storm(/*flip=*/false);
+    ASSERT_TRUE(query);
+    EXPECT_EQ(query->hdr.id, prod - 1);
+    EXPECT_TRUE(query->hdr.status == VIBIF_OK || query->hdr.status == VIBIF_EDQUOT)
+        << "a clean registration: " << query->hdr.status;
+    victim_is_served();
+  }
+  EXPECT_TRUE(eventually(be(5) + "/ctx/61", std::nullopt)) << "the attacker's context closed";
   nothing_was_lost();
 }
