@@ -275,9 +275,6 @@ class LocalMapper final : public GrantMapper {
   std::shared_ptr<Channel> channel_;
 };
 
-// 0 when [start, start + bytes) is all mapped in this process (readable,
-// and writable if asked), else EFAULT, as pinning the pages reports.
-
 // From /proc/self/maps: its cost is the kernel writing out every mapping
 // (about 80 us for 140 of them on this project's machines), whatever the
 // range's size.
@@ -314,6 +311,8 @@ bool kernel_populates() {
 // maps file up to about 1 MiB.
 constexpr std::size_t kPopulateCheckLimit = std::size_t{1} << 20;
 
+// 0 when [start, start + bytes) is all mapped in this process (readable,
+// and writable if asked), else EFAULT, as pinning the pages reports.
 int check_mapped(std::uintptr_t start, std::size_t bytes, bool writable) {
   if (bytes > kPopulateCheckLimit || !kernel_populates()) return check_mapped_in_maps(start, bytes, writable);
   // For write if the grantee may write (breaking copy-on-write, as pinning
