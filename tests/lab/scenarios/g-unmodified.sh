@@ -1,5 +1,5 @@
 #!/bin/sh
-# boot-timeout: 1500
+# boot-timeout: 2400
 # xen-cmdline: gnttab_max_frames=160
 # Scenario (g): unmodified rdma-core and perftest programs through vib in a
 # PV guest, on real Xen. vibd serves two devices to the guest: vib0 on the
