@@ -231,12 +231,9 @@ class Context final : public Schedulable, public std::enable_shared_from_this<Co
   std::shared_ptr<LogLimiter> lifecycle_log_;  // the device's, which it may outlive
   bool resolves_paths_;  // RoCE: a QP's path or an AH may wait for the network
   ContextKeys keys_;
+  std::unique_ptr<BoundPort> port_;
   std::unique_ptr<platform::GrantMapping> ring_pages_;
   std::unique_ptr<platform::GrantMapping> doorbell_;  // the process's page, as the ring is
-  // Unbound before the ring and doorbell are unmapped (members go in
-  // reverse order), as Xen's back-ends disconnect: so a context's last
-  // trace in dom0 is its ring mapping.
-  std::unique_ptr<BoundPort> port_;
   std::unique_ptr<GuestMemory> memory_;  // before control_, which uses it
   std::shared_ptr<ContextMailbox> mailbox_;
   std::shared_ptr<CmEndpoint> cm_;  // before control_, which serves its ops

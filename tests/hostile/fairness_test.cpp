@@ -49,14 +49,13 @@ class HostileFairness : public Hostile {
     for (DomId d : {DomId{6}, DomId{7}}) ASSERT_TRUE(eventually(be(d) + "/state", "2"));
     quiet_us_ = pingpong();
     ASSERT_GT(quiet_us_, 0) << "the victims' ping-pong fails with no attack at all";
-    // The footprint to come back to: the victims' contexts gone too. A
-    // context's ring is the last thing vibd lets go of (device.hpp).
+    // The footprint to come back to: the victims' contexts gone too.
     for (DomId d : {DomId{6}, DomId{7}})
       ASSERT_TRUE(eventually_empty(be(d) + "/ctx")) << "the quiet run's contexts were let go";
     const auto until = std::chrono::steady_clock::now() + 20s;
     while (footprint().guest_pages_mapped != 0 && std::chrono::steady_clock::now() < until)
       std::this_thread::sleep_for(10ms);
-    before_ = footprint();
+    before_ = settled_footprint();
     ASSERT_EQ(before_.guest_pages_mapped, 0u) << "the quiet run's contexts were freed";
   }
 

@@ -110,6 +110,21 @@ class Hostile : public VibdFixture {
         store_->directory(platform::kNoTransaction, be(5) + "/ctx").value_or(std::vector<std::string>{}).size();
     return f;
   }
+  // vibd's footprint once it has stopped changing (two readings 100 ms
+  // apart agree, within 5 s): a context being freed lets go of its pieces
+  // one after another (its ring's pages before its event channel), and a
+  // baseline taken between two of them would never be met again.
+  Footprint settled_footprint() const {
+    Footprint last = footprint();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      const Footprint now = footprint();
+      if (now == last) return now;
+      last = now;
+    }
+    return last;
+  }
   // vibd lets go of what an attack made it take, within a bound: frees run
   // on vibd's threads after the guest's side has gone.
   ::testing::AssertionResult footprint_returns_to(const Footprint& before,
@@ -153,7 +168,7 @@ class HostileContext : public Hostile {
     const auto cq = ok(VIBIF_OP_CREATE_CQ, create_cq(inline_list(cq_page->refs())));
     ok(VIBIF_OP_DESTROY_CQ, handle_request(VIBIF_OP_DESTROY_CQ, cq.u.create_cq.cq));
     indirect_pages_.clear();
-    before_ = footprint();
+    before_ = settled_footprint();
   }
 
   std::unique_ptr<platform::SharedPages> share(std::size_t pages, bool writable = true,

@@ -68,7 +68,7 @@ class HostileXenstore : public Hostile {
     const auto deadline = std::chrono::steady_clock::now() + 5s;
     while (footprint().guest_pages_mapped != 0 && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(10ms);
-    before_ = footprint();
+    before_ = settled_footprint();
     ASSERT_EQ(before_.guest_pages_mapped, 0u) << "the warm-up context was freed";
   }
 
