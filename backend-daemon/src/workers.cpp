@@ -81,8 +81,8 @@ void SpinPolicy::contention(Clock::time_point now) {
   backoff_ = std::min<std::chrono::milliseconds>(backoff_ * 2, kMaxBackoff);
 }
 
-bool SpinPolicy::spin_started() {
-  spin_start_ = Clock::now();
+bool SpinPolicy::spin_started(Clock::time_point now) {
+  spin_start_ = now;
   spin_cpu_start_ = thread_cpu_ns();
   spin_switches_start_ = involuntary_switches();
   ++spins_;
@@ -413,7 +413,7 @@ class Worker {
         // Idle but some contexts are still within their spin window; the
         // next pass puts them to sleep once others want the CPU.
         if (!spinning) {
-          policy_.spin_started();
+          policy_.spin_started(now);
           spinning = true;
         } else if (++idle_passes % 32 == 0) {
           policy_.keep_spinning(now);

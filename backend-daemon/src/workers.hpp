@@ -78,8 +78,9 @@ class SpinPolicy {
   explicit SpinPolicy(std::chrono::microseconds max_spin);
   // How long to spin now before sleeping (zero: sleep at once).
   std::chrono::microseconds budget(Clock::time_point now) const;
-  // A spin starts; false if others want the CPU (then it ends at once).
-  bool spin_started();
+  // A spin starts at `now`; false if others want the CPU (then it ends at
+  // once).
+  bool spin_started(Clock::time_point now);
   // During a spin: false once others want the CPU.
   bool keep_spinning(Clock::time_point now);
   // A spin ended; `found_work` says whether it caught work.

@@ -295,8 +295,8 @@ TEST(SpinPolicy, SpinsOnlyWhileSpinsWouldCatchTheWork) {
 TEST(SpinPolicy, AStarvedSpinStopsSpinningForAWhile) {
   SpinPolicy policy(200us);
   ASSERT_EQ(policy.budget(SpinPolicy::Clock::now()), 200us);
-  policy.spin_started();
   const auto start = SpinPolicy::Clock::now();
+  policy.spin_started(start);
   // Ends, as far as the policy can tell, 5 ms of wall time later, having
   // used microseconds of CPU.
   const auto end = start + 5ms;
