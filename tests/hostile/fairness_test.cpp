@@ -52,10 +52,7 @@ class HostileFairness : public Hostile {
     // The footprint to come back to: the victims' contexts gone too.
     for (DomId d : {DomId{6}, DomId{7}})
       ASSERT_TRUE(eventually_empty(be(d) + "/ctx")) << "the quiet run's contexts were let go";
-    const auto until = std::chrono::steady_clock::now() + 20s;
-    while (footprint().guest_pages_mapped != 0 && std::chrono::steady_clock::now() < until)
-      std::this_thread::sleep_for(10ms);
-    before_ = settled_footprint();
+    before_ = footprint_without_guest_pages(20s);
     ASSERT_EQ(before_.guest_pages_mapped, 0u) << "the quiet run's contexts were freed";
   }
 

@@ -125,6 +125,14 @@ class Hostile : public VibdFixture {
     }
     return last;
   }
+  // The settled footprint once no guest page is mapped into vibd (waiting
+  // up to `limit`): the baseline after warm-up contexts have been freed.
+  Footprint footprint_without_guest_pages(std::chrono::milliseconds limit) const {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (footprint().guest_pages_mapped != 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return settled_footprint();
+  }
   // vibd lets go of what an attack made it take, within a bound: frees run
   // on vibd's threads after the guest's side has gone.
   ::testing::AssertionResult footprint_returns_to(const Footprint& before,

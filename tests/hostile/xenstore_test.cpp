@@ -65,10 +65,7 @@ class HostileXenstore : public Hostile {
     sharer_ = open_grant_sharer(xen_.as(5));
     // Its node goes first; its pages, port and fds once the control pool
     // has freed it.
-    const auto deadline = std::chrono::steady_clock::now() + 5s;
-    while (footprint().guest_pages_mapped != 0 && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(10ms);
-    before_ = settled_footprint();
+    before_ = footprint_without_guest_pages(5s);
     ASSERT_EQ(before_.guest_pages_mapped, 0u) << "the warm-up context was freed";
   }
 
