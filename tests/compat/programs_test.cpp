@@ -53,24 +53,18 @@ class Programs : public vib::test::VibdFixture {
   // Server in domain 5, client in domain 6 (its last argument the server,
   // after `client_args`).
   std::pair<ProgramRun, ProgramRun> run_pair(const std::string& program, std::vector<std::string> args,
-                               std::chrono::seconds limit = 30s, const std::vector<std::string>& client_args = {}) {
+                                             std::chrono::seconds limit = 30s,
+                                             const std::vector<std::string>& client_args = {}) {
     const unsigned port = free_port();
-    const auto deadline = std::chrono::steady_clock::now() + limit;
     std::vector<std::string> server = {program, "-p", std::to_string(port)};
     server.insert(server.end(), args.begin(), args.end());
-    const std::string server_out = xen_.dir() + "/server.out", client_out = xen_.dir() + "/client.out";
-    const pid_t s = start(5, server, server_out);
-    while (!listening(s, port) && std::chrono::steady_clock::now() < deadline) {
-      if (::waitpid(s, nullptr, WNOHANG) == s) break;  // it died: report below
-      std::this_thread::sleep_for(10ms);
-    }
     std::vector<std::string> client = server;
     client.insert(client.end(), client_args.begin(), client_args.end());
     client.push_back("localhost");
-    const pid_t c = start(6, client, client_out);
-    ProgramRun client_run = finish(c, client_out, deadline);
-    ProgramRun server_run = finish(s, server_out, deadline);
-    return {server_run, client_run};
+    return vib::test::run_program_pair(vib::test::guest_environment(VIB_IBVERBS_DIR, xen_.dir()),
+                                       {5, server, xen_.dir() + "/server.out"},
+                                       [port](pid_t s) { return vib::test::listening(s, port); },
+                                       {6, client, xen_.dir() + "/client.out"}, std::chrono::steady_clock::now() + limit);
   }
 
   static void expect_ok(const ProgramRun& run, const std::string& who, const std::string& pattern) {

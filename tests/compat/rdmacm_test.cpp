@@ -43,36 +43,24 @@ class RdmaCm : public vib::test::VibdFixture {
     return vib::test::start_guest_program(env, domid, argv, out);
   }
 
-  // Waits (bounded) until vibd logged a listener at `where` ("192.0.2.5
-  // port 7174"): the servers print nothing before a client connects, and a
-  // client that finds no listener is rejected at once.
-  bool listening_at(const std::string& where, pid_t server) {
-    const auto deadline = std::chrono::steady_clock::now() + 20s;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (slurp(log_).find("RDMA-CM listening at " + where) != std::string::npos) return true;
-      if (::waitpid(server, nullptr, WNOHANG) == server) return false;
-      std::this_thread::sleep_for(10ms);
-    }
-    return false;
-  }
-
   ProgramRun run_one(vib::platform::DomId domid, const std::vector<std::string>& argv, std::chrono::seconds limit = 30s) {
     const std::string out = xen_.dir() + "/single.out";
     return vib::test::finish_program(start(domid, argv, out), out, std::chrono::steady_clock::now() + limit);
   }
 
-  // The server in `server_dom`, once it listens at `where`, then the client.
+  // The server in `server_dom`, then the client once vibd logged a listener
+  // at `where` ("192.0.2.5 port 7174"): the servers print nothing before a
+  // client connects, and a client that finds no listener is rejected at once.
   std::pair<ProgramRun, ProgramRun> run_pair(vib::platform::DomId server_dom, const std::vector<std::string>& server,
                                              const std::string& where, vib::platform::DomId client_dom,
                                              const std::vector<std::string>& client, std::chrono::seconds limit = 60s) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    const std::string server_out = xen_.dir() + "/server.out", client_out = xen_.dir() + "/client.out";
-    const pid_t s = start(server_dom, server, server_out);
-    EXPECT_TRUE(listening_at(where, s)) << "no listener at " << where << ":\n" << slurp(log_);
-    const pid_t c = start(client_dom, client, client_out);
-    ProgramRun client_run = vib::test::finish_program(c, client_out, deadline);
-    ProgramRun server_run = vib::test::finish_program(s, server_out, deadline);
-    return {server_run, client_run};
+    bool heard = false;
+    auto runs = vib::test::run_program_pair(
+        vib::test::guest_environment(VIB_LIBRARY_DIR, xen_.dir()), {server_dom, server, xen_.dir() + "/server.out"},
+        [&](pid_t) { return heard = slurp(log_).find("RDMA-CM listening at " + where) != std::string::npos; },
+        {client_dom, client, xen_.dir() + "/client.out"}, std::chrono::steady_clock::now() + limit);
+    EXPECT_TRUE(heard) << "no listener at " << where << ":\n" << slurp(log_);
+    return runs;
   }
 
   void expect_ok(const ProgramRun& run, const std::string& who, const std::string& pattern) {

@@ -111,7 +111,7 @@ class Ucx : public vib::test::VibdFixture {
     const pid_t s = start_with_device_node(5, "server", server, env);
     // The client gives up at once when nobody listens.
     while (!vib::test::listening(s, tcp_port) && std::chrono::steady_clock::now() < deadline &&
-           ::waitpid(s, nullptr, WNOHANG) == 0)
+           !vib::test::has_exited(s))
       std::this_thread::sleep_for(10ms);
     const pid_t c = start_with_device_node(6, "client", client, env);
     const auto client_run = vib::test::finish_program(c, output("client"), deadline);
@@ -147,7 +147,7 @@ class Ucx : public vib::test::VibdFixture {
     const std::string server_out = output("direct-server"), client_out = output("direct-client");
     const pid_t s = start_native(server, transports, server_out);
     while (!vib::test::listening(s, tcp_port) && std::chrono::steady_clock::now() < deadline &&
-           ::waitpid(s, nullptr, WNOHANG) == 0)
+           !vib::test::has_exited(s))
       std::this_thread::sleep_for(10ms);
     const pid_t c = start_native(client, transports, client_out);
     const auto client_run = vib::test::finish_program(c, client_out, deadline);

@@ -65,20 +65,14 @@ class HostileFairness : public Hostile {
   // its usec/iter, or -1 after a failure has been recorded.
   double pingpong() {
     const unsigned port = vib::test::free_port();
-    const auto deadline = std::chrono::steady_clock::now() + 60s;
     const std::vector<std::string> args = {"/usr/bin/ibv_rc_pingpong", "-p", std::to_string(port), "-n",
                                            std::to_string(kIterations)};
-    const std::string server_out = xen_.dir() + "/victim-server.out", client_out = xen_.dir() + "/victim-client.out";
-    const pid_t server = start(6, args, server_out);
-    while (!vib::test::listening(server, port) && std::chrono::steady_clock::now() < deadline) {
-      if (::waitpid(server, nullptr, WNOHANG) == server) break;
-      std::this_thread::sleep_for(10ms);
-    }
     auto client_args = args;
     client_args.push_back("localhost");
-    const pid_t client = start(7, client_args, client_out);
-    const ProgramRun c = vib::test::finish_program(client, client_out, deadline);
-    const ProgramRun s = vib::test::finish_program(server, server_out, deadline);
+    const auto [s, c] = vib::test::run_program_pair(
+        vib::test::guest_environment(VIB_IBVERBS_DIR, xen_.dir()), {6, args, xen_.dir() + "/victim-server.out"},
+        [port](pid_t server) { return vib::test::listening(server, port); },
+        {7, client_args, xen_.dir() + "/victim-client.out"}, std::chrono::steady_clock::now() + 60s);
     double usec = -1;
     for (const auto& [who, run] : {std::pair{"server", &s}, std::pair{"client", &c}}) {
       std::smatch m;

@@ -128,4 +128,22 @@ ProgramRun finish_program(pid_t pid, const std::string& out, std::chrono::steady
   return run;
 }
 
+bool has_exited(pid_t pid) {
+  siginfo_t info{};
+  return ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pid;
+}
+
+std::pair<ProgramRun, ProgramRun> run_program_pair(const GuestEnvironment& env, const GuestProgram& server,
+                                                   const std::function<bool(pid_t)>& server_ready,
+                                                   const GuestProgram& client,
+                                                   std::chrono::steady_clock::time_point deadline) {
+  const pid_t s = start_guest_program(env, server.domid, server.argv, server.out);
+  while (!server_ready(s) && !has_exited(s) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  const pid_t c = start_guest_program(env, client.domid, client.argv, client.out);
+  ProgramRun client_run = finish_program(c, client.out, deadline);
+  ProgramRun server_run = finish_program(s, server.out, deadline);
+  return {std::move(server_run), std::move(client_run)};
+}
+
 }  // namespace vib::test

@@ -6,7 +6,9 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "vib/platform/types.hpp"
@@ -51,5 +53,24 @@ pid_t start_guest_program(const GuestEnvironment& env, platform::DomId domid, co
                           const std::string& out);
 // Waits for `pid` until `deadline`, then kills it (a hard timeout).
 ProgramRun finish_program(pid_t pid, const std::string& out, std::chrono::steady_clock::time_point deadline);
+// Has process `pid` exited? It stays to be reaped (by finish_program, which
+// then still gets its status).
+bool has_exited(pid_t pid);
+
+// One program as a process of guest `domid`, its output to `out`.
+struct GuestProgram {
+  platform::DomId domid;
+  std::vector<std::string> argv;
+  std::string out;
+};
+
+// A server and its client, as (server run, client run): the client starts
+// once `server_ready(server pid)` says the server can take it (polled every
+// 10 ms), or the server exited, or `deadline` passed; a run that did not end
+// by `deadline` is killed. What went wrong is in the runs.
+std::pair<ProgramRun, ProgramRun> run_program_pair(const GuestEnvironment& env, const GuestProgram& server,
+                                                   const std::function<bool(pid_t)>& server_ready,
+                                                   const GuestProgram& client,
+                                                   std::chrono::steady_clock::time_point deadline);
 
 }  // namespace vib::test
