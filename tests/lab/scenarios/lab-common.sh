@@ -156,12 +156,22 @@ wait_for_vib_device() {
   echo "guest: device/vib/$1 -> $(/usr/bin/xenstore-read "device/vib/$1/backend") after ${i}s"
 }
 
-# guest_report [SECONDS]: waits for the guest's report (120 s unless told)
-# and prints it; fails if the guest's scenario failed. The guest stays
-# (powered off: on_poweroff = "preserve").
+# guest_report [SECONDS]: waits for the guest's report and prints it; fails
+# if the guest's scenario failed, or if SECONDS (120 unless told) pass
+# without the report and without the guest moving its data/vib-lab/progress
+# node. A guest that says how far it got is given time by its progress, not
+# by a total that a loaded machine outruns (lab g ran out of a fixed 1000 s
+# while its guest was still running programs). The guest stays (powered
+# off: on_poweroff = "preserve").
 guest_report() {
   i=0
+  progress=
   until rc=$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/rc" 2>/dev/null); do
+    now=$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/progress" 2>/dev/null || true)
+    if [ "$now" != "$progress" ]; then
+      progress=$now
+      i=0
+    fi
     i=$((i + 1))
     [ $i -lt "${1:-120}" ] || {
       console="/var/log/xen/console/guest-$(xl domname "$guest_domid" 2>/dev/null).log"
@@ -170,7 +180,7 @@ guest_report() {
         echo "the guest's kernel failed; its first report:"
         sed -n -E '/\] (BUG|Oops|general protection fault|WARNING|kernel BUG)/,$p' "$console" | head -n 80
       fi
-      echo "guest never reported; the end of its console:"
+      echo "guest never reported${progress:+ (its last progress: $progress)}; the end of its console:"
       tail -n 40 "$console" 2>/dev/null
       xl list
       return 1
