@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -96,6 +97,12 @@ ProgramResult run_program(const std::vector<std::string>& argv, const std::vecto
   result.exit_status = !result.timed_out && !result.cancelled && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   while (!result.output.empty() && result.output.back() == '\n') result.output.pop_back();
   return result;
+}
+
+void name_this_thread(const std::string& name) {
+  // Fails only with a name too long, which the cut rules out; a thread
+  // without its name works the same.
+  (void)::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str());
 }
 
 }  // namespace vib::platform

@@ -14,6 +14,7 @@
 #include <system_error>
 
 #include "log.hpp"
+#include "vib/platform/process.hpp"
 
 namespace vib::backend {
 
@@ -284,7 +285,10 @@ CmBroker::CmBroker(std::chrono::milliseconds timeout, HostCmOpener open_host_cm)
   std::random_device seed;
   next_psn_ = seed() & 0xffffff;
   next_port_ = static_cast<std::uint16_t>(32768 + seed() % 28000);
-  timer_ = std::thread([this] { run_timer(); });
+  timer_ = std::thread([this] {
+    platform::name_this_thread("vib-cm-timer");
+    run_timer();
+  });
 }
 
 CmBroker::~CmBroker() {
@@ -975,7 +979,10 @@ platform::HostConnectionManager* CmBroker::host_cm(CmEndpoint& ep) {
     return nullptr;
   }
   host_stop_ = std::move(stop);
-  host_events_ = std::thread([this] { run_host_events(); });
+  host_events_ = std::thread([this] {
+    platform::name_this_thread("vib-cm-host");
+    run_host_events();
+  });
   return host_cm_.get();
 }
 

@@ -20,6 +20,7 @@ HotplugRun::HotplugRun(const HotplugSettings& settings, const std::string& path,
   env.push_back("XENBUS_TYPE=vib");
   env.push_back("XENBUS_BASE_PATH=" + backend_path.substr(0, backend_path.find("/backend/") + 8));
   thread_ = std::thread([this, env = std::move(env), timeout = settings.timeout, done = std::move(done)] {
+    platform::name_this_thread("vib-hotplug");
     platform::ProgramResult r;
     try {
       r = platform::run_program({path_, action_}, env, timeout, &cancel_);

@@ -4,6 +4,7 @@
 
 #include "log.hpp"
 #include "vib/libxl_ib.hpp"
+#include "vib/platform/process.hpp"
 #include "vib/platform/xenbus.hpp"
 #include "vib/platform/xenstore.hpp"
 
@@ -16,7 +17,10 @@ std::string domain_subject(platform::DomId domid) { return "dom" + std::to_strin
 }  // namespace
 
 Provisioner::Provisioner(ProvisionerSettings settings) : settings_(std::move(settings)) {
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this] {
+    platform::name_this_thread("vib-provision");
+    run();
+  });
 }
 
 Provisioner::~Provisioner() {

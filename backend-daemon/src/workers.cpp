@@ -18,6 +18,7 @@
 
 #include "hca_events.hpp"
 #include "log.hpp"
+#include "vib/platform/process.hpp"
 
 namespace vib::backend {
 
@@ -134,7 +135,10 @@ class Worker {
     watch(inbox_fd_.get(), &inbox_source_, EPOLLIN);
     ports_source_.kind = Source::Kind::ports;
     watch(events_->fd(), &ports_source_, EPOLLIN);
-    thread_ = std::thread([this] { run(); });
+    thread_ = std::thread([this] {
+      platform::name_this_thread("vib-worker" + std::to_string(index_));
+      run();
+    });
   }
 
   ~Worker() {
@@ -542,7 +546,10 @@ void ControlPool::submit(Task task) {
   std::lock_guard lock(mu_);
   queue_.push_back(std::move(task));
   if (idle_ == 0 && threads_.size() < max_threads_ && !stopping_)
-    threads_.emplace_back([this] { run(); });
+    threads_.emplace_back([this] {
+      platform::name_this_thread("vib-control");
+      run();
+    });
   else
     cv_.notify_one();
 }

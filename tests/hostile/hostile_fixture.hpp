@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <ostream>
 #include <sstream>
 #include <span>
@@ -29,15 +30,21 @@ namespace vib::test {
 // What vibd holds in dom0 that a guest could make it leak.
 struct Footprint {
   std::size_t fds = 0;
-  std::size_t threads = 0;
+  std::map<std::string, std::size_t> threads;  // by name (vibd names its threads): how many
   std::size_t guest_pages_mapped = 0;  // guests' granted pages in vibd's address space
   std::size_t backend_ctx_nodes = 0;   // the attacker device's back-end ctx/ entries
   bool operator==(const Footprint&) const = default;
 };
 
 inline std::ostream& operator<<(std::ostream& out, const Footprint& f) {
-  return out << "{fds " << f.fds << ", threads " << f.threads << ", guest pages mapped " << f.guest_pages_mapped
-             << ", back-end ctx nodes " << f.backend_ctx_nodes << "}";
+  std::size_t threads = 0;
+  std::string names;
+  for (const auto& [name, n] : f.threads) {
+    threads += n;
+    names += (names.empty() ? "" : " ") + name + (n > 1 ? " x" + std::to_string(n) : "");
+  }
+  return out << "{fds " << f.fds << ", threads " << threads << " (" << names << "), guest pages mapped "
+             << f.guest_pages_mapped << ", back-end ctx nodes " << f.backend_ctx_nodes << "}";
 }
 
 class Hostile : public VibdFixture {
@@ -95,7 +102,11 @@ class Hostile : public VibdFixture {
     Footprint f;
     const std::string proc = "/proc/" + std::to_string(pid_);
     for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(proc + "/fd")) ++f.fds;
-    for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(proc + "/task")) ++f.threads;
+    for (const auto& task : std::filesystem::directory_iterator(proc + "/task")) {
+      std::string name;
+      std::getline(std::ifstream(task.path() / "comm"), name);
+      ++f.threads[name];
+    }
     // The host-local Xen's granted pages are memfds named "vib-grant".
     std::ifstream maps(proc + "/maps");
     for (std::string line; std::getline(maps, line);) {

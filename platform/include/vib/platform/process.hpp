@@ -1,4 +1,5 @@
-// Running a helper program (a hotplug script) with a time limit.
+// This process's helpers: programs it runs (a hotplug script) with a time
+// limit, and names for its threads.
 #pragma once
 
 #include <atomic>
@@ -22,5 +23,10 @@ struct ProgramResult {
 // Throws std::system_error if it cannot be started at all.
 ProgramResult run_program(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env,
                           std::chrono::milliseconds timeout, const std::atomic<bool>* cancel = nullptr);
+
+// Names the calling thread as `top -H`, ps, gdb and /proc/<pid>/task/*/comm
+// show it: what an administrator sees of vibd's threads. Linux keeps 15
+// characters; the rest is cut.
+void name_this_thread(const std::string& name);
 
 }  // namespace vib::platform
