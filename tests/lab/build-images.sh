@@ -269,30 +269,32 @@ trap 'rm -rf "$overlay" "$debs_root"' EXIT
 for f in "$@"; do
   case $f in *.deb) dpkg-deb -x "$f" "$debs_root" ;; esac
 done
-while IFS= read -r f; do
-  is_elf "$f" || continue
-  rel=${f#"$debs_root"}
-  for lib in $(needed_of "$f"); do
-    find_lib "$base/dom0" "$lib" "$rel" >/dev/null && continue
-    find_lib "$debs_root" "$lib" "$rel" >/dev/null && continue
-    lib=$(find_lib "$base/root" "$lib" "$rel") ||
-      { echo "lab: $rel of the packages needs $lib, which no package of the image provides" >&2; exit 1; }
+# bring_libraries ELF PATH RIDES_ALONG: each library that ELF (at PATH in
+# the domains) needs and dom0's base image lacks, copied into the overlay
+# from the image's packages, unless the command RIDES_ALONG says the
+# overlay carries it already; a library the image lacks fails the build.
+bring_libraries() {
+  local elf=$1 path=$2 rides_along=$3 lib
+  for lib in $(needed_of "$elf"); do
+    find_lib "$base/dom0" "$lib" "$path" >/dev/null && continue
+    "$rides_along" "$lib" "$path" && continue
+    lib=$(find_lib "$base/root" "$lib" "$path") ||
+      { echo "lab: $path needs $lib, which no package of the image provides" >&2; exit 1; }
     copy_from_root "$base/root" "$overlay" "$lib"
   done
+}
+# A library of the packages' own, or of vib's own in /vib (found through
+# RUNPATH $ORIGIN).
+in_the_packages() { find_lib "$debs_root" "$1" "$2" >/dev/null; }
+in_vib_dir() { [ -e "$overlay/vib/$1" ]; }
+while IFS= read -r f; do
+  is_elf "$f" || continue
+  bring_libraries "$f" "${f#"$debs_root"}" in_the_packages
 done < <(find "$debs_root" -type f)
 for f in "$@"; do
   cp -L "$f" "$overlay/vib/"
   is_elf "$f" || continue
-  # The project's binaries get their libraries from the image's packages,
-  # like everything else: a library the image lacks fails the build.
-  for lib in $(needed_of "$f"); do
-    find_lib "$base/dom0" "$lib" "/vib/$(basename "$f")" >/dev/null && continue
-    # vib's own libraries ride along in /vib (found through RUNPATH $ORIGIN).
-    [ -e "$overlay/vib/$lib" ] && continue
-    lib=$(find_lib "$base/root" "$lib" "/vib/$(basename "$f")") ||
-      { echo "lab: $f needs $(needed_of "$f" | tr '\n' ' '); one is in no package of the image" >&2; exit 1; }
-    copy_from_root "$base/root" "$overlay" "$lib"
-  done
+  bring_libraries "$f" "/vib/$(basename "$f")" in_vib_dir
 done
 (cd "$overlay" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/overlay.cpio.gz"
 # Concatenated cpio archives are one initramfs to Linux. The guest's kernel
