@@ -512,23 +512,6 @@ TEST_F(SoftHcaTest, LiveMrKeysAreUnique) {
 // counter is back where it started, and a key still registered there must
 // be skipped, not handed out twice (issue 11: a guest that registers and
 // deregisters in a loop would otherwise get another guest's live key).
-TEST_F(SoftHcaTest, KeysSkipLiveOnesWhenTheCounterWraps) {
-  std::vector<std::uint8_t> buffer(64);
-  auto pd = hca->alloc_pd();
-  auto held = hca->reg_mr(*pd, buffer.data(), buffer.size(), addr(buffer.data()), 0);
-  const std::uint32_t live = held->lkey();
-  // The key after the live one comes first at once, and again only once
-  // the counter has gone all the way round (past the live key).
-  unsigned after_live = 0;
-  bool wrapped = false;
-  for (std::uint32_t i = 1; i <= (1u << 24) + 1 && !wrapped; ++i) {
-    auto mr = hca->reg_mr(*pd, buffer.data(), buffer.size(), addr(buffer.data()), 0);
-    ASSERT_NE(mr->lkey(), live) << "a live key handed out again after " << i << " registrations";
-    if (mr->lkey() == live + 0x100) wrapped = ++after_live == 2;
-  }
-  EXPECT_TRUE(wrapped) << "the counter never came back to the live key";
-}
-
 TEST_F(SoftHcaTest, UcWritesButRefusesReadsAndDropsWithoutReceive) {
   auto a = make(IBV_QPT_UC), b = make(IBV_QPT_UC);
   pair(a, b, IBV_QPT_UC);
