@@ -16,6 +16,10 @@ namespace {
 
 std::uint64_t addr(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 
+// Keys advance by 0x100 through 32 bits: after 2^24 registrations the
+// counter is back where it started, and a key still registered there must
+// be skipped, not handed out twice (issue 11: a guest that registers and
+// deregisters in a loop would otherwise get another guest's live key).
 TEST(SoftHcaKeys, KeysSkipLiveOnesWhenTheCounterWraps) {
   auto hca = open_hca("soft");
   std::vector<std::uint8_t> buffer(64);
