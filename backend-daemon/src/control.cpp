@@ -281,6 +281,19 @@ vibif_response ControlPath::dispatch(const vibif_request& req) {
   return rsp;
 }
 
+bool ControlPath::is_small_registration(const vibif_request& req, std::uint64_t max_pages) {
+  switch (req.hdr.op) {
+    case VIBIF_OP_REG_MR:
+      return req.u.reg_mr.pages.levels == 0 && req.u.reg_mr.pages.nr_pages <= max_pages;
+    case VIBIF_OP_DEREG_MR: {
+      const GuestMr* mr = mrs_.find(req.u.handle.handle);
+      return !mr || mr->page_count <= max_pages;
+    }
+    default:
+      return false;
+  }
+}
+
 // Registers guest memory: the granted pages (the application's own, granted
 // in place) are reached as the platform allows (mapped contiguously, or by
 // cross-memory access on the host-local Xen) and registered at the guest's

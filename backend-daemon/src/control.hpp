@@ -73,6 +73,11 @@ class ControlPath {
 
   // Never throws; every failure is a status in the response.
   vibif_response execute(const vibif_request& req);
+  // True for a registration or deregistration of at most `max_pages` pages
+  // whose refs travel inline (nothing to map first but the pages): the
+  // cost of a QP transition, not of a large region. A deregistration of a
+  // handle that names nothing counts as small (it is refused at once).
+  bool is_small_registration(const vibif_request& req, std::uint64_t max_pages);
   // Serves the ops `extension` handles (not owned; it outlives this).
   void set_extension(ControlExtension* extension) { extension_ = extension; }
   // Queues an event for the guest on the doorbell page (the worker notifies).

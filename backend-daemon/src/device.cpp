@@ -646,6 +646,14 @@ bool port_resolves_paths(platform::Hca& hca, std::uint8_t port) {
   return attr.link_layer == IBV_LINK_LAYER_ETHERNET;
 }
 
+// A registration of at most this many pages (the refs inline in the
+// request) is served on the worker, once per pass and context: mapping a
+// few pages and registering them costs about what a QP transition does, and
+// handing it to the pool and back costs two thread switches each way
+// (4 KiB registration and deregistration via vib, docs/performance.md). A
+// guest streaming them delays the worker's other contexts by one per pass.
+constexpr std::uint64_t kWorkerRegistrationPages = VIBIF_PAGE_LIST_INLINE;
+
 // Requests the control pool serves of one context before it lets others
 // have the thread.
 constexpr int kControlBatch = 16;
@@ -775,12 +783,16 @@ Context::Ring Context::serve_ring(bool& did) {
   }
   Ring result = Ring::served;
   bool served = false;
+  bool registered = false;  // a small registration served in this pass
   while (ring_.req_cons != prod) {
     // Copy the request out of the shared page once; only the copy is read.
     vibif_request req;
     std::memcpy(&req, RING_GET_REQUEST(&ring_, ring_.req_cons), sizeof(req));
     ring_.req_cons++;
-    if (may_take_long(req, resolves_paths_)) {
+    const bool small_registration =
+        !registered && control_.is_small_registration(req, kWorkerRegistrationPages);
+    registered |= small_registration;
+    if (!small_registration && may_take_long(req, resolves_paths_)) {
       in_control_ = true;
       ++handed_over_;
       env_.control_pool().submit([self = shared_from_this(), req] { self->serve_control(req); });

@@ -65,11 +65,12 @@ class HoldingMapper final : public GrantMapper {
 
 class VibdThreads : public vib::test::VibdFixture {
  protected:
-  void start_in_process(unsigned workers = 0) {
+  void start_in_process(unsigned workers = 0, unsigned control_threads = 0) {
     vib::backend::DaemonOptions options;
     options.xen = xen_.as(0);
     options.provision = false;
     options.workers = workers;
+    options.control_threads = control_threads;
     options.wrap_grant_mapper = [this](std::unique_ptr<GrantMapper> real) {
       auto holding = std::make_unique<HoldingMapper>(std::move(real));
       mapper_ = holding.get();
@@ -253,6 +254,46 @@ TEST_F(VibdThreads, ALargeRegistrationStallsNoOtherGuestNorProcess) {
   slow.reset();
   other_guest.reset();
   same_guest_other_process.reset();
+  stop_in_process();
+  EXPECT_EQ(exit_code_, 0);
+}
+
+// A registration of a few pages is served on the fast-path worker: with the
+// control pool's only thread inside a large registration, another guest's
+// small registration and deregistration still complete.
+TEST_F(VibdThreads, ASmallRegistrationWaitsForNoControlThread) {
+  provision(5);
+  provision(6);
+  start_in_process(/*workers=*/1, /*control_threads=*/1);
+  auto slow = open(kSlowGuest);
+  auto slow_pd = slow->alloc_pd();
+  auto other = open(6);
+  auto other_pd = other->alloc_pd();
+  std::vector<char> large(kLargePages * 4096 * 2);
+  auto registration = std::async(std::launch::async, [&] {
+    return slow_pd->reg_mr(large.data(), large.size(), IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+  });
+  ASSERT_TRUE(wait_until_held()) << "the large registration reached vibd's mapping";
+
+  std::vector<char> small(2 * 4096);
+  auto small_registrations = std::async(std::launch::async, [&] {
+    for (int i = 0; i < 10; ++i) {
+      auto mr = other_pd->reg_mr(small.data() + i, small.size() - i, IBV_ACCESS_LOCAL_WRITE);
+      if (mr->lkey() == 0) return false;
+    }
+    return true;
+  });
+  EXPECT_EQ(small_registrations.wait_for(10s), std::future_status::ready)
+      << "small registrations waited for the control pool";
+  EXPECT_EQ(registration.wait_for(0s), std::future_status::timeout) << "still held";
+
+  release();
+  EXPECT_TRUE(small_registrations.get());
+  EXPECT_NE(registration.get()->rkey(), 0u);
+  other_pd.reset();
+  other.reset();
+  slow_pd.reset();
+  slow.reset();
   stop_in_process();
   EXPECT_EQ(exit_code_, 0);
 }
