@@ -73,6 +73,16 @@ class Channel {
     }
   }
 
+  // A request the service answers nothing to (wire::kNoReply).
+  void post(wire::Request req) {
+    std::lock_guard lock(mutex_);
+    req.flags |= wire::kNoReply;
+    req.count = 0;
+    std::vector<std::byte> msg(sizeof(req));
+    std::memcpy(msg.data(), &req, sizeof(req));
+    send_message(fd_.get(), msg, {});
+  }
+
   void call_or_throw(wire::Request req, const std::string& what, Answer& answer,
                      std::span<const std::uint32_t> args = {}, std::span<const int> fds = {}) {
     if (int err = call(req, args, fds, answer)) fail(err, what);
@@ -169,6 +179,10 @@ struct HeldMappings {
     for (auto id : ids) {
       auto req = request(Op::unmap);
       req.id = id;
+      if (!notifies) {
+        channel->post(req);
+        continue;
+      }
       Channel::Answer a;
       channel->call(req, {}, {}, a);
     }
@@ -177,6 +191,10 @@ struct HeldMappings {
   HeldMappings& operator=(const HeldMappings&) = delete;
   std::shared_ptr<Channel> channel;
   std::vector<std::uint32_t> ids;
+  // An unmap notification fires when the service unmaps: waited for, so that
+  // nothing this process asks afterwards on another connection (unbinding
+  // the port it notifies) overtakes it.
+  bool notifies = false;
 };
 
 class LocalMapping final : public GrantMapping {
@@ -196,6 +214,7 @@ class LocalMapper final : public GrantMapper {
   std::unique_ptr<GrantMapping> map(DomId granter, std::span<const GrantRef> refs, bool writable,
                                     const UnmapNotify& notify) override {
     auto mapping = std::make_unique<LocalMapping>(channel_, refs.size());
+    mapping->held_.notifies = notify.clear_byte_offset.has_value() || notify.port.has_value();
     const int prot = PROT_READ | (writable ? PROT_WRITE : 0);
     look_up(granter, refs, writable, notify, mapping->held_.ids, [&](std::size_t i, const Page& page) {
       if (page.file < 0) fail(EFAULT, "a page granted in place by domain " + std::to_string(granter) + " cannot be mapped");
@@ -332,6 +351,10 @@ struct HeldGrants {
     for (auto id : ids) {
       auto req = request(Op::end_grant);
       req.id = id;
+      if (!notifies) {
+        channel->post(req);
+        continue;
+      }
       Channel::Answer a;
       channel->call(req, {}, {}, a);
     }
@@ -341,6 +364,7 @@ struct HeldGrants {
   std::shared_ptr<Channel> channel;
   std::vector<std::uint32_t> ids;
   std::vector<GrantRef> refs;
+  bool notifies = false;  // as HeldMappings::notifies
 };
 
 class LocalShare final : public SharedPages {
@@ -379,6 +403,7 @@ class LocalSharer final : public GrantSharer {
     if (!file || ::ftruncate(file.get(), static_cast<off_t>(pages * kPageSize)) != 0)
       fail(errno, "allocating pages to grant");
     auto share = std::make_unique<LocalShare>(channel_, pages);
+    share->held_.notifies = notify.clear_byte_offset.has_value() || notify.port.has_value();
     void* p = ::mmap(nullptr, pages * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, file.get(), 0);
     if (p == MAP_FAILED) fail(errno, "mapping pages to grant");
     share->base_ = static_cast<std::byte*>(p);

@@ -260,6 +260,7 @@ class Service final : public HypervisorService {
       case Op::query_size: reply.status = query_size(c.domid, out, reply.value); break;
       default: return close_connection(conn_id);
     }
+    if ((req.flags & wire::kNoReply) && (req.op == Op::end_grant || req.op == Op::unmap)) return;
     reply.count = static_cast<std::uint32_t>(out.size());
     std::vector<std::byte> msg(sizeof(reply) + out.size() * sizeof(std::uint32_t));
     std::memcpy(msg.data(), &reply, sizeof(reply));

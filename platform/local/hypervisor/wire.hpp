@@ -43,6 +43,12 @@ inline constexpr std::uint32_t kMapReplyEntriesPerRef = 4;
 inline constexpr std::uint32_t kWritable = 1u << 0;
 inline constexpr std::uint32_t kNotifyByte = 1u << 1;
 inline constexpr std::uint32_t kNotifyPort = 1u << 2;
+// On end_grant and unmap: the service answers nothing. What they end had no
+// unmap notification (whose firing other connections' requests must not
+// overtake), so the caller has nothing to wait for: on Xen these are a
+// system call in the guest or dom0, not a round trip to another process.
+// Requests later on the same connection are served after it.
+inline constexpr std::uint32_t kNoReply = 1u << 3;
 
 // Bounds that keep every message small and every loop short.
 inline constexpr std::uint32_t kMaxEntries = 512;       // refs per grant/map message
