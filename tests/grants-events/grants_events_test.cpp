@@ -9,7 +9,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <sys/syscall.h>
+
+#include <atomic>
 #include <cstring>
+#include <fstream>
+#include <future>
 #include <string>
 
 #include "local_xen.hpp"
@@ -49,6 +54,19 @@ bool eventually_peer_closed(EventChannels& ev, EventPort port) {
   for (int i = 0; i < 200; ++i) {
     if (ev.peer_closed(port).value_or(false)) return true;
     ::usleep(10000);
+  }
+  return false;
+}
+
+// SIGSTOP takes effect when the process next runs: until /proc says so.
+bool stopped(pid_t pid) {
+  for (int i = 0; i < 2000; ++i) {
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    const auto state = line.rfind(')');  // the command may hold spaces and parentheses
+    if (state != std::string::npos && line.size() > state + 2 && line[state + 2] == 'T') return true;
+    ::usleep(1000);
   }
   return false;
 }
@@ -111,6 +129,41 @@ TEST_F(Grants, EndingAShareRevokesNewMapsButKeepsExistingOnes) {
   share.reset();
   EXPECT_STREQ(reinterpret_cast<const char*>(mapping->bytes().data()), "kept");
   EXPECT_EQ(error_of([&] { dom0->map(5, std::span(&ref, 1), false); }), ENOENT);
+}
+
+// Ending a share is one message the hypervisor does not answer. A map sent
+// after it from another connection must still find it ended, even when the
+// hypervisor, stopped meanwhile, finds the map beside more than one of the
+// sharer's messages (it serves one message per connection per turn).
+TEST_F(Grants, AShareEndedBeforeAMapIsEndedForIt) {
+  auto sharer = open_grant_sharer(xen_.as(5));
+  auto first = sharer->share(0, 1, true);
+  auto second = sharer->share(0, 1, true);
+  const GrantRef ref = second->refs()[0];
+  auto dom0 = open_grant_mapper(xen_.as(0));
+  ASSERT_EQ(::kill(xen_.pid(), SIGSTOP), 0);
+  ASSERT_TRUE(stopped(xen_.pid())) << "vib-localxen did not stop";
+  first.reset();
+  second.reset();
+  std::atomic<pid_t> mapper_tid{0};
+  auto mapped = std::async(std::launch::async, [&] {
+    mapper_tid = static_cast<pid_t>(::syscall(SYS_gettid));
+    return error_of([&] { dom0->map(5, std::span(&ref, 1), false); });
+  });
+  // Until the map is sent: the thread waits in recvmsg for the answer.
+  bool waiting = false;
+  std::string last;
+  for (int i = 0; i < 2000 && !waiting; ++i) {
+    if (const pid_t tid = mapper_tid.load()) {
+      std::ifstream syscall("/proc/self/task/" + std::to_string(tid) + "/syscall");
+      std::getline(syscall, last);
+      waiting = std::atol(last.c_str()) == SYS_recvmsg && last.find(' ') != std::string::npos;
+    }
+    if (!waiting) ::usleep(1000);
+  }
+  ASSERT_EQ(::kill(xen_.pid(), SIGCONT), 0);
+  ASSERT_TRUE(waiting) << "the map request was never sent: " << last;
+  EXPECT_EQ(mapped.get(), ENOENT);
 }
 
 // Granting a process's own memory in place refuses what pinning it would on

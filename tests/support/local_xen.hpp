@@ -17,6 +17,7 @@ class LocalXen {
   LocalXen& operator=(const LocalXen&) = delete;
 
   const std::string& dir() const { return dir_; }
+  pid_t pid() const { return pid_; }  // the vib-localxen process
   platform::XenTarget as(platform::DomId domid) const { return platform::XenTarget::local(dir_, domid); }
   // With max_grant_frames, the domain's grant table holds that many frames
   // of 512 grants (as xl's max_grant_frames); without, vib-localxen's default.

@@ -257,7 +257,7 @@ class Service final : public HypervisorService {
       case Op::unbind: reply.status = unbind(conn_id, req.port); break;
       case Op::notify: reply.status = notify(c.domid, req.port); break;
       case Op::peer_status: reply.status = peer_status(c.domid, req.port, reply.value); break;
-      case Op::query_size: reply.status = query_size(c.domid, out, reply.value); break;
+      case Op::query_size: reply.status = query_size(conn_id, c.domid, out, reply.value); break;
       default: return close_connection(conn_id);
     }
     if ((req.flags & wire::kNoReply) && (req.op == Op::end_grant || req.op == Op::unmap)) return;
@@ -314,7 +314,8 @@ class Service final : public HypervisorService {
     return 0;
   }
 
-  int query_size(DomId self_id, std::vector<std::uint32_t>& out, std::uint32_t& size) {
+  int query_size(std::uint32_t conn_id, DomId self_id, std::vector<std::uint32_t>& out, std::uint32_t& size) {
+    settle(self_id, conn_id);
     Domain* self = domain(self_id);
     if (!self) return ESRCH;
     size = static_cast<std::uint32_t>(self->max_grants);
@@ -383,8 +384,33 @@ class Service final : public HypervisorService {
     fire(notify);
   }
 
+  // Serves what `dom`'s other connections have already sent, before a
+  // request that reads its grants: an end_grant posted without an answer
+  // (wire::kNoReply) takes effect before any map or query it could have
+  // caused, as on Xen, where ending a grant is done when the call returns.
+  // At most kSettleMessages per connection (a flood delays only this
+  // request); not nested (what it serves settles nothing more).
+  static constexpr int kSettleMessages = 64;
+  void settle(DomId dom, std::uint32_t except) {
+    if (settling_) return;
+    settling_ = true;
+    std::vector<std::uint32_t> ids;
+    for (const auto& [id, c] : connections_)
+      if (c.domid == dom && id != except) ids.push_back(id);
+    for (const auto id : ids) {
+      for (int n = 0; n < kSettleMessages; ++n) {
+        auto c = connections_.find(id);
+        char byte;
+        if (c == connections_.end() || ::recv(c->second.fd.get(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0) break;
+        serve(id);
+      }
+    }
+    settling_ = false;
+  }
+
   int map(std::uint32_t conn_id, const wire::Request& req, const std::vector<std::uint32_t>& refs,
           std::vector<std::uint32_t>& out, std::vector<int>& out_fds, std::uint32_t& mapping_id) {
+    settle(static_cast<DomId>(req.domid), conn_id);
     const DomId self = connections_.at(conn_id).domid;
     Domain* granter = domain(static_cast<DomId>(req.domid));
     if (refs.empty()) return EINVAL;
@@ -607,6 +633,7 @@ class Service final : public HypervisorService {
   UniqueFd epoll_;  // the listeners and connections (closing an fd leaves it)
   std::mutex mutex_;
   bool stopping_ = false;
+  bool settling_ = false;  // settle() is serving other connections
   std::map<DomId, Domain> domains_;
   std::map<std::uint32_t, Connection> connections_;
   std::map<std::uint32_t, Share> shares_;
