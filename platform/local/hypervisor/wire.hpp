@@ -47,7 +47,9 @@ inline constexpr std::uint32_t kNotifyPort = 1u << 2;
 // unmap notification (whose firing other connections' requests must not
 // overtake), so the caller has nothing to wait for: on Xen these are a
 // system call in the guest or dom0, not a round trip to another process.
-// Requests later on the same connection are served after it.
+// Requests later on the same connection are served after it, and a map or
+// query_size of the domain's grants serves it first (it could have caused
+// them).
 inline constexpr std::uint32_t kNoReply = 1u << 3;
 
 // Bounds that keep every message small and every loop short.
