@@ -29,6 +29,8 @@ using wire::Op;
 // One connection to the domain's hypervisor socket. Calls are synchronous;
 // messages the service sends unasked (wire::Op::bound, peer_closed) that
 // arrive meanwhile are queued for next_notice().
+wire::Request request(Op op) { return wire::Request{op, 0, 0, 0, 0, 0, 0, 0}; }
+
 class Channel {
  public:
   Channel(const std::string& dir, DomId self)
@@ -51,11 +53,7 @@ class Channel {
   int call(wire::Request req, std::span<const std::uint32_t> args, std::span<const int> fds,
            Answer& answer) {
     std::lock_guard lock(mutex_);
-    req.count = static_cast<std::uint32_t>(args.size());
-    std::vector<std::byte> msg(sizeof(req) + args.size_bytes());
-    std::memcpy(msg.data(), &req, sizeof(req));
-    if (!args.empty()) std::memcpy(msg.data() + sizeof(req), args.data(), args.size_bytes());
-    if (!send_message(fd_.get(), msg, fds)) return EPIPE;
+    if (!send_locked(req, args, fds)) return EPIPE;
     std::vector<std::byte> bytes;
     for (;;) {
       answer.fds.clear();
@@ -73,14 +71,22 @@ class Channel {
     }
   }
 
-  // A request the service answers nothing to (wire::kNoReply).
-  void post(wire::Request req) {
-    std::lock_guard lock(mutex_);
+  // Ends a share or a mapping (`op` end_grant or unmap). Without an unmap
+  // notification nothing can come of it to wait for: one message the
+  // service does not answer (wire::kNoReply). With one, the answer is
+  // waited for, so that nothing this process asks afterwards on another
+  // connection (unbinding the port it notifies) overtakes its firing.
+  void end(Op op, std::uint32_t id, bool notifies) {
+    auto req = request(op);
+    req.id = id;
+    if (notifies) {
+      Answer ignored;
+      call(req, {}, {}, ignored);
+      return;
+    }
     req.flags |= wire::kNoReply;
-    req.count = 0;
-    std::vector<std::byte> msg(sizeof(req));
-    std::memcpy(msg.data(), &req, sizeof(req));
-    send_message(fd_.get(), msg, {});
+    std::lock_guard lock(mutex_);
+    send_locked(req, {}, {});
   }
 
   void call_or_throw(wire::Request req, const std::string& what, Answer& answer,
@@ -133,13 +139,21 @@ class Channel {
     return true;
   }
 
+  bool send_locked(wire::Request req, std::span<const std::uint32_t> args, std::span<const int> fds) {
+    req.count = static_cast<std::uint32_t>(args.size());
+    std::vector<std::byte> msg(sizeof(req) + args.size_bytes());
+    std::memcpy(msg.data(), &req, sizeof(req));
+    if (!args.empty()) std::memcpy(msg.data() + sizeof(req), args.data(), args.size_bytes());
+    return send_message(fd_.get(), msg, fds);
+  }
+
   UniqueFd fd_;
   std::mutex mutex_;
   std::deque<Notice> notices_;
   UniqueFd queued_signal_;
 };
 
-wire::Request request(Op op) { return wire::Request{op, 0, 0, 0, 0, 0, 0, 0}; }
+bool has_notification(const UnmapNotify& notify) { return notify.clear_byte_offset || notify.port; }
 
 void add_notify(wire::Request& req, const UnmapNotify& notify) {
   if (notify.clear_byte_offset) {
@@ -176,25 +190,13 @@ class Region {
 struct HeldMappings {
   explicit HeldMappings(std::shared_ptr<Channel> c) : channel(std::move(c)) {}
   ~HeldMappings() {
-    for (auto id : ids) {
-      auto req = request(Op::unmap);
-      req.id = id;
-      if (!notifies) {
-        channel->post(req);
-        continue;
-      }
-      Channel::Answer a;
-      channel->call(req, {}, {}, a);
-    }
+    for (auto id : ids) channel->end(Op::unmap, id, notifies);
   }
   HeldMappings(const HeldMappings&) = delete;
   HeldMappings& operator=(const HeldMappings&) = delete;
   std::shared_ptr<Channel> channel;
   std::vector<std::uint32_t> ids;
-  // An unmap notification fires when the service unmaps: waited for, so that
-  // nothing this process asks afterwards on another connection (unbinding
-  // the port it notifies) overtakes it.
-  bool notifies = false;
+  bool notifies = false;  // one of them has an unmap notification (Channel::end)
 };
 
 class LocalMapping final : public GrantMapping {
@@ -214,7 +216,7 @@ class LocalMapper final : public GrantMapper {
   std::unique_ptr<GrantMapping> map(DomId granter, std::span<const GrantRef> refs, bool writable,
                                     const UnmapNotify& notify) override {
     auto mapping = std::make_unique<LocalMapping>(channel_, refs.size());
-    mapping->held_.notifies = notify.clear_byte_offset.has_value() || notify.port.has_value();
+    mapping->held_.notifies = has_notification(notify);
     const int prot = PROT_READ | (writable ? PROT_WRITE : 0);
     look_up(granter, refs, writable, notify, mapping->held_.ids, [&](std::size_t i, const Page& page) {
       if (page.file < 0) fail(EFAULT, "a page granted in place by domain " + std::to_string(granter) + " cannot be mapped");
@@ -265,7 +267,7 @@ class LocalMapper final : public GrantMapper {
   void look_up(DomId granter, std::span<const GrantRef> refs, bool writable, const UnmapNotify& notify,
                std::vector<std::uint32_t>& ids, Each each) {
     if (refs.empty()) fail(EINVAL, "mapping no grant refs");
-    if (refs.size() > 1 && (notify.clear_byte_offset || notify.port))
+    if (refs.size() > 1 && has_notification(notify))
       fail(EINVAL, "unmap notify needs a single-page mapping");
     for (std::size_t done = 0; done < refs.size();) {
       const auto chunk = refs.subspan(done, std::min<std::size_t>(wire::kMaxEntries, refs.size() - done));
@@ -348,23 +350,14 @@ int check_mapped(std::uintptr_t start, std::size_t bytes, bool writable) {
 struct HeldGrants {
   explicit HeldGrants(std::shared_ptr<Channel> c) : channel(std::move(c)) {}
   ~HeldGrants() {
-    for (auto id : ids) {
-      auto req = request(Op::end_grant);
-      req.id = id;
-      if (!notifies) {
-        channel->post(req);
-        continue;
-      }
-      Channel::Answer a;
-      channel->call(req, {}, {}, a);
-    }
+    for (auto id : ids) channel->end(Op::end_grant, id, notifies);
   }
   HeldGrants(const HeldGrants&) = delete;
   HeldGrants& operator=(const HeldGrants&) = delete;
   std::shared_ptr<Channel> channel;
   std::vector<std::uint32_t> ids;
   std::vector<GrantRef> refs;
-  bool notifies = false;  // as HeldMappings::notifies
+  bool notifies = false;  // one of them has an unmap notification (Channel::end)
 };
 
 class LocalShare final : public SharedPages {
@@ -397,13 +390,13 @@ class LocalSharer final : public GrantSharer {
   std::unique_ptr<SharedPages> share(DomId grantee, std::size_t pages, bool writable,
                                      const UnmapNotify& notify) override {
     if (pages == 0) fail(EINVAL, "sharing no pages");
-    if (pages > 1 && (notify.clear_byte_offset || notify.port))
+    if (pages > 1 && has_notification(notify))
       fail(EINVAL, "unmap notify needs a single-page share");
     UniqueFd file(::memfd_create("vib-grant", MFD_CLOEXEC));
     if (!file || ::ftruncate(file.get(), static_cast<off_t>(pages * kPageSize)) != 0)
       fail(errno, "allocating pages to grant");
     auto share = std::make_unique<LocalShare>(channel_, pages);
-    share->held_.notifies = notify.clear_byte_offset.has_value() || notify.port.has_value();
+    share->held_.notifies = has_notification(notify);
     void* p = ::mmap(nullptr, pages * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, file.get(), 0);
     if (p == MAP_FAILED) fail(errno, "mapping pages to grant");
     share->base_ = static_cast<std::byte*>(p);

@@ -227,19 +227,23 @@ class Service final : public HypervisorService {
     connections_.emplace(id, Connection{domid, std::move(fd), peer.pid, {}});
   }
 
-  void serve(std::uint32_t conn_id) {
+  // Serves one message of the connection, if one is there; true if it was
+  // served and the connection is still open.
+  bool serve(std::uint32_t conn_id) {
     Connection& c = connections_.at(conn_id);
+    auto hang_up = [&] {
+      close_connection(conn_id);
+      return false;
+    };
     std::vector<std::byte> bytes;
     std::vector<UniqueFd> fds;
-    if (!receive_message(c.fd.get(), bytes, fds, wire::kMaxMessage, 1, /*nonblocking=*/true)) {
-      if (errno == EAGAIN) return;
-      return close_connection(conn_id);
-    }
+    if (!receive_message(c.fd.get(), bytes, fds, wire::kMaxMessage, 1, /*nonblocking=*/true))
+      return errno == EAGAIN ? false : hang_up();
     wire::Request req;
-    if (bytes.size() < sizeof(req)) return close_connection(conn_id);
+    if (bytes.size() < sizeof(req)) return hang_up();
     std::memcpy(&req, bytes.data(), sizeof(req));  // copied once, then checked
     const std::size_t entries = (bytes.size() - sizeof(req)) / sizeof(std::uint32_t);
-    if (req.count > wire::kMaxEntries || req.count > entries) return close_connection(conn_id);
+    if (req.count > wire::kMaxEntries || req.count > entries) return hang_up();
     std::vector<std::uint32_t> args(req.count);
     if (!args.empty()) std::memcpy(args.data(), bytes.data() + sizeof(req), req.count * sizeof(std::uint32_t));
 
@@ -258,14 +262,14 @@ class Service final : public HypervisorService {
       case Op::notify: reply.status = notify(c.domid, req.port); break;
       case Op::peer_status: reply.status = peer_status(c.domid, req.port, reply.value); break;
       case Op::query_size: reply.status = query_size(conn_id, c.domid, out, reply.value); break;
-      default: return close_connection(conn_id);
+      default: return hang_up();
     }
-    if ((req.flags & wire::kNoReply) && (req.op == Op::end_grant || req.op == Op::unmap)) return;
+    if ((req.flags & wire::kNoReply) && (req.op == Op::end_grant || req.op == Op::unmap)) return true;
     reply.count = static_cast<std::uint32_t>(out.size());
     std::vector<std::byte> msg(sizeof(reply) + out.size() * sizeof(std::uint32_t));
     std::memcpy(msg.data(), &reply, sizeof(reply));
     if (!out.empty()) std::memcpy(msg.data() + sizeof(reply), out.data(), out.size() * sizeof(std::uint32_t));
-    if (!send_message(connections_.at(conn_id).fd.get(), msg, out_fds)) close_connection(conn_id);
+    return send_message(connections_.at(conn_id).fd.get(), msg, out_fds) || hang_up();
   }
 
   Domain* domain(DomId id) {
@@ -398,12 +402,8 @@ class Service final : public HypervisorService {
     for (const auto& [id, c] : connections_)
       if (c.domid == dom && id != except) ids.push_back(id);
     for (const auto id : ids) {
-      for (int n = 0; n < kSettleMessages; ++n) {
-        auto c = connections_.find(id);
-        char byte;
-        if (c == connections_.end() || ::recv(c->second.fd.get(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0) break;
-        serve(id);
-      }
+      int served = 0;
+      while (served < kSettleMessages && connections_.count(id) && serve(id)) ++served;
     }
     settling_ = false;
   }
