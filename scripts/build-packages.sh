@@ -29,15 +29,19 @@ source_files() {
 source_digest() {
   { (cd "$top" && source_files | xargs -0 sha256sum); printf 'args: %s\n' "$*"; } | sha256sum | cut -d' ' -f1
 }
+# Replaces the packages in $out with those in $1 (and its digest, if any).
+put_packages() {
+  mkdir -p "$out"
+  [ "$(cd "$1" && pwd)" = "$(cd "$out" && pwd)" ] && return
+  rm -f "$out"/*.deb "$out"/*.changes "$out"/*.buildinfo "$out"/source-digest
+  cp "$1"/*.deb "$1"/*.changes "$1"/*.buildinfo "$out"/
+  if [ -e "$1/source-digest" ]; then cp "$1/source-digest" "$out"/; fi
+}
 digest=$(source_digest "$@")
 reuse=${VIB_DEB_REUSE_FROM:-}
 if [ -n "$reuse" ] && [ "$(cat "$reuse/source-digest" 2>/dev/null)" = "$digest" ] &&
    compgen -G "$reuse/*.deb" >/dev/null; then
-  mkdir -p "$out"
-  if [ "$(cd "$reuse" && pwd)" != "$(cd "$out" && pwd)" ]; then
-    rm -f "$out"/*.deb "$out"/*.changes "$out"/*.buildinfo "$out"/source-digest
-    cp "$reuse"/*.deb "$reuse"/*.changes "$reuse"/*.buildinfo "$reuse"/source-digest "$out"/
-  fi
+  put_packages "$reuse"
   echo "build-packages: $reuse holds the packages of these sources (built and checked by lintian there): taken, not rebuilt"
   ls -l "$out"/*.deb
   exit 0
@@ -80,9 +84,7 @@ opts=(${DEB_BUILD_OPTIONS:-} "parallel=$(nproc)")
 [ -d /usr/lib/ccache ] && export PATH=/usr/lib/ccache:$PATH
 (cd "$src" && DEB_BUILD_OPTIONS="${opts[*]}" dpkg-buildpackage -us -uc -b "$@")
 
-mkdir -p "$out"
-rm -f "$out"/*.deb "$out"/*.changes "$out"/*.buildinfo "$out"/source-digest
-cp "$work"/*.deb "$work"/*.changes "$work"/*.buildinfo "$out"/
+put_packages "$work"
 echo "== lintian"
 lintian --fail-on error,warning --info --display-info "$out"/*.changes
 # Only packages lintian passed say what they were built from.
