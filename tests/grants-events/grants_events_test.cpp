@@ -17,6 +17,7 @@
 #include <string>
 
 #include "local_xen.hpp"
+#include "wire.hpp"
 #include "vib/platform/event_channels.hpp"
 #include "vib/platform/grants.hpp"
 
@@ -65,6 +66,20 @@ bool stopped(pid_t pid) {
     std::getline(stat, line);
     const auto state = line.rfind(')');  // the command may hold spaces and parentheses
     if (state != std::string::npos && line.size() > state + 2 && line[state + 2] == 'T') return true;
+    ::usleep(1000);
+  }
+  return false;
+}
+
+// Until thread `tid` of this process waits in recvmsg (for an answer of
+// the stopped hypervisor); false after two seconds, with what it was doing.
+bool waits_in_recvmsg(const std::atomic<pid_t>& tid, std::string& last) {
+  for (int i = 0; i < 2000; ++i) {
+    if (const pid_t t = tid.load()) {
+      std::ifstream syscall("/proc/self/task/" + std::to_string(t) + "/syscall");
+      std::getline(syscall, last);
+      if (std::atol(last.c_str()) == SYS_recvmsg && last.find(' ') != std::string::npos) return true;
+    }
     ::usleep(1000);
   }
   return false;
@@ -150,19 +165,109 @@ TEST_F(Grants, AShareEndedBeforeAMapIsEndedForIt) {
     return error_of([&] { dom0->map(5, std::span(&ref, 1), false); });
   });
   // Until the map is sent: the thread waits in recvmsg for the answer.
-  bool waiting = false;
   std::string last;
-  for (int i = 0; i < 2000 && !waiting; ++i) {
-    if (const pid_t tid = mapper_tid.load()) {
-      std::ifstream syscall("/proc/self/task/" + std::to_string(tid) + "/syscall");
-      std::getline(syscall, last);
-      waiting = std::atol(last.c_str()) == SYS_recvmsg && last.find(' ') != std::string::npos;
-    }
-    if (!waiting) ::usleep(1000);
-  }
+  const bool waiting = waits_in_recvmsg(mapper_tid, last);
   ASSERT_EQ(::kill(xen_.pid(), SIGCONT), 0);
   ASSERT_TRUE(waiting) << "the map request was never sent: " << last;
   EXPECT_EQ(mapped.get(), ENOENT);
+}
+
+// Granting memory in place is posted, unanswered, under refs the sharer
+// reserved before (as a guest writes its own grant table): a map sent after
+// it from another connection finds it, even when the hypervisor, stopped
+// meanwhile, finds the map beside the grant messages. When the range ends
+// its entries go back to the table, all but the few the sharer keeps for
+// its next grants.
+TEST_F(Grants, AGrantInPlaceIsThereForTheNextMapAndItsEntriesReturn) {
+  auto sharer = open_grant_sharer(xen_.as(5));
+  const std::size_t pages = 400;  // several grant messages, fewer than the sharer keeps
+  std::vector<char> memory((pages + 1) * kPageSize, 'm');
+  auto* start = reinterpret_cast<std::byte*>(
+      (reinterpret_cast<std::uintptr_t>(memory.data()) + kPageSize - 1) & ~(kPageSize - 1));
+  const auto before = sharer->table_use();
+  ASSERT_TRUE(before);
+  sharer->grant_range(0, start, pages, true).reset();  // reserves the refs the next one takes
+  const auto reserved = sharer->table_use();
+  EXPECT_GE(reserved->held_by_vib, before->held_by_vib);
+  EXPECT_LE(reserved->held_by_vib, before->held_by_vib + 512) << "an ended range keeps at most 512 entries";
+
+  auto dom0 = open_grant_mapper(xen_.as(0));
+  ASSERT_EQ(::kill(xen_.pid(), SIGSTOP), 0);
+  ASSERT_TRUE(stopped(xen_.pid())) << "vib-localxen did not stop";
+  std::unique_ptr<GrantedRange> range;
+  const int granted = error_of([&] { range = sharer->grant_range(0, start, pages, true); });
+  ASSERT_EQ(granted, 0) << "granting waited for the stopped hypervisor";
+  std::unique_ptr<MemoryAccess> access;
+  std::atomic<pid_t> mapper_tid{0};
+  auto mapped = std::async(std::launch::async, [&] {
+    mapper_tid = static_cast<pid_t>(::syscall(SYS_gettid));
+    return error_of([&] { access = dom0->access(5, range->refs(), true); });
+  });
+  std::string last;
+  const bool waiting = waits_in_recvmsg(mapper_tid, last);
+  ASSERT_EQ(::kill(xen_.pid(), SIGCONT), 0);
+  ASSERT_TRUE(waiting) << "the map request was never sent: " << last;
+  ASSERT_EQ(mapped.get(), 0);
+  std::vector<std::byte> seen(pages * kPageSize);
+  access->read(0, seen);
+  EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](std::byte b) { return b == std::byte{'m'}; }));
+  EXPECT_GE(sharer->table_use()->held_by_vib, before->held_by_vib + pages);
+
+  access.reset();
+  range.reset();
+  EXPECT_LE(sharer->table_use()->held_by_vib, before->held_by_vib + 512);
+}
+
+// What the hypervisor never answers it cannot refuse: a grant under a ref
+// the connection did not reserve, or the release of a ref still granted,
+// closes that connection (ending what it granted) and nothing else.
+TEST_F(Grants, AGrantUnderARefNotReservedClosesOnlyThatConnection) {
+  namespace wire = vib::platform::local::wire;
+  auto raw = [&] {
+    int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strcpy(addr.sun_path, local_hypervisor_socket(xen_.dir(), 5).c_str());
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    return fd;
+  };
+  auto send = [](int fd, wire::Op op, std::uint32_t id, std::vector<std::uint32_t> args) {
+    wire::Request req{op, 0, 0, wire::kWritable, static_cast<std::uint32_t>(args.size()), 0, 0, id};
+    std::vector<std::byte> msg(sizeof(req) + args.size() * 4);
+    std::memcpy(msg.data(), &req, sizeof(req));
+    std::memcpy(msg.data() + sizeof(req), args.data(), args.size() * 4);
+    return ::send(fd, msg.data(), msg.size(), 0) == static_cast<ssize_t>(msg.size());
+  };
+  auto hung_up = [](int fd) {
+    char c;
+    return ::recv(fd, &c, 1, 0) <= 0;
+  };
+  alignas(4096) static char page[4096];
+  const auto address = reinterpret_cast<std::uint64_t>(page);
+  const std::uint32_t lo = static_cast<std::uint32_t>(address), hi = static_cast<std::uint32_t>(address >> 32);
+
+  const int guesser = raw();
+  ASSERT_TRUE(send(guesser, wire::Op::grant_range, 0, {4000, lo, hi}));
+  EXPECT_TRUE(hung_up(guesser));
+  ::close(guesser);
+
+  const int releaser = raw();
+  ASSERT_TRUE(send(releaser, wire::Op::reserve_refs, 2, {}));
+  wire::Reply reply{};
+  ASSERT_EQ(::recv(releaser, &reply, sizeof(reply), 0), static_cast<ssize_t>(sizeof(reply)));
+  ASSERT_EQ(reply.status, 0);
+  const GrantRef ref = reply.value;
+  ASSERT_TRUE(send(releaser, wire::Op::grant_range, 0, {ref, lo, hi}));
+  auto dom0 = open_grant_mapper(xen_.as(0));
+  EXPECT_NO_THROW(dom0->access(5, std::span(&ref, 1), true));
+  ASSERT_TRUE(send(releaser, wire::Op::release_refs, 0, {ref, 2}));
+  EXPECT_TRUE(hung_up(releaser));
+  ::close(releaser);
+  EXPECT_EQ(error_of([&] { dom0->access(5, std::span(&ref, 1), true); }), ENOENT);
+
+  // The domain's other connections go on.
+  auto share = open_grant_sharer(xen_.as(5))->share(0, 1, true);
+  EXPECT_NO_THROW(dom0->map(5, share->refs(), true));
 }
 
 // Granting a process's own memory in place refuses what pinning it would on

@@ -71,11 +71,11 @@ class Channel {
     }
   }
 
-  // Ends a share or a mapping (`op` end_grant or unmap). Without an unmap
-  // notification nothing can come of it to wait for: one message the
-  // service does not answer (wire::kNoReply). With one, the answer is
-  // waited for, so that nothing this process asks afterwards on another
-  // connection (unbinding the port it notifies) overtakes its firing.
+  // Ends a share or a mapping (`op` end_grant or unmap).
+  // Without an unmap notification nothing can come of it to wait for: one
+  // message the service does not answer (wire::kNoReply). With one, the
+  // answer is waited for, so that nothing this process asks afterwards on
+  // another connection (unbinding the port it notifies) overtakes its firing.
   void end(Op op, std::uint32_t id, bool notifies) {
     auto req = request(op);
     req.id = id;
@@ -85,8 +85,13 @@ class Channel {
       return;
     }
     req.flags |= wire::kNoReply;
+    post(req, {});
+  }
+
+  // A message the service never answers; false when it could not be sent.
+  bool post(wire::Request req, std::span<const std::uint32_t> args) {
     std::lock_guard lock(mutex_);
-    send_locked(req, {}, {});
+    return send_locked(req, args, {});
   }
 
   void call_or_throw(wire::Request req, const std::string& what, Answer& answer,
@@ -375,17 +380,114 @@ class LocalShare final : public SharedPages {
   std::byte* base_ = nullptr;
 };
 
+// Entries of this domain's grant table that the connection reserved
+// (wire::Op::reserve_refs) and is not using. grant_range takes its refs
+// here and an ended range gives them back, so most grants cost no round
+// trip. Beyond kKeptFree they go back to the table: one past large
+// registration does not keep entries from the domain's other processes.
+class RefPool {
+ public:
+  explicit RefPool(std::shared_ptr<Channel> channel) : channel_(std::move(channel)) {}
+
+  // `n` refs, in `out`; 0 or the errno of reserving more.
+  int take(std::size_t n, std::vector<GrantRef>& out) {
+    std::lock_guard lock(mu_);
+    if (free_.size() < n) {
+      const std::size_t short_by = n - free_.size();
+      int err = reserve(std::max(short_by, kReserveChunk));
+      if (err == ENOSPC && short_by < kReserveChunk) err = reserve(short_by);
+      if (err) return err;
+    }
+    out.assign(free_.end() - static_cast<std::ptrdiff_t>(n), free_.end());
+    free_.resize(free_.size() - n);
+    return 0;
+  }
+
+  void give_back(std::span<const GrantRef> refs) {
+    std::lock_guard lock(mu_);
+    const std::size_t kept = std::min(refs.size(), kKeptFree - std::min(kKeptFree, free_.size()));
+    free_.insert(free_.end(), refs.begin(), refs.begin() + static_cast<std::ptrdiff_t>(kept));
+    release(refs.subspan(kept));
+  }
+
+  ~RefPool() {
+    std::lock_guard lock(mu_);
+    release(free_);
+  }
+  RefPool(const RefPool&) = delete;
+  RefPool& operator=(const RefPool&) = delete;
+
+ private:
+  static constexpr std::size_t kReserveChunk = 64;
+  static constexpr std::size_t kKeptFree = 512;
+
+  int reserve(std::size_t count) {
+    auto req = request(Op::reserve_refs);
+    req.id = static_cast<std::uint32_t>(std::min<std::size_t>(count, wire::kMaxGrantsPerDomain));
+    Channel::Answer a;
+    if (int err = channel_->call(req, {}, {}, a)) return err;
+    // In order: a take() from the back gets consecutive refs, which go
+    // back to the table as one run.
+    for (std::uint32_t i = 0; i < req.id; ++i) free_.push_back(a.value + i);
+    return 0;
+  }
+
+  // Posts `refs` back to the table as runs of consecutive refs.
+  void release(std::span<const GrantRef> refs) {
+    std::vector<std::uint32_t> runs;
+    auto flush = [&] {
+      if (runs.empty()) return;
+      channel_->post(request(Op::release_refs), runs);
+      runs.clear();
+    };
+    for (std::size_t i = 0; i < refs.size();) {
+      std::size_t j = i + 1;
+      while (j < refs.size() && refs[j] == refs[j - 1] + 1) ++j;
+      runs.push_back(refs[i]);
+      runs.push_back(static_cast<std::uint32_t>(j - i));
+      if (runs.size() == wire::kMaxEntries) flush();
+      i = j;
+    }
+    flush();
+  }
+
+  std::mutex mu_;
+  std::vector<GrantRef> free_;
+  std::shared_ptr<Channel> channel_;
+};
+
+// Pages granted in place under refs of the pool: each grant_range message
+// is a share the service knows by its first ref. Ended, and the refs given
+// back, on destruction.
 class LocalRange final : public GrantedRange {
  public:
-  explicit LocalRange(std::shared_ptr<Channel> channel) : held_(std::move(channel)) {}
-  std::span<const GrantRef> refs() const override { return held_.refs; }
+  LocalRange(std::shared_ptr<Channel> channel, std::shared_ptr<RefPool> pool)
+      : channel_(std::move(channel)), pool_(std::move(pool)) {}
+  ~LocalRange() override {
+    std::vector<std::uint32_t> firsts;
+    for (std::size_t first = 0; first < posted_; first += kPagesPerMessage) {
+      firsts.push_back(refs_[first]);
+      if (firsts.size() == wire::kMaxEntries || first + kPagesPerMessage >= posted_) {
+        channel_->post(request(Op::end_grant_range), firsts);
+        firsts.clear();
+      }
+    }
+    pool_->give_back(refs_);
+  }
+  std::span<const GrantRef> refs() const override { return refs_; }
 
-  HeldGrants held_;
+  static constexpr std::size_t kPagesPerMessage = wire::kMaxEntries / wire::kGrantRangeEntriesPerPage;
+
+  std::shared_ptr<Channel> channel_;
+  std::shared_ptr<RefPool> pool_;
+  std::vector<GrantRef> refs_;
+  std::size_t posted_ = 0;  // refs_[0, posted_) went out in grant_range messages
 };
 
 class LocalSharer final : public GrantSharer {
  public:
-  LocalSharer(const std::string& dir, DomId self) : channel_(std::make_shared<Channel>(dir, self)) {}
+  LocalSharer(const std::string& dir, DomId self)
+      : channel_(std::make_shared<Channel>(dir, self)), pool_(std::make_shared<RefPool>(channel_)) {}
 
   std::unique_ptr<SharedPages> share(DomId grantee, std::size_t pages, bool writable,
                                      const UnmapNotify& notify) override {
@@ -435,40 +537,40 @@ class LocalSharer final : public GrantSharer {
     // the grantee may write) is refused now, not at first use.
     if (int err = check_mapped(first, pages * kPageSize, writable))
       fail(err, "granting memory at " + std::to_string(first) + " not mapped" + (writable ? " writable" : ""));
-    auto range = std::make_unique<LocalRange>(channel_);
-    for (std::size_t done = 0; done < pages;) {
-      const std::size_t n = std::min<std::size_t>(wire::kMaxEntries / 2, pages - done);
+    auto range = std::make_unique<LocalRange>(channel_, pool_);
+    if (int err = pool_->take(pages, range->refs_)) {
+      std::string why = "granting " + std::to_string(pages) + " pages in place to domain " + std::to_string(grantee);
+      if (err == ENOSPC) {
+        const auto use = table_use();
+        why += ": " + (use ? grant_table_full(pages, use->size, std::to_string(use->held_by_vib) +
+                                                                    " in use by this domain")
+                           : grant_table_full(pages, 0, {}));
+      }
+      fail(err, why);
+    }
+    // Posted, not called: the grants are in the table before anything the
+    // caller sends vibd next can make it map them (the service settles a
+    // map's granter first).
+    std::vector<std::uint32_t> entries;
+    while (range->posted_ < pages) {
+      const std::size_t n = std::min(LocalRange::kPagesPerMessage, pages - range->posted_);
       auto req = request(Op::grant_range);
       req.domid = grantee;
       req.flags = writable ? wire::kWritable : 0;
-      std::vector<std::uint32_t> addresses;
-      for (std::size_t i = 0; i < n; ++i) {
-        const std::uint64_t a = first + (done + i) * kPageSize;
-        addresses.push_back(static_cast<std::uint32_t>(a));
-        addresses.push_back(static_cast<std::uint32_t>(a >> 32));
+      entries.clear();
+      for (std::size_t i = range->posted_; i < range->posted_ + n; ++i) {
+        const std::uint64_t a = first + i * kPageSize;
+        entries.insert(entries.end(), {range->refs_[i], static_cast<std::uint32_t>(a), static_cast<std::uint32_t>(a >> 32)});
       }
-      Channel::Answer a;
-      if (int err = channel_->call(req, addresses, {}, a)) {
-        std::string why = "granting " + std::to_string(pages) + " pages in place to domain " + std::to_string(grantee);
-        if (err == ENOSPC) {
-          range.reset();  // what it granted so far goes first: the table's use is then the rest's
-          const auto use = table_use();
-          why += ": " + (use ? grant_table_full(pages, use->size, std::to_string(use->held_by_vib) +
-                                                                      " in use by this domain")
-                             : grant_table_full(pages, 0, {}));
-        }
-        fail(err, why);
-      }
-      if (a.entries.size() != n) fail(EPROTO, "hypervisor grant reply");
-      range->held_.ids.push_back(a.value);
-      range->held_.refs.insert(range->held_.refs.end(), a.entries.begin(), a.entries.end());
-      done += n;
+      if (!channel_->post(req, entries)) fail(EPIPE, "granting pages in place to domain " + std::to_string(grantee));
+      range->posted_ += n;
     }
     return range;
   }
 
  private:
   std::shared_ptr<Channel> channel_;
+  std::shared_ptr<RefPool> pool_;
 };
 
 // Event channels with Xen's semantics, where a notify is one write(2) to the

@@ -34,6 +34,8 @@ namespace {
 
 using wire::Op;
 
+constexpr std::uint32_t kFirstReservedDomId = 0x7FF0;  // DOMID_FIRST_RESERVED
+
 struct PageFile {
   UniqueFd fd;
   std::size_t pages;
@@ -61,6 +63,7 @@ struct Notify {
 struct Share {
   std::vector<GrantRef> refs;
   Notify notify;
+  bool reserved = false;  // its refs were reserved (grant_range): they stay so when it ends
 };
 
 struct Mapping {
@@ -106,6 +109,8 @@ struct Connection {
   UniqueFd fd;
   pid_t process;  // the peer, as the kernel reports it (SO_PEERCRED)
   std::vector<std::uint32_t> shares;  // ids into shares_
+  std::map<GrantRef, std::uint32_t> reserved;  // runs of refs reserved: first -> count
+  std::map<GrantRef, std::uint32_t> ranges;    // grant_range shares: first ref -> share id
 };
 
 struct Domain {
@@ -113,6 +118,7 @@ struct Domain {
   std::string socket_path;
   GrantRef next_ref = 8;  // Xen reserves the first few entries for the toolstack
   std::size_t max_grants = wire::kMaxGrantsPerDomain;  // the table's size, as max_grant_frames * 512
+  std::size_t held = 0;  // entries not free: granted by `grant`, or reserved by a connection
   std::map<GrantRef, Grant> grants;
   EventPort next_port = 1;
   std::map<EventPort, Port> ports;
@@ -224,7 +230,7 @@ class Service final : public HypervisorService {
     if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0) return;
     const std::uint32_t id = next_conn_++;
     watch(fd.get(), id);
-    connections_.emplace(id, Connection{domid, std::move(fd), peer.pid, {}});
+    connections_.emplace(id, Connection{domid, std::move(fd), peer.pid, {}, {}, {}});
   }
 
   // Serves one message of the connection, if one is there; true if it was
@@ -247,12 +253,19 @@ class Service final : public HypervisorService {
     std::vector<std::uint32_t> args(req.count);
     if (!args.empty()) std::memcpy(args.data(), bytes.data() + sizeof(req), req.count * sizeof(std::uint32_t));
 
+    // Never answered (wire.hpp): what cannot be done closes the connection.
+    switch (req.op) {
+      case Op::grant_range: return grant_range(conn_id, req, args) == 0 || hang_up();
+      case Op::release_refs: return release_refs(conn_id, args) == 0 || hang_up();
+      case Op::end_grant_range: return end_grant_ranges(conn_id, args) == 0 || hang_up();
+      default: break;
+    }
     wire::Reply reply{req.op, 0, 0, 0};
     std::vector<std::uint32_t> out;
     std::vector<int> out_fds;
     switch (req.op) {
       case Op::grant: reply.status = grant(conn_id, req, fds, out, reply.value); break;
-      case Op::grant_range: reply.status = grant_range(conn_id, req, args, out, reply.value); break;
+      case Op::reserve_refs: reply.status = reserve_refs(conn_id, req.id, reply.value); break;
       case Op::end_grant: reply.status = end_grants(conn_id, req.id); break;
       case Op::map: reply.status = map(conn_id, req, args, out, out_fds, reply.value); break;
       case Op::unmap: reply.status = unmap(conn_id, req.id); break;
@@ -295,7 +308,7 @@ class Service final : public HypervisorService {
     Domain* self = domain(c.domid);
     if (fds.size() != 1 || req.count == 0 || req.count > wire::kMaxEntries || !self) return EINVAL;
     if (!domain(static_cast<DomId>(req.domid)) || req.domid > 0x7FF0) return ESRCH;
-    if (self->grants.size() + req.count > self->max_grants) return ENOSPC;
+    if (self->held + req.count > self->max_grants) return ENOSPC;
     if (req.count > 1 && (req.flags & (wire::kNotifyByte | wire::kNotifyPort))) return EINVAL;
     struct stat st;
     // `id` is the first page of the file this message grants (large shares
@@ -314,6 +327,7 @@ class Service final : public HypervisorService {
       share.refs.push_back(ref);
       refs.push_back(ref);
     }
+    self->held += req.count;
     share_id = record(c, std::move(share));
     return 0;
   }
@@ -323,7 +337,7 @@ class Service final : public HypervisorService {
     Domain* self = domain(self_id);
     if (!self) return ESRCH;
     size = static_cast<std::uint32_t>(self->max_grants);
-    out.push_back(static_cast<std::uint32_t>(self->grants.size()));
+    out.push_back(static_cast<std::uint32_t>(self->held));
     return 0;
   }
 
@@ -335,39 +349,109 @@ class Service final : public HypervisorService {
     return id;
   }
 
-  // A share of the caller's own pages where they are: recorded with the
-  // process the kernel says is on the connection, never one the caller names.
-  int grant_range(std::uint32_t conn_id, const wire::Request& req, const std::vector<std::uint32_t>& args,
-                  std::vector<std::uint32_t>& refs, std::uint32_t& share_id) {
+  // A run of `count` free entries of the caller's table, for it to choose
+  // refs from in grant_range.
+  int reserve_refs(std::uint32_t conn_id, std::uint32_t count, std::uint32_t& first) {
     Connection& c = connections_.at(conn_id);
     Domain* self = domain(c.domid);
-    if (args.empty() || args.size() % 2 != 0 || !self || c.process <= 0) return EINVAL;
-    if (req.flags & (wire::kNotifyByte | wire::kNotifyPort)) return EINVAL;
-    if (!domain(static_cast<DomId>(req.domid)) || req.domid > 0x7FF0) return ESRCH;
-    const std::size_t pages = args.size() / 2;
-    if (self->grants.size() + pages > self->max_grants) return ENOSPC;
-    Share share{{}, Notify{nullptr, 0, std::nullopt, std::nullopt, c.domid}};
-    for (std::size_t i = 0; i < pages; ++i) {
-      const std::uint64_t address = args[2 * i] | (std::uint64_t{args[2 * i + 1]} << 32);
-      if (address % kPageSize != 0) return EINVAL;
+    if (!self || count == 0 || count > wire::kMaxGrantsPerDomain) return EINVAL;
+    if (self->held + count > self->max_grants) return ENOSPC;
+    first = self->next_ref;
+    self->next_ref += count;
+    self->held += count;
+    // Runs are handed out in order: one that follows the last is merged.
+    auto last = c.reserved.empty() ? c.reserved.end() : std::prev(c.reserved.end());
+    if (last != c.reserved.end() && last->first + last->second == first)
+      last->second += count;
+    else
+      c.reserved.emplace(first, count);
+    return 0;
+  }
+
+  // The reserved run of `conn` holding [first, first + count), if one does.
+  static std::optional<std::map<GrantRef, std::uint32_t>::iterator> reserved_run(
+      Connection& conn, GrantRef first, std::uint64_t count) {
+    auto it = conn.reserved.upper_bound(first);
+    if (it == conn.reserved.begin()) return std::nullopt;
+    --it;
+    if (std::uint64_t{first} + count > std::uint64_t{it->first} + it->second) return std::nullopt;
+    return it;
+  }
+
+  int release_refs(std::uint32_t conn_id, const std::vector<std::uint32_t>& args) {
+    Connection& c = connections_.at(conn_id);
+    Domain* self = domain(c.domid);
+    if (!self || args.empty() || args.size() % 2 != 0) return EINVAL;
+    for (std::size_t i = 0; i < args.size(); i += 2) {
+      const GrantRef first = args[i];
+      const std::uint32_t count = args[i + 1];
+      auto run = count == 0 ? std::nullopt : reserved_run(c, first, count);
+      if (!run) return EINVAL;
+      // None of them may be granted: the entry would be lost to accounting.
+      if (auto g = self->grants.lower_bound(first); g != self->grants.end() && g->first - first < count)
+        return EBUSY;
+      const GrantRef run_first = (*run)->first;
+      const std::uint32_t run_count = (*run)->second;
+      c.reserved.erase(*run);
+      if (first > run_first) c.reserved.emplace(run_first, first - run_first);
+      const std::uint64_t run_end = std::uint64_t{run_first} + run_count, end = std::uint64_t{first} + count;
+      if (end < run_end) c.reserved.emplace(static_cast<GrantRef>(end), static_cast<std::uint32_t>(run_end - end));
+      self->held -= count;
     }
-    for (std::size_t i = 0; i < pages; ++i) {
-      const GrantRef ref = self->next_ref++;
+    return 0;
+  }
+
+  // A share of the caller's own pages where they are, under refs it chose
+  // from its reservations: recorded with the process the kernel says is on
+  // the connection, never one the caller names.
+  int grant_range(std::uint32_t conn_id, const wire::Request& req, const std::vector<std::uint32_t>& args) {
+    Connection& c = connections_.at(conn_id);
+    Domain* self = domain(c.domid);
+    constexpr std::size_t kPer = wire::kGrantRangeEntriesPerPage;
+    if (args.empty() || args.size() % kPer != 0 || !self || c.process <= 0) return EINVAL;
+    if (req.flags & (wire::kNotifyByte | wire::kNotifyPort)) return EINVAL;
+    if (req.domid >= kFirstReservedDomId) return ESRCH;  // Xen does not check more at grant time
+    Share share{{}, Notify{nullptr, 0, std::nullopt, std::nullopt, c.domid}, /*reserved=*/true};
+    if (c.ranges.count(args[0])) return EINVAL;
+    for (std::size_t i = 0; i < args.size(); i += kPer) {
+      const GrantRef ref = args[i];
       Grant g{static_cast<DomId>(req.domid), (req.flags & wire::kWritable) != 0, nullptr, 0, conn_id};
       g.process = c.process;
-      g.address = args[2 * i] | (std::uint64_t{args[2 * i + 1]} << 32);
-      self->grants[ref] = g;
+      g.address = args[i + 1] | (std::uint64_t{args[i + 2]} << 32);
+      // A ref granted already (before, or twice here) fails it whole.
+      if (g.address % kPageSize != 0 || !reserved_run(c, ref, 1) || !self->grants.emplace(ref, g).second) {
+        for (GrantRef done : share.refs) self->grants.erase(done);
+        return EINVAL;
+      }
       share.refs.push_back(ref);
-      refs.push_back(ref);
     }
-    share_id = record(c, std::move(share));
+    const GrantRef first = share.refs.front();
+    c.ranges[first] = record(c, std::move(share));
+    return 0;
+  }
+
+  // The grant_range shares whose first refs `firsts` names.
+  int end_grant_ranges(std::uint32_t conn_id, const std::vector<std::uint32_t>& firsts) {
+    Connection& c = connections_.at(conn_id);
+    if (firsts.empty()) return EINVAL;
+    std::vector<std::uint32_t> ended;
+    for (const GrantRef first : firsts) {
+      auto it = c.ranges.find(first);
+      if (it == c.ranges.end()) return ENOENT;
+      const std::uint32_t share_id = it->second;
+      c.ranges.erase(it);
+      ended.push_back(share_id);
+      end_share(share_id);
+    }
+    std::sort(ended.begin(), ended.end());
+    std::erase_if(c.shares, [&](std::uint32_t id) { return std::binary_search(ended.begin(), ended.end(), id); });
     return 0;
   }
 
   int end_grants(std::uint32_t conn_id, std::uint32_t share_id) {
     auto it = shares_.find(share_id);
     auto& mine = connections_.at(conn_id).shares;
-    if (it == shares_.end() || std::find(mine.begin(), mine.end(), share_id) == mine.end())
+    if (it == shares_.end() || it->second.reserved || std::find(mine.begin(), mine.end(), share_id) == mine.end())
       return ENOENT;
     end_share(share_id);
     std::erase(mine, share_id);
@@ -379,8 +463,10 @@ class Service final : public HypervisorService {
   void end_share(std::uint32_t share_id) {
     auto it = shares_.find(share_id);
     if (it == shares_.end()) return;
-    if (Domain* d = domain(it->second.notify.domain))
+    if (Domain* d = domain(it->second.notify.domain)) {
       for (GrantRef ref : it->second.refs) d->grants.erase(ref);
+      if (!it->second.reserved) d->held -= it->second.refs.size();
+    }
     // Gone before its notification fires, so a port kept alive only for it
     // can be released by fire().
     const Notify notify = std::move(it->second.notify);
@@ -389,28 +475,30 @@ class Service final : public HypervisorService {
   }
 
   // Serves what `dom`'s other connections have already sent, before a
-  // request that reads its grants: an end_grant posted without an answer
-  // (wire::kNoReply) takes effect before any map or query it could have
-  // caused, as on Xen, where ending a grant is done when the call returns.
-  // At most kSettleMessages per connection (a flood delays only this
-  // request); not nested (what it serves settles nothing more).
-  static constexpr int kSettleMessages = 64;
-  void settle(DomId dom, std::uint32_t except) {
+  // request that reads its grants: a grant or an end posted without an
+  // answer (wire::kNoReply) takes effect before any map or query it could
+  // have caused, as on Xen, where a grant is in the table once written and
+  // ended when the call returns. At most kSettleMessages per connection,
+  // and one more per ref a map names (each could need its own grant
+  // message): a flood delays only this request, by a bounded amount. Not
+  // nested (what it serves settles nothing more).
+  static constexpr std::size_t kSettleMessages = 64;
+  void settle(DomId dom, std::uint32_t except, std::size_t budget = kSettleMessages) {
     if (settling_) return;
     settling_ = true;
     std::vector<std::uint32_t> ids;
     for (const auto& [id, c] : connections_)
       if (c.domid == dom && id != except) ids.push_back(id);
     for (const auto id : ids) {
-      int served = 0;
-      while (served < kSettleMessages && connections_.count(id) && serve(id)) ++served;
+      std::size_t served = 0;
+      while (served < budget && connections_.count(id) && serve(id)) ++served;
     }
     settling_ = false;
   }
 
   int map(std::uint32_t conn_id, const wire::Request& req, const std::vector<std::uint32_t>& refs,
           std::vector<std::uint32_t>& out, std::vector<int>& out_fds, std::uint32_t& mapping_id) {
-    settle(static_cast<DomId>(req.domid), conn_id);
+    settle(static_cast<DomId>(req.domid), conn_id, kSettleMessages + refs.size());
     const DomId self = connections_.at(conn_id).domid;
     Domain* granter = domain(static_cast<DomId>(req.domid));
     if (refs.empty()) return EINVAL;
@@ -609,7 +697,10 @@ class Service final : public HypervisorService {
     if (it == connections_.end()) return;
     const DomId dom = it->second.domid;
     const std::vector<std::uint32_t> shares = it->second.shares;
+    std::size_t reserved = 0;
+    for (const auto& [first, count] : it->second.reserved) reserved += count;
     connections_.erase(it);
+    if (Domain* d = domain(dom)) d->held -= reserved;
     if (Domain* d = domain(dom)) {
       std::vector<EventPort> ports;
       for (auto& [port, p] : d->ports)
