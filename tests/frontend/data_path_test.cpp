@@ -712,14 +712,16 @@ TEST_F(DataPath, ARegistrationBeyondTheGrantTableFailsNamingMaxGrantFrames) {
   // The grants the failed registration took on the way (all but the last
   // few hundred of the table) are back: 1500 pages fit again.
   auto fits = small.pd->reg_mr(start, 1500 * 4096, kAccess);
-  // vib-devinfo shows the table and its use: these 1500 and the contexts'.
+  // vib-devinfo shows the table and its use: these 1500 and the contexts'
+  // (each context's connection keeps up to 64 entries reserved for its next
+  // grants, vib-devinfo's too).
   const std::string devinfo = run_devinfo(xen_.dir(), 7);
   const std::string table = "grant table:   2048 entries (max_grant_frames=4), ";
   const auto at = devinfo.find(table);
   ASSERT_NE(at, std::string::npos) << devinfo;
   const long held = std::atol(devinfo.c_str() + at + table.size());
   EXPECT_GE(held, 1500) << devinfo;
-  EXPECT_LT(held, 1600) << devinfo;
+  EXPECT_LT(held, 1700) << devinfo;
   fits.reset();
 
   Endpoint large(xen_.as(8));

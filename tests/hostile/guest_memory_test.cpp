@@ -34,9 +34,9 @@ class HostileMemory : public HostileContext {};
 // that mixes good refs with a bad one leaves none of the good ones mapped.
 TEST_F(HostileMemory, ForgedForeignAndEndedGrantRefsAreRefused) {
   auto to_victim = share(1, true, 6);
-  auto ended = share(1);
-  const GrantRef ended_ref = ended->refs()[0];
-  ended.reset();
+  // Shared and ended from a connection of its own: the guest's next grants
+  // (the indirect pages below) would otherwise reuse the free ref.
+  const GrantRef ended_ref = open_grant_sharer(xen_.as(5))->share(kDom0, 1, true)->refs()[0];
   auto good = share(3);
   const std::vector<std::pair<const char*, std::vector<GrantRef>>> lies = {
       {"never granted", {0x7fffffff}},

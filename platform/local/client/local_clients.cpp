@@ -71,27 +71,22 @@ class Channel {
     }
   }
 
-  // Ends a share or a mapping (`op` end_grant or unmap).
-  // Without an unmap notification nothing can come of it to wait for: one
-  // message the service does not answer (wire::kNoReply). With one, the
-  // answer is waited for, so that nothing this process asks afterwards on
-  // another connection (unbinding the port it notifies) overtakes its firing.
-  void end(Op op, std::uint32_t id, bool notifies) {
-    auto req = request(op);
+  // Ending a mapping (by its id) or shares (by their first refs). Without
+  // an unmap notification nothing can come of it to wait for: one message
+  // the service does not answer (wire::kNoReply). With one, the answer is
+  // waited for, so that nothing this process asks afterwards on another
+  // connection (unbinding the port it notifies) overtakes its firing.
+  void end_mapping(std::uint32_t id, bool notifies) {
+    auto req = request(Op::unmap);
     req.id = id;
-    if (notifies) {
-      Answer ignored;
-      call(req, {}, {}, ignored);
-      return;
-    }
-    req.flags |= wire::kNoReply;
-    post(req, {});
+    end(req, {}, notifies);
   }
+  void end_grants(std::span<const std::uint32_t> firsts, bool notifies) { end(request(Op::end_grant), firsts, notifies); }
 
   // A message the service never answers; false when it could not be sent.
-  bool post(wire::Request req, std::span<const std::uint32_t> args) {
+  bool post(wire::Request req, std::span<const std::uint32_t> args, std::span<const int> fds = {}) {
     std::lock_guard lock(mutex_);
-    return send_locked(req, args, {});
+    return send_locked(req, args, fds);
   }
 
   void call_or_throw(wire::Request req, const std::string& what, Answer& answer,
@@ -152,6 +147,16 @@ class Channel {
     return send_message(fd_.get(), msg, fds);
   }
 
+  void end(wire::Request req, std::span<const std::uint32_t> args, bool notifies) {
+    if (notifies) {
+      Answer ignored;
+      call(req, args, {}, ignored);
+      return;
+    }
+    req.flags |= wire::kNoReply;
+    post(req, args);
+  }
+
   UniqueFd fd_;
   std::mutex mutex_;
   std::deque<Notice> notices_;
@@ -195,13 +200,13 @@ class Region {
 struct HeldMappings {
   explicit HeldMappings(std::shared_ptr<Channel> c) : channel(std::move(c)) {}
   ~HeldMappings() {
-    for (auto id : ids) channel->end(Op::unmap, id, notifies);
+    for (auto id : ids) channel->end_mapping(id, notifies);
   }
   HeldMappings(const HeldMappings&) = delete;
   HeldMappings& operator=(const HeldMappings&) = delete;
   std::shared_ptr<Channel> channel;
   std::vector<std::uint32_t> ids;
-  bool notifies = false;  // one of them has an unmap notification (Channel::end)
+  bool notifies = false;  // one of them has an unmap notification (Channel::end_mapping)
 };
 
 class LocalMapping final : public GrantMapping {
@@ -351,35 +356,6 @@ int check_mapped(std::uintptr_t start, std::size_t bytes, bool writable) {
   return rc == 0 ? 0 : EFAULT;
 }
 
-// Grants the hypervisor counts as ours (its share ids), ended on destruction.
-struct HeldGrants {
-  explicit HeldGrants(std::shared_ptr<Channel> c) : channel(std::move(c)) {}
-  ~HeldGrants() {
-    for (auto id : ids) channel->end(Op::end_grant, id, notifies);
-  }
-  HeldGrants(const HeldGrants&) = delete;
-  HeldGrants& operator=(const HeldGrants&) = delete;
-  std::shared_ptr<Channel> channel;
-  std::vector<std::uint32_t> ids;
-  std::vector<GrantRef> refs;
-  bool notifies = false;  // one of them has an unmap notification (Channel::end)
-};
-
-class LocalShare final : public SharedPages {
- public:
-  LocalShare(std::shared_ptr<Channel> channel, std::size_t pages)
-      : held_(std::move(channel)), size_(pages * kPageSize) {}
-  ~LocalShare() override {
-    if (base_) ::munmap(base_, size_);
-  }
-  std::span<std::byte> bytes() override { return {base_, size_}; }
-  std::span<const GrantRef> refs() const override { return held_.refs; }
-
-  HeldGrants held_;  // grants end before the pages are unmapped
-  std::size_t size_;
-  std::byte* base_ = nullptr;
-};
-
 // Entries of this domain's grant table that the connection reserved
 // (wire::Op::reserve_refs) and is not using. grant_range takes its refs
 // here and an ended range gives them back, so most grants cost no round
@@ -456,38 +432,58 @@ class RefPool {
   std::shared_ptr<Channel> channel_;
 };
 
-// Pages granted in place under refs of the pool: each grant_range message
-// is a share the service knows by its first ref. Ended, and the refs given
-// back, on destruction.
+// Grants of this connection, each message's a share the hypervisor knows
+// by its first ref: ended on destruction, their refs back to the pool.
+struct HeldGrants {
+  HeldGrants(std::shared_ptr<Channel> c, std::shared_ptr<RefPool> p) : channel(std::move(c)), pool(std::move(p)) {}
+  ~HeldGrants() {
+    for (std::size_t i = 0; i < firsts.size(); i += wire::kMaxEntries)
+      channel->end_grants(std::span(firsts).subspan(i, std::min<std::size_t>(wire::kMaxEntries, firsts.size() - i)),
+                          notifies);
+    pool->give_back(refs);
+  }
+  HeldGrants(const HeldGrants&) = delete;
+  HeldGrants& operator=(const HeldGrants&) = delete;
+
+  std::shared_ptr<Channel> channel;
+  std::shared_ptr<RefPool> pool;
+  std::vector<GrantRef> refs;    // from the pool
+  std::vector<GrantRef> firsts;  // of the shares posted
+  bool notifies = false;         // one of them has an unmap notification (Channel::end_grants)
+};
+
+class LocalShare final : public SharedPages {
+ public:
+  LocalShare(std::shared_ptr<Channel> channel, std::shared_ptr<RefPool> pool, std::size_t pages)
+      : held_(std::move(channel), std::move(pool)), size_(pages * kPageSize) {}
+  ~LocalShare() override {
+    if (base_) ::munmap(base_, size_);
+  }
+  std::span<std::byte> bytes() override { return {base_, size_}; }
+  std::span<const GrantRef> refs() const override { return held_.refs; }
+
+  HeldGrants held_;  // grants end before the pages are unmapped
+  std::size_t size_;
+  std::byte* base_ = nullptr;
+};
+
 class LocalRange final : public GrantedRange {
  public:
   LocalRange(std::shared_ptr<Channel> channel, std::shared_ptr<RefPool> pool)
-      : channel_(std::move(channel)), pool_(std::move(pool)) {}
-  ~LocalRange() override {
-    std::vector<std::uint32_t> firsts;
-    for (std::size_t first = 0; first < posted_; first += kPagesPerMessage) {
-      firsts.push_back(refs_[first]);
-      if (firsts.size() == wire::kMaxEntries || first + kPagesPerMessage >= posted_) {
-        channel_->post(request(Op::end_grant_range), firsts);
-        firsts.clear();
-      }
-    }
-    pool_->give_back(refs_);
-  }
-  std::span<const GrantRef> refs() const override { return refs_; }
+      : held_(std::move(channel), std::move(pool)) {}
+  std::span<const GrantRef> refs() const override { return held_.refs; }
 
-  static constexpr std::size_t kPagesPerMessage = wire::kMaxEntries / wire::kGrantRangeEntriesPerPage;
-
-  std::shared_ptr<Channel> channel_;
-  std::shared_ptr<RefPool> pool_;
-  std::vector<GrantRef> refs_;
-  std::size_t posted_ = 0;  // refs_[0, posted_) went out in grant_range messages
+  HeldGrants held_;
 };
 
 class LocalSharer final : public GrantSharer {
  public:
   LocalSharer(const std::string& dir, DomId self)
       : channel_(std::make_shared<Channel>(dir, self)), pool_(std::make_shared<RefPool>(channel_)) {}
+
+  // Grants are posted, not called: they are in the table before anything
+  // the caller sends next can make the grantee map them (the service
+  // settles a map's granter first).
 
   std::unique_ptr<SharedPages> share(DomId grantee, std::size_t pages, bool writable,
                                      const UnmapNotify& notify) override {
@@ -497,27 +493,24 @@ class LocalSharer final : public GrantSharer {
     UniqueFd file(::memfd_create("vib-grant", MFD_CLOEXEC));
     if (!file || ::ftruncate(file.get(), static_cast<off_t>(pages * kPageSize)) != 0)
       fail(errno, "allocating pages to grant");
-    auto share = std::make_unique<LocalShare>(channel_, pages);
-    share->held_.notifies = has_notification(notify);
+    auto share = std::make_unique<LocalShare>(channel_, pool_, pages);
+    auto& held = share->held_;
+    held.notifies = has_notification(notify);
     void* p = ::mmap(nullptr, pages * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, file.get(), 0);
     if (p == MAP_FAILED) fail(errno, "mapping pages to grant");
     share->base_ = static_cast<std::byte*>(p);
+    take(held, pages, "granting " + std::to_string(pages) + " pages to domain " + std::to_string(grantee));
+    const int fd = file.get();
     for (std::size_t done = 0; done < pages;) {
       const std::size_t n = std::min<std::size_t>(wire::kMaxEntries, pages - done);
       auto req = request(Op::grant);
       req.domid = grantee;
       req.flags = writable ? wire::kWritable : 0;
-      req.id = static_cast<std::uint32_t>(done);
+      req.id = static_cast<std::uint32_t>(done);  // the file's page the message starts at
       add_notify(req, notify);
-      // The count travels as entries so the service can bound it.
-      std::vector<std::uint32_t> slots(n, 0);
-      const int fd = file.get();
-      Channel::Answer a;
-      if (int err = channel_->call(req, slots, std::span(&fd, 1), a))
-        fail(err, "granting pages to domain " + std::to_string(grantee));
-      if (a.entries.size() != n) fail(EPROTO, "hypervisor grant reply");
-      share->held_.ids.push_back(a.value);
-      share->held_.refs.insert(share->held_.refs.end(), a.entries.begin(), a.entries.end());
+      if (!channel_->post(req, std::span(held.refs).subspan(done, n), std::span(&fd, 1)))
+        fail(EPIPE, "granting pages to domain " + std::to_string(grantee));
+      held.firsts.push_back(held.refs[done]);
       done += n;
     }
     return share;
@@ -538,37 +531,40 @@ class LocalSharer final : public GrantSharer {
     if (int err = check_mapped(first, pages * kPageSize, writable))
       fail(err, "granting memory at " + std::to_string(first) + " not mapped" + (writable ? " writable" : ""));
     auto range = std::make_unique<LocalRange>(channel_, pool_);
-    if (int err = pool_->take(pages, range->refs_)) {
-      std::string why = "granting " + std::to_string(pages) + " pages in place to domain " + std::to_string(grantee);
-      if (err == ENOSPC) {
-        const auto use = table_use();
-        why += ": " + (use ? grant_table_full(pages, use->size, std::to_string(use->held_by_vib) +
-                                                                    " in use by this domain")
-                           : grant_table_full(pages, 0, {}));
-      }
-      fail(err, why);
-    }
-    // Posted, not called: the grants are in the table before anything the
-    // caller sends vibd next can make it map them (the service settles a
-    // map's granter first).
+    auto& held = range->held_;
+    take(held, pages, "granting " + std::to_string(pages) + " pages in place to domain " + std::to_string(grantee));
+    constexpr std::size_t kPagesPerMessage = wire::kMaxEntries / wire::kGrantRangeEntriesPerPage;
     std::vector<std::uint32_t> entries;
-    while (range->posted_ < pages) {
-      const std::size_t n = std::min(LocalRange::kPagesPerMessage, pages - range->posted_);
+    for (std::size_t done = 0; done < pages;) {
+      const std::size_t n = std::min(kPagesPerMessage, pages - done);
       auto req = request(Op::grant_range);
       req.domid = grantee;
       req.flags = writable ? wire::kWritable : 0;
       entries.clear();
-      for (std::size_t i = range->posted_; i < range->posted_ + n; ++i) {
+      for (std::size_t i = done; i < done + n; ++i) {
         const std::uint64_t a = first + i * kPageSize;
-        entries.insert(entries.end(), {range->refs_[i], static_cast<std::uint32_t>(a), static_cast<std::uint32_t>(a >> 32)});
+        entries.insert(entries.end(), {held.refs[i], static_cast<std::uint32_t>(a), static_cast<std::uint32_t>(a >> 32)});
       }
       if (!channel_->post(req, entries)) fail(EPIPE, "granting pages in place to domain " + std::to_string(grantee));
-      range->posted_ += n;
+      held.firsts.push_back(held.refs[done]);
+      done += n;
     }
     return range;
   }
 
  private:
+  // `pages` refs from the pool for `held`; a full table is explained.
+  void take(HeldGrants& held, std::size_t pages, std::string what) {
+    const int err = pool_->take(pages, held.refs);
+    if (err == 0) return;
+    if (err == ENOSPC) {
+      const auto use = table_use();
+      what += ": " + (use ? grant_table_full(pages, use->size, std::to_string(use->held_by_vib) + " in use by this domain")
+                          : grant_table_full(pages, 0, {}));
+    }
+    fail(err, what);
+  }
+
   std::shared_ptr<Channel> channel_;
   std::shared_ptr<RefPool> pool_;
 };

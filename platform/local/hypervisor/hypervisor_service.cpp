@@ -60,10 +60,11 @@ struct Notify {
   DomId domain = 0;
 };
 
+// One grant or grant_range message's refs, all reserved by the connection
+// (they stay reserved when the share ends).
 struct Share {
   std::vector<GrantRef> refs;
   Notify notify;
-  bool reserved = false;  // its refs were reserved (grant_range): they stay so when it ends
 };
 
 struct Mapping {
@@ -108,9 +109,8 @@ struct Connection {
   DomId domid;
   UniqueFd fd;
   pid_t process;  // the peer, as the kernel reports it (SO_PEERCRED)
-  std::vector<std::uint32_t> shares;  // ids into shares_
   std::map<GrantRef, std::uint32_t> reserved;  // runs of refs reserved: first -> count
-  std::map<GrantRef, std::uint32_t> ranges;    // grant_range shares: first ref -> share id
+  std::map<GrantRef, std::uint32_t> shares;    // first ref -> id into shares_
 };
 
 struct Domain {
@@ -118,7 +118,7 @@ struct Domain {
   std::string socket_path;
   GrantRef next_ref = 8;  // Xen reserves the first few entries for the toolstack
   std::size_t max_grants = wire::kMaxGrantsPerDomain;  // the table's size, as max_grant_frames * 512
-  std::size_t held = 0;  // entries not free: granted by `grant`, or reserved by a connection
+  std::size_t held = 0;  // entries not free: reserved by a connection (granted or not)
   std::map<GrantRef, Grant> grants;
   EventPort next_port = 1;
   std::map<EventPort, Port> ports;
@@ -230,7 +230,7 @@ class Service final : public HypervisorService {
     if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0) return;
     const std::uint32_t id = next_conn_++;
     watch(fd.get(), id);
-    connections_.emplace(id, Connection{domid, std::move(fd), peer.pid, {}, {}, {}});
+    connections_.emplace(id, Connection{domid, std::move(fd), peer.pid, {}, {}});
   }
 
   // Serves one message of the connection, if one is there; true if it was
@@ -255,18 +255,20 @@ class Service final : public HypervisorService {
 
     // Never answered (wire.hpp): what cannot be done closes the connection.
     switch (req.op) {
+      case Op::grant: return grant(conn_id, req, args, fds) == 0 || hang_up();
       case Op::grant_range: return grant_range(conn_id, req, args) == 0 || hang_up();
       case Op::release_refs: return release_refs(conn_id, args) == 0 || hang_up();
-      case Op::end_grant_range: return end_grant_ranges(conn_id, args) == 0 || hang_up();
+      case Op::end_grant:
+        if (req.flags & wire::kNoReply) return end_grants(conn_id, args) == 0 || hang_up();
+        break;
       default: break;
     }
     wire::Reply reply{req.op, 0, 0, 0};
     std::vector<std::uint32_t> out;
     std::vector<int> out_fds;
     switch (req.op) {
-      case Op::grant: reply.status = grant(conn_id, req, fds, out, reply.value); break;
       case Op::reserve_refs: reply.status = reserve_refs(conn_id, req.id, reply.value); break;
-      case Op::end_grant: reply.status = end_grants(conn_id, req.id); break;
+      case Op::end_grant: reply.status = end_grants(conn_id, args); break;
       case Op::map: reply.status = map(conn_id, req, args, out, out_fds, reply.value); break;
       case Op::unmap: reply.status = unmap(conn_id, req.id); break;
       case Op::alloc_unbound: reply.status = alloc_unbound(conn_id, req, reply.value, out_fds); break;
@@ -277,7 +279,7 @@ class Service final : public HypervisorService {
       case Op::query_size: reply.status = query_size(conn_id, c.domid, out, reply.value); break;
       default: return hang_up();
     }
-    if ((req.flags & wire::kNoReply) && (req.op == Op::end_grant || req.op == Op::unmap)) return true;
+    if ((req.flags & wire::kNoReply) && req.op == Op::unmap) return true;
     reply.count = static_cast<std::uint32_t>(out.size());
     std::vector<std::byte> msg(sizeof(reply) + out.size() * sizeof(std::uint32_t));
     std::memcpy(msg.data(), &reply, sizeof(reply));
@@ -301,34 +303,50 @@ class Service final : public HypervisorService {
     return n;
   }
 
-  // A share: the caller's own pages (the fd it sent), entered in its own table.
-  int grant(std::uint32_t conn_id, const wire::Request& req, std::vector<UniqueFd>& fds,
-            std::vector<std::uint32_t>& refs, std::uint32_t& share_id) {
+  // A share of the caller's own pages (the fd it sent) under refs it chose
+  // from its reservations.
+  int grant(std::uint32_t conn_id, const wire::Request& req, const std::vector<std::uint32_t>& refs,
+            std::vector<UniqueFd>& fds) {
     Connection& c = connections_.at(conn_id);
     Domain* self = domain(c.domid);
-    if (fds.size() != 1 || req.count == 0 || req.count > wire::kMaxEntries || !self) return EINVAL;
-    if (!domain(static_cast<DomId>(req.domid)) || req.domid > 0x7FF0) return ESRCH;
-    if (self->held + req.count > self->max_grants) return ENOSPC;
-    if (req.count > 1 && (req.flags & (wire::kNotifyByte | wire::kNotifyPort))) return EINVAL;
+    if (fds.size() != 1 || refs.empty() || !self) return EINVAL;
+    if (req.domid >= kFirstReservedDomId) return ESRCH;  // Xen does not check more at grant time
+    if (refs.size() > 1 && (req.flags & (wire::kNotifyByte | wire::kNotifyPort))) return EINVAL;
     struct stat st;
     // `id` is the first page of the file this message grants (large shares
     // come in several messages over one file).
     const std::size_t first = req.id;
     if (first > (std::size_t{1} << 30) || ::fstat(fds[0].get(), &st) != 0 ||
-        static_cast<std::size_t>(st.st_size) < (first + req.count) * kPageSize)
+        static_cast<std::size_t>(st.st_size) < (first + refs.size()) * kPageSize)
       return EINVAL;
-    auto file = std::make_shared<PageFile>(PageFile{std::move(fds[0]), first + req.count});
+    auto file = std::make_shared<PageFile>(PageFile{std::move(fds[0]), first + refs.size()});
     auto notify = make_notify(c.domid, req, file, first);
     if (!notify) return EINVAL;
     Share share{{}, *notify};
-    for (std::uint32_t i = 0; i < req.count; ++i) {
-      const GrantRef ref = self->next_ref++;
-      self->grants[ref] = Grant{static_cast<DomId>(req.domid), (req.flags & wire::kWritable) != 0, file, first + i, conn_id};
+    const bool writable = req.flags & wire::kWritable;
+    return enter(c, *self, std::move(share), refs.size(), [&](std::size_t i) {
+      return std::pair{GrantRef{refs[i]}, Grant{static_cast<DomId>(req.domid), writable, file, first + i, conn_id}};
+    });
+  }
+
+  // Enters `count` grants, entry(i) -> (ref, grant), as one share of `c`
+  // known by its first ref: all or none (EINVAL), each ref reserved by `c`
+  // and not granted already (or twice here).
+  template <typename Entry>
+  int enter(Connection& c, Domain& self, Share share, std::size_t count, Entry entry) {
+    if (c.shares.count(entry(0).first)) return EINVAL;
+    for (std::size_t i = 0; i < count; ++i) {
+      auto [ref, grant] = entry(i);
+      if (!reserved_run(c, ref, 1) || !self.grants.emplace(ref, std::move(grant)).second) {
+        for (GrantRef done : share.refs) self.grants.erase(done);
+        return EINVAL;
+      }
       share.refs.push_back(ref);
-      refs.push_back(ref);
     }
-    self->held += req.count;
-    share_id = record(c, std::move(share));
+    const GrantRef first = share.refs.front();
+    const std::uint32_t id = next_share_++;
+    shares_[id] = std::move(share);
+    c.shares[first] = id;
     return 0;
   }
 
@@ -339,14 +357,6 @@ class Service final : public HypervisorService {
     size = static_cast<std::uint32_t>(self->max_grants);
     out.push_back(static_cast<std::uint32_t>(self->held));
     return 0;
-  }
-
-  // Keeps `share` as one of the connection's, under a new id (returned).
-  std::uint32_t record(Connection& c, Share share) {
-    const std::uint32_t id = next_share_++;
-    shares_[id] = std::move(share);
-    c.shares.push_back(id);
-    return id;
   }
 
   // A run of `count` free entries of the caller's table, for it to choose
@@ -411,50 +421,30 @@ class Service final : public HypervisorService {
     if (args.empty() || args.size() % kPer != 0 || !self || c.process <= 0) return EINVAL;
     if (req.flags & (wire::kNotifyByte | wire::kNotifyPort)) return EINVAL;
     if (req.domid >= kFirstReservedDomId) return ESRCH;  // Xen does not check more at grant time
-    Share share{{}, Notify{nullptr, 0, std::nullopt, std::nullopt, c.domid}, /*reserved=*/true};
-    if (c.ranges.count(args[0])) return EINVAL;
-    for (std::size_t i = 0; i < args.size(); i += kPer) {
-      const GrantRef ref = args[i];
-      Grant g{static_cast<DomId>(req.domid), (req.flags & wire::kWritable) != 0, nullptr, 0, conn_id};
+    for (std::size_t i = 0; i < args.size(); i += kPer)
+      if ((args[i + 1] | (std::uint64_t{args[i + 2]} << 32)) % kPageSize != 0) return EINVAL;
+    Share share{{}, Notify{nullptr, 0, std::nullopt, std::nullopt, c.domid}};
+    const bool writable = req.flags & wire::kWritable;
+    return enter(c, *self, std::move(share), args.size() / kPer, [&](std::size_t i) {
+      Grant g{static_cast<DomId>(req.domid), writable, nullptr, 0, conn_id};
       g.process = c.process;
-      g.address = args[i + 1] | (std::uint64_t{args[i + 2]} << 32);
-      // A ref granted already (before, or twice here) fails it whole.
-      if (g.address % kPageSize != 0 || !reserved_run(c, ref, 1) || !self->grants.emplace(ref, g).second) {
-        for (GrantRef done : share.refs) self->grants.erase(done);
-        return EINVAL;
-      }
-      share.refs.push_back(ref);
-    }
-    const GrantRef first = share.refs.front();
-    c.ranges[first] = record(c, std::move(share));
-    return 0;
+      g.address = args[kPer * i + 1] | (std::uint64_t{args[kPer * i + 2]} << 32);
+      return std::pair{GrantRef{args[kPer * i]}, g};
+    });
   }
 
-  // The grant_range shares whose first refs `firsts` names.
-  int end_grant_ranges(std::uint32_t conn_id, const std::vector<std::uint32_t>& firsts) {
+  // The shares whose first refs `firsts` names; ENOENT at the first that
+  // is not one of the connection's.
+  int end_grants(std::uint32_t conn_id, const std::vector<std::uint32_t>& firsts) {
     Connection& c = connections_.at(conn_id);
     if (firsts.empty()) return EINVAL;
-    std::vector<std::uint32_t> ended;
     for (const GrantRef first : firsts) {
-      auto it = c.ranges.find(first);
-      if (it == c.ranges.end()) return ENOENT;
+      auto it = c.shares.find(first);
+      if (it == c.shares.end()) return ENOENT;
       const std::uint32_t share_id = it->second;
-      c.ranges.erase(it);
-      ended.push_back(share_id);
+      c.shares.erase(it);
       end_share(share_id);
     }
-    std::sort(ended.begin(), ended.end());
-    std::erase_if(c.shares, [&](std::uint32_t id) { return std::binary_search(ended.begin(), ended.end(), id); });
-    return 0;
-  }
-
-  int end_grants(std::uint32_t conn_id, std::uint32_t share_id) {
-    auto it = shares_.find(share_id);
-    auto& mine = connections_.at(conn_id).shares;
-    if (it == shares_.end() || it->second.reserved || std::find(mine.begin(), mine.end(), share_id) == mine.end())
-      return ENOENT;
-    end_share(share_id);
-    std::erase(mine, share_id);
     return 0;
   }
 
@@ -463,10 +453,8 @@ class Service final : public HypervisorService {
   void end_share(std::uint32_t share_id) {
     auto it = shares_.find(share_id);
     if (it == shares_.end()) return;
-    if (Domain* d = domain(it->second.notify.domain)) {
+    if (Domain* d = domain(it->second.notify.domain))
       for (GrantRef ref : it->second.refs) d->grants.erase(ref);
-      if (!it->second.reserved) d->held -= it->second.refs.size();
-    }
     // Gone before its notification fires, so a port kept alive only for it
     // can be released by fire().
     const Notify notify = std::move(it->second.notify);
@@ -696,7 +684,8 @@ class Service final : public HypervisorService {
     auto it = connections_.find(conn_id);
     if (it == connections_.end()) return;
     const DomId dom = it->second.domid;
-    const std::vector<std::uint32_t> shares = it->second.shares;
+    std::vector<std::uint32_t> shares;
+    for (const auto& [first, id] : it->second.shares) shares.push_back(id);
     std::size_t reserved = 0;
     for (const auto& [first, count] : it->second.reserved) reserved += count;
     connections_.erase(it);

@@ -8,8 +8,10 @@
 namespace vib::platform::local::wire {
 
 enum class Op : std::uint32_t {
-  grant = 1,         // fd of `count` pages; reply: `count` grant refs
-  end_grant,         // `count` refs of the caller's own grant table
+  grant = 1,         // pages `id`.. of the fd that rides along, under the `count` refs (see
+                     // below); never answered
+  end_grant,         // the `count` shares whose first refs are the entries; answered only
+                     // without kNoReply
   map,               // `count` refs of domain `domid`; reply: per ref (fd index, page, 0, 0)
                      // + fds, or (kProcessPage, address low, high, pid) for a grant_range ref
   unmap,             // mapping `id`
@@ -24,26 +26,23 @@ enum class Op : std::uint32_t {
   peer_closed,       // the peer of `port` has gone
   // Client -> service again:
   grant_range,       // `count` / 3 pages of the caller's own process, in place, as (ref,
-                     // address low, high) triples, each ref one the connection reserved and
-                     // has not granted; never answered (see kNoReply), the share is known
-                     // by its first ref (end_grant_range)
+                     // address low, high) triples; never answered
   query_size,        // the caller's own grant table (GNTTABOP_query_size): its size in entries
                      // in `value`, and one entry: how many are in use (granted or reserved)
   reserve_refs,      // `id` entries of the caller's own grant table, for this connection to
-                     // choose from in grant_range; reply: the first of a run of `id` in `value`
+                     // choose from; reply: the first of a run of `id` in `value`
   release_refs,      // `count` / 2 (first, count) runs of reserved refs, none granted: back to
                      // the table; never answered
-  end_grant_range,   // the `count` grant_range shares whose first refs are the entries; never
-                     // answered
 };
 
 // A guest enters its grants in its own grant table, memory it writes without
-// asking Xen: a grant is no round trip. grant_range keeps that: refs come
-// from runs the connection reserved (one call per many grants), and the
-// grant is posted without an answer. A posted message the service cannot
-// carry out (a ref not reserved, or granted already) closes the connection,
-// the only way left to tell the client, and ends what it held, as when its
-// process dies.
+// asking Xen: a grant is no round trip. grant and grant_range keep that: the
+// refs come from runs the connection reserved (one call for many grants),
+// each not granted at the time, and the grant is posted without an answer.
+// Each message is one share, known by its first ref. A posted message the
+// service cannot carry out (a ref not reserved, or granted already) closes
+// the connection, the only way left to tell the client, and ends what it
+// held, as when its process dies.
 
 // In a map reply, instead of an fd index: the page is another process's, at
 // the address that follows, reached by cross-memory access.
@@ -66,8 +65,8 @@ inline constexpr std::uint32_t kNotifyPort = 1u << 2;
 // system call in the guest or dom0, not a round trip to another process.
 // Requests later on the same connection are served after it, and a map or
 // query_size of the domain's grants serves it first (it could have caused
-// them). grant_range, release_refs and end_grant_range are never answered
-// and are ordered the same way.
+// them). grant, grant_range and release_refs are never answered and are
+// ordered the same way.
 inline constexpr std::uint32_t kNoReply = 1u << 3;
 
 // Bounds that keep every message small and every loop short.
