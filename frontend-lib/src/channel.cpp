@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <system_error>
+#include <vector>
 
 #include "vib/platform/event_channels.hpp"
 #include "vib/platform/grants.hpp"
@@ -112,6 +114,21 @@ class XenChannel final : public Channel {
     return *reinterpret_cast<vibif_doorbell_page*>(doorbell_->bytes().data());
   }
   platform::GrantSharer& sharer() override { return *sharer_; }
+  std::unique_ptr<platform::SharedPages> take_list_page() override {
+    {
+      std::lock_guard lock(list_pages_mutex_);
+      if (!list_pages_.empty()) {
+        auto page = std::move(list_pages_.back());
+        list_pages_.pop_back();
+        return page;
+      }
+    }
+    return sharer_->share(backend_domid_, 1, /*writable=*/false);
+  }
+  void give_back_list_page(std::unique_ptr<platform::SharedPages> page) override {
+    std::lock_guard lock(list_pages_mutex_);
+    if (list_pages_.size() < kKeptListPages) list_pages_.push_back(std::move(page));
+  }
   void kick() override { events_->notify(port_); }
   int event_fd() override { return events_->fd(); }
   void consume_notifications() override {
@@ -238,6 +255,11 @@ class XenChannel final : public Channel {
   std::unique_ptr<platform::EventChannels> events_;
   platform::EventPort port_ = 0;
   std::unique_ptr<platform::GrantSharer> sharer_;
+  // Enough for the page list of a 16 MiB registration (8 pages of refs)
+  // or of several smaller ones at once.
+  static constexpr std::size_t kKeptListPages = 8;
+  std::mutex list_pages_mutex_;
+  std::vector<std::unique_ptr<platform::SharedPages>> list_pages_;
   std::unique_ptr<platform::SharedPages> ring_pages_;
   vibif_ctrl_front_ring ring_{};
   std::unique_ptr<platform::SharedPages> doorbell_;

@@ -28,18 +28,42 @@ vibif_request request(std::uint16_t op) {
 
 std::uint32_t pow2_at_least(std::uint32_t v) { return vibif_pow2_at_least(v == 0 ? 1 : v); }
 
-// Fills `list` for `refs`: inline, or through granted pages of refs (kept
-// in `indirect` until the request has been answered).
-void encode_page_list(Channel& channel, std::span<const platform::GrantRef> refs, vibif_page_list& list,
-                      std::vector<std::unique_ptr<platform::SharedPages>>& indirect) {
+// The list pages of one request (Channel::take_list_page): kept for the
+// next request once this one has been answered; ended if it never was (the
+// back-end might still read them).
+class ListPages {
+ public:
+  explicit ListPages(Channel& channel) : channel_(channel) {}
+  ~ListPages() {
+    if (!answered_) return;
+    for (auto& page : pages_) channel_.give_back_list_page(std::move(page));
+  }
+  ListPages(const ListPages&) = delete;
+  ListPages& operator=(const ListPages&) = delete;
+  platform::SharedPages& take() { return *pages_.emplace_back(channel_.take_list_page()); }
+  void answered() { answered_ = true; }
+
+ private:
+  Channel& channel_;
+  std::vector<std::unique_ptr<platform::SharedPages>> pages_;
+  bool answered_ = false;
+};
+
+// Fills `list` for `refs`: inline, or through list pages of refs.
+void encode_page_list(std::span<const platform::GrantRef> refs, vibif_page_list& list, ListPages& pages) {
   list = vibif_page_list{};
   list.nr_pages = static_cast<std::uint32_t>(refs.size());
   auto put_refs_in_pages = [&](std::span<const platform::GrantRef> data) {
-    const std::size_t pages = vibif_pages_for(data.size_bytes());
-    auto shared = channel.sharer().share(channel.backend_domid(), pages, /*writable=*/false);
-    std::memcpy(shared->bytes().data(), data.data(), data.size_bytes());
-    std::vector<platform::GrantRef> page_refs(shared->refs().begin(), shared->refs().end());
-    indirect.push_back(std::move(shared));
+    constexpr std::size_t kRefsPerPage = VIBIF_PAGE_SIZE / sizeof(platform::GrantRef);
+    std::vector<platform::GrantRef> page_refs;
+    for (std::size_t done = 0; done < data.size(); done += kRefsPerPage) {
+      const auto chunk = data.subspan(done, std::min(kRefsPerPage, data.size() - done));
+      auto& page = pages.take();
+      const auto bytes = page.bytes();
+      std::memcpy(bytes.data(), chunk.data(), chunk.size_bytes());
+      std::memset(bytes.data() + chunk.size_bytes(), 0, bytes.size() - chunk.size_bytes());
+      page_refs.push_back(page.refs()[0]);
+    }
     return page_refs;
   };
   std::vector<platform::GrantRef> top(refs.begin(), refs.end());
@@ -297,9 +321,10 @@ std::unique_ptr<Mr> Pd::reg_mr(void* addr, std::size_t length, int access) {
   r.iova = first;
   r.length = length;
   r.first_offset = static_cast<std::uint32_t>(first & kPageMask);
-  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
-  encode_page_list(device_.channel(), refs, r.pages, indirect);
+  ListPages list_pages(device_.channel());
+  encode_page_list(refs, r.pages, list_pages);
   const auto rsp = device_.call(req, "register memory");
+  list_pages.answered();
   mr->handle_ = rsp.u.reg_mr.mr;
   mr->lkey_ = rsp.u.reg_mr.lkey;
   mr->rkey_ = rsp.u.reg_mr.rkey;
@@ -335,9 +360,10 @@ std::unique_ptr<Cq> Device::create_cq(int cqe) {
                                         vibif_pages_for(std::uint64_t{entries} * sizeof(vibif_cqe)), true);
   auto req = request(VIBIF_OP_CREATE_CQ);
   req.u.create_cq.cqe = entries;
-  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
-  encode_page_list(*channel_, pages->refs(), req.u.create_cq.pages, indirect);
+  ListPages list_pages(*channel_);
+  encode_page_list(pages->refs(), req.u.create_cq.pages, list_pages);
   const auto rsp = call(req, "create CQ");
+  list_pages.answered();
   auto cq = std::unique_ptr<Cq>(new Cq(*this));
   cq->attach(rsp.u.create_cq, std::move(pages), entries);
   return cq;
@@ -444,9 +470,10 @@ void Cq::resize(int cqe) {
   auto req = request(VIBIF_OP_RESIZE_CQ);
   req.u.resize_cq.cq = handle_;
   req.u.resize_cq.cqe = entries;
-  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
-  encode_page_list(device_.channel(), pages->refs(), req.u.resize_cq.pages, indirect);
+  ListPages list_pages(device_.channel());
+  encode_page_list(pages->refs(), req.u.resize_cq.pages, list_pages);
   device_.call(req, "resize CQ");
+  list_pages.answered();
   // The back-end moved what we had not polled to the start of the new buffer.
   pages_ = std::move(pages);
   entries_ = entries;
@@ -467,9 +494,10 @@ std::unique_ptr<Srq> Pd::create_srq(const ibv_srq_init_attr& init) {
   r.max_wr = max_wr;
   r.max_sge = max_sge;
   r.srq_limit = init.attr.srq_limit;
-  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
-  encode_page_list(channel, pages->refs(), r.pages, indirect);
+  ListPages list_pages(channel);
+  encode_page_list(pages->refs(), r.pages, list_pages);
   const auto rsp = device_.call(req, "create SRQ").u.create_srq;
+  list_pages.answered();
   auto srq = std::unique_ptr<Srq>(new Srq(device_));
   srq->pages_ = std::move(pages);
   srq->handle_ = rsp.srq;
@@ -567,9 +595,10 @@ std::unique_ptr<Qp> Pd::create_qp(const QpInit& init) {
   r.qp_type = static_cast<std::uint8_t>(init.qp_type);
   r.sq_sig_all = init.sq_sig_all ? 1 : 0;
   r.cap = cap;
-  std::vector<std::unique_ptr<platform::SharedPages>> indirect;
-  encode_page_list(channel, pages->refs(), r.pages, indirect);
+  ListPages list_pages(channel);
+  encode_page_list(pages->refs(), r.pages, list_pages);
   const auto rsp = device_.call(req, "create QP").u.create_qp;
+  list_pages.answered();
   auto qp = std::unique_ptr<Qp>(new Qp(device_));
   qp->pages_ = std::move(pages);
   std::byte* base = qp->pages_->bytes().data();

@@ -38,6 +38,13 @@ class Channel {
   virtual vibif_doorbell_page& doorbell() = 0;
   // Grants pages to the back-end (queue buffers, registered memory).
   virtual platform::GrantSharer& sharer() = 0;
+  // A page granted read-only to the back-end to carry one request's page
+  // list (vibif.h, vibif_page_list), the caller's until it gives it back
+  // once the request has been answered. Given-back pages stay granted for
+  // the next request, as blkfront keeps its persistent grants: a list page
+  // costs no allocation, grant or end per registration.
+  virtual std::unique_ptr<platform::SharedPages> take_list_page() = 0;
+  virtual void give_back_list_page(std::unique_ptr<platform::SharedPages> page) = 0;
   // Notifies the back-end (after posting, when it is not polling).
   virtual void kick() = 0;
   // Pollable (POLLIN) when the back-end notified this context; consume()
