@@ -360,7 +360,7 @@ class Service final : public HypervisorService {
   }
 
   // A run of `count` free entries of the caller's table, for it to choose
-  // refs from in grant_range.
+  // refs from in grant and grant_range.
   int reserve_refs(std::uint32_t conn_id, std::uint32_t count, std::uint32_t& first) {
     Connection& c = connections_.at(conn_id);
     Domain* self = domain(c.domid);

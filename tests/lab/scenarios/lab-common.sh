@@ -161,16 +161,29 @@ wait_for_vib_device() {
 # without the report and without the guest moving its data/vib-lab/progress
 # node. A guest that says how far it got is given time by its progress, not
 # by a total that a loaded machine outruns (lab g ran out of a fixed 1000 s
-# while its guest was still running programs). The guest stays (powered
-# off: on_poweroff = "preserve").
+# while its guest was still running programs). The progress is shown about
+# once a minute, and at once when it says FAILED, so a long run shows how
+# far it got even if it is cut short. The guest stays (powered off:
+# on_poweroff = "preserve").
 guest_report() {
   i=0
   progress=
+  report_start=$(date +%s)
+  shown_at=$report_start
   until rc=$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/rc" 2>/dev/null); do
     now=$(xenstore-read "/local/domain/$guest_domid/data/vib-lab/progress" 2>/dev/null || true)
     if [ "$now" != "$progress" ]; then
       progress=$now
       i=0
+      t=$(date +%s)
+      case "$progress" in
+        *FAILED*) show=1 ;;
+        *) show=$((t - shown_at >= 60)) ;;
+      esac
+      if [ "$show" = 1 ]; then
+        echo "guest: $progress ($((t - report_start)) s)"
+        shown_at=$t
+      fi
     fi
     i=$((i + 1))
     [ $i -lt "${1:-120}" ] || {
