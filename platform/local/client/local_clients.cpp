@@ -357,9 +357,9 @@ int check_mapped(std::uintptr_t start, std::size_t bytes, bool writable) {
 }
 
 // Entries of this domain's grant table that the connection reserved
-// (wire::Op::reserve_refs) and is not using. grant_range takes its refs
-// here and an ended range gives them back, so most grants cost no round
-// trip. Beyond kKeptFree they go back to the table: one past large
+// (wire::Op::reserve_refs) and is not using. A share or a range in place
+// takes its refs here and gives them back when it ends, so most grants
+// cost no round trip. Beyond kKeptFree they go back to the table: one past large
 // registration does not keep entries from the domain's other processes.
 class RefPool {
  public:
@@ -367,6 +367,7 @@ class RefPool {
 
   // `n` refs, in `out`; 0 or the errno of reserving more.
   int take(std::size_t n, std::vector<GrantRef>& out) {
+    if (n > wire::kMaxGrantsPerDomain) return ENOSPC;  // more than any table holds
     std::lock_guard lock(mu_);
     if (free_.size() < n) {
       const std::size_t short_by = n - free_.size();
@@ -399,7 +400,7 @@ class RefPool {
 
   int reserve(std::size_t count) {
     auto req = request(Op::reserve_refs);
-    req.id = static_cast<std::uint32_t>(std::min<std::size_t>(count, wire::kMaxGrantsPerDomain));
+    req.id = static_cast<std::uint32_t>(count);  // at most kMaxGrantsPerDomain (take)
     Channel::Answer a;
     if (int err = channel_->call(req, {}, {}, a)) return err;
     // In order: a take() from the back gets consecutive refs, which go
