@@ -218,6 +218,20 @@ TEST_F(Grants, AGrantInPlaceIsThereForTheNextMapAndItsEntriesReturn) {
   EXPECT_LE(sharer->table_use()->held_by_vib, before->held_by_vib + 512);
 }
 
+// More pages than the largest grant table holds (2^20 entries, 4 GiB):
+// refused as a full table, with nothing reserved or granted.
+TEST_F(Grants, ARangeLargerThanAnyGrantTableIsRefusedAsAFullTable) {
+  auto sharer = open_grant_sharer(xen_.as(5));
+  const std::size_t pages = (std::size_t{1} << 20) + 1;
+  void* area = ::mmap(nullptr, pages * kPageSize, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(area, MAP_FAILED);
+  const auto before = sharer->table_use();
+  ASSERT_TRUE(before);
+  EXPECT_EQ(error_of([&] { sharer->grant_range(0, static_cast<std::byte*>(area), pages, false); }), ENOSPC);
+  EXPECT_EQ(sharer->table_use()->held_by_vib, before->held_by_vib);
+  ::munmap(area, pages * kPageSize);
+}
+
 // What the hypervisor never answers it cannot refuse: a grant under a ref
 // the connection did not reserve, or the release of a ref still granted,
 // closes that connection (ending what it granted) and nothing else.
