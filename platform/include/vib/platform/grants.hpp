@@ -85,7 +85,8 @@ class GrantSharer {
   // This domain's table, or nullopt where nothing reports it (real Xen
   // without the vibgrant module). On real Xen the count is the module's
   // in-place grants, all processes together; on the host-local Xen every
-  // grant of the domain.
+  // entry the domain's processes hold, granted or reserved for their next
+  // grants.
   virtual std::optional<GrantTableUse> table_use() = 0;
   // Allocates `pages` zeroed pages and grants them to `grantee`.
   virtual std::unique_ptr<SharedPages> share(DomId grantee, std::size_t pages, bool writable,
