@@ -249,7 +249,7 @@ TEST_F(Grants, AGrantUnderARefNotReservedClosesOnlyThatConnection) {
     wire::Request req{op, 0, 0, wire::kWritable, static_cast<std::uint32_t>(args.size()), 0, 0, id};
     std::vector<std::byte> msg(sizeof(req) + args.size() * 4);
     std::memcpy(msg.data(), &req, sizeof(req));
-    std::memcpy(msg.data() + sizeof(req), args.data(), args.size() * 4);
+    if (!args.empty()) std::memcpy(msg.data() + sizeof(req), args.data(), args.size() * 4);
     return ::send(fd, msg.data(), msg.size(), 0) == static_cast<ssize_t>(msg.size());
   };
   auto hung_up = [](int fd) {
