@@ -26,11 +26,11 @@ using wire::Op;
   throw std::system_error(err, std::generic_category(), what);
 }
 
+wire::Request request(Op op) { return wire::Request{op, 0, 0, 0, 0, 0, 0, 0}; }
+
 // One connection to the domain's hypervisor socket. Calls are synchronous;
 // messages the service sends unasked (wire::Op::bound, peer_closed) that
 // arrive meanwhile are queued for next_notice().
-wire::Request request(Op op) { return wire::Request{op, 0, 0, 0, 0, 0, 0, 0}; }
-
 class Channel {
  public:
   Channel(const std::string& dir, DomId self)
@@ -359,8 +359,9 @@ int check_mapped(std::uintptr_t start, std::size_t bytes, bool writable) {
 // Entries of this domain's grant table that the connection reserved
 // (wire::Op::reserve_refs) and is not using. A share or a range in place
 // takes its refs here and gives them back when it ends, so most grants
-// cost no round trip. Beyond kKeptFree they go back to the table: one past large
-// registration does not keep entries from the domain's other processes.
+// cost no round trip. Beyond kKeptFree they go back to the table: one past
+// large registration does not keep entries from the domain's other
+// processes.
 class RefPool {
  public:
   explicit RefPool(std::shared_ptr<Channel> channel) : channel_(std::move(channel)) {}

@@ -689,8 +689,8 @@ class Service final : public HypervisorService {
     std::size_t reserved = 0;
     for (const auto& [first, count] : it->second.reserved) reserved += count;
     connections_.erase(it);
-    if (Domain* d = domain(dom)) d->held -= reserved;
     if (Domain* d = domain(dom)) {
+      d->held -= reserved;
       std::vector<EventPort> ports;
       for (auto& [port, p] : d->ports)
         if (p.owner_conn == conn_id) ports.push_back(port);

@@ -70,9 +70,9 @@ run_all() {
       wait $server
       server_rc=$?
       if [ $client_rc != 0 ] || [ $server_rc != 0 ]; then
-        echo "$4 $name FAILED run $run: server exited $server_rc, client $client_rc"
-        [ -z "${progress_node:-}" ] ||
-          /usr/bin/xenstore-write "$progress_node" "$4 $name FAILED run $run: server exited $server_rc, client $client_rc"
+        failure="$4 $name FAILED run $run: server exited $server_rc, client $client_rc"
+        echo "$failure"
+        [ -z "${progress_node:-}" ] || /usr/bin/xenstore-write "$progress_node" "$failure"
         tail -n 3 /tmp/u-server.out /tmp/u-client.out | grep -v '^$'
         figure=
         break
